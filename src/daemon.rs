@@ -1,0 +1,221 @@
+//! `walhook run`: wires source → fan-out → dispatch → record, plus the retry scheduler, the endpoint cache
+//! refresher and the health endpoint, under one cancellation token.
+//!
+//! Shutdown order matters for "ack after record": the source stops reading first; in-flight attempts finish
+//! (bounded by `delivery.timeout`) and their outcomes are recorded; only then does the recorder stop. A
+//! second signal aborts at once; whatever was not confirmed is replayed by the slot on the next start.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigError, SourceKind};
+use crate::dispatch::client::{ClientSettings, HttpClient};
+use crate::dispatch::guard::{Cidr, NetworkPolicy};
+use crate::dispatch::retry::RetryPolicy;
+use crate::dispatch::Dispatcher;
+use crate::fanout::EndpointCache;
+use crate::record;
+use crate::scheduler::Scheduler;
+use crate::source::replication::{Pipeline, ReplicationSource, SourceError};
+use crate::store::Store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("cannot listen on http.listen {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// Runs the daemon until `stop` is cancelled (graceful drain) or `abort` is (immediate).
+pub async fn run(
+    config: Config,
+    stop: CancellationToken,
+    abort: CancellationToken,
+) -> Result<(), RunError> {
+    let db = config.database_url()?;
+    if config.source == SourceKind::Notify {
+        return Err(RunError::Unsupported(
+            "source = \"notify\" is not available in this version yet; use source = \"replication\"".into(),
+        ));
+    }
+    crate::metrics::describe();
+
+    let allowed = config
+        .delivery
+        .allowed_networks
+        .iter()
+        .map(|s| {
+            s.parse::<Cidr>().map_err(|e| {
+                RunError::Config(ConfigError::InvalidValue {
+                    key: "delivery.allowed_networks".into(),
+                    message: format!("{s:?}: {e}"),
+                    origin: None,
+                })
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let policy = NetworkPolicy {
+        allow_private: config.delivery.allow_private_networks,
+        allowed,
+    };
+    let client = HttpClient::new(
+        ClientSettings {
+            timeout: config.delivery.timeout,
+            connect_timeout: config.delivery.connect_timeout,
+            pool_idle_timeout: config.delivery.pool_idle_timeout,
+            pool_max_idle_per_host: config.delivery.pool_max_idle_per_host,
+            response_excerpt_bytes: config.delivery.response_excerpt_bytes,
+            user_agent: config.delivery.user_agent.clone(),
+        },
+        policy,
+    );
+    let retry = RetryPolicy {
+        schedule: config.delivery.retry_schedule.clone(),
+        jitter: config.delivery.retry_jitter,
+        min_backoff_throttled: config.delivery.throttled_min_backoff,
+    };
+
+    let (recorder, recorder_task) = record::channel(
+        db.clone(),
+        config.record.batch_size,
+        config.record.flush_interval,
+    );
+    let dispatcher = Arc::new(Dispatcher::new(
+        client,
+        recorder.clone(),
+        retry,
+        config.delivery.concurrency,
+        config.delivery.max_in_flight_per_endpoint,
+    ));
+    let endpoints = Arc::new(EndpointCache::default());
+
+    // the first endpoint load happens before streaming, so no event is matched against an empty cache
+    let source = ReplicationSource {
+        db: db.clone(),
+        slot: config.replication.slot.clone(),
+        publication: config.replication.publication.clone(),
+        status_interval: config.replication.status_interval,
+        pipeline: Arc::new(Pipeline {
+            endpoints: endpoints.clone(),
+            dispatcher: dispatcher.clone(),
+            budget: Arc::new(Semaphore::new(config.delivery.max_in_flight_events.max(1))),
+        }),
+    };
+    source.prepare().await?;
+    let mut refresher = EndpointRefresher {
+        db: db.clone(),
+        cache: endpoints.clone(),
+        generation: None,
+        store: None,
+    };
+    while let Err(e) = refresher.refresh().await {
+        tracing::warn!("loading endpoints failed, retrying: {e}");
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stop.cancelled() => return Ok(()),
+        }
+    }
+
+    let workers = CancellationToken::new();
+    let recorder_handle = tokio::spawn(recorder_task.run(abort.clone()));
+    let refresh_interval = config.endpoints.refresh_interval;
+    let refresher_handle = tokio::spawn({
+        let stop = workers.clone();
+        async move { refresher.run(refresh_interval, stop).await }
+    });
+    let scheduler_handle = tokio::spawn(
+        Scheduler {
+            db: db.clone(),
+            poll_interval: config.scheduler.poll_interval,
+            batch_size: config.scheduler.batch_size,
+            lease: config.scheduler.lease,
+            endpoints: endpoints.clone(),
+            dispatcher: dispatcher.clone(),
+            recorder: recorder.clone(),
+        }
+        .run(workers.clone()),
+    );
+    let health_handle = match config.http.listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Listen { addr, source })?;
+            Some(tokio::spawn(crate::health::serve(
+                listener,
+                workers.clone(),
+            )))
+        }
+        None => None,
+    };
+
+    tracing::info!("walhook running");
+    let result = tokio::select! {
+        r = source.run(stop.clone()) => r,
+        _ = abort.cancelled() => Ok(()),
+    };
+    // drain: no new work; in-flight attempts finish and are recorded, then the recorder ends
+    workers.cancel();
+    let _ = scheduler_handle.await;
+    let _ = refresher_handle.await;
+    drop(dispatcher);
+    drop(recorder);
+    let _ = recorder_handle.await;
+    if let Some(h) = health_handle {
+        h.abort();
+    }
+    result.map_err(RunError::from)
+}
+
+/// Keeps the endpoint cache in step with `walhook.endpoints`.
+struct EndpointRefresher {
+    db: tokio_postgres::Config,
+    cache: Arc<EndpointCache>,
+    generation: Option<i64>,
+    store: Option<Store>,
+}
+
+impl EndpointRefresher {
+    async fn refresh(&mut self) -> Result<(), crate::store::StoreError> {
+        if self.store.as_ref().is_none_or(|s| s.is_closed()) {
+            self.store = Some(Store::connect(&self.db).await?);
+            self.generation = None; // changes may have happened while disconnected
+        }
+        let store = self.store.as_ref().expect("connected above");
+        let generation = store.endpoints_generation().await?;
+        if self.generation != Some(generation) {
+            let rows = store.enabled_endpoints().await?;
+            tracing::debug!(generation, endpoints = rows.len(), "endpoints reloaded");
+            self.cache.replace(rows);
+            self.generation = Some(generation);
+        }
+        Ok(())
+    }
+
+    async fn run(mut self, every: Duration, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.refresh().await {
+                tracing::warn!("refreshing endpoints failed: {e}");
+                if e.is_connection() {
+                    self.store = None;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! `Event`: one committed outbox row, with its Standard Webhooks envelope built once.
+//!
+//! The envelope `{"type":…,"timestamp":…,"data":…}` is assembled around the payload *text* that pgoutput (or
+//! SQL) already delivers, with no JSON parse and re-encode: jsonb's text output is valid JSON. Every endpoint
+//! and every retry sends these same bytes, so the body, and with it the signed content, is stable.
+
+use bytes::Bytes;
+
+/// A committed outbox row, ready to send.
+#[derive(Debug)]
+pub struct Event {
+    /// `walhook.outbox.id`; `walhook.deliveries.event_id` refers to it.
+    pub id: i64,
+    /// `webhook-id` header: `msg_` and the 32 hex digits of the row's `uid`.
+    pub webhook_id: String,
+    pub event_type: String,
+    /// `created_at` as PostgreSQL prints it (ISO, UTC); stored back with retry copies.
+    pub created_at: String,
+    /// The envelope, byte for byte as sent.
+    pub body: Bytes,
+    payload_start: usize,
+}
+
+impl Event {
+    /// Builds the event from the outbox row's text columns. `uid` is the UUID text (dashes optional).
+    pub fn new(id: i64, uid: &str, event_type: &str, created_at: &str, payload: &str) -> Event {
+        let mut webhook_id = String::with_capacity(36);
+        webhook_id.push_str("msg_");
+        webhook_id.extend(uid.chars().filter(|c| *c != '-'));
+        let timestamp = rfc3339(created_at);
+        let mut body =
+            String::with_capacity(payload.len() + event_type.len() + timestamp.len() + 40);
+        body.push_str("{\"type\":");
+        push_json_string(&mut body, event_type);
+        body.push_str(",\"timestamp\":");
+        push_json_string(&mut body, &timestamp);
+        body.push_str(",\"data\":");
+        let payload_start = body.len();
+        body.push_str(payload);
+        body.push('}');
+        Event {
+            id,
+            webhook_id,
+            event_type: event_type.to_string(),
+            created_at: created_at.to_string(),
+            body: Bytes::from(body),
+            payload_start,
+        }
+    }
+
+    /// The payload JSON text, as stored in the outbox.
+    pub fn payload(&self) -> &str {
+        let bytes = &self.body[self.payload_start..self.body.len() - 1];
+        std::str::from_utf8(bytes).expect("built from a &str at a char boundary")
+    }
+
+    /// The row's UUID in hex, without the `msg_` prefix (what SQL's `uuid` input accepts).
+    pub fn uid_hex(&self) -> &str {
+        &self.webhook_id[4..]
+    }
+}
+
+/// PostgreSQL's ISO timestamptz text (`2026-11-29 20:18:59.123456+00`) as RFC 3339
+/// (`2026-11-29T20:18:59.123456Z`). Other offsets keep their sign and gain minutes (`+05:30`, `-03:00`).
+pub fn rfc3339(pg: &str) -> String {
+    let mut out = pg.replacen(' ', "T", 1);
+    // the offset starts at the last '+' or '-' after the time part
+    let time_start = out.find('T').map_or(0, |i| i + 1);
+    if let Some(rel) = out[time_start..].rfind(['+', '-']) {
+        let at = time_start + rel;
+        let offset = out[at..].to_string();
+        out.truncate(at);
+        match offset.as_str() {
+            "+00" | "+00:00" | "-00" => out.push('Z'),
+            o if o.len() == 3 => {
+                out.push_str(o);
+                out.push_str(":00");
+            }
+            o => out.push_str(o),
+        }
+    }
+    out
+}
+
+fn push_json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_wraps_the_payload_text_unchanged() {
+        let e = Event::new(
+            7,
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "order.created",
+            "2026-11-29 20:18:59.12+00",
+            r#"{"id": 42, "note": "é"}"#,
+        );
+        assert_eq!(e.webhook_id, "msg_a0eebc999c0b4ef8bb6d6bb9bd380a11");
+        assert_eq!(e.uid_hex(), "a0eebc999c0b4ef8bb6d6bb9bd380a11");
+        assert_eq!(
+            std::str::from_utf8(&e.body).unwrap(),
+            r#"{"type":"order.created","timestamp":"2026-11-29T20:18:59.12Z","data":{"id": 42, "note": "é"}}"#
+        );
+        assert_eq!(e.payload(), r#"{"id": 42, "note": "é"}"#);
+        let v: serde_json::Value = serde_json::from_slice(&e.body).unwrap();
+        assert_eq!(v["data"]["id"], 42);
+    }
+
+    #[test]
+    fn timestamps_become_rfc3339() {
+        assert_eq!(rfc3339("2026-11-29 20:18:59+00"), "2026-11-29T20:18:59Z");
+        assert_eq!(
+            rfc3339("2026-11-29 20:18:59.5+05:30"),
+            "2026-11-29T20:18:59.5+05:30"
+        );
+        assert_eq!(
+            rfc3339("2026-11-29 20:18:59-03"),
+            "2026-11-29T20:18:59-03:00"
+        );
+    }
+}

@@ -1,0 +1,43 @@
+//! walhook: committed rows of a PostgreSQL outbox table become signed webhook deliveries.
+//!
+//! The data's path: an application commits `INSERT INTO walhook.outbox`; the **source** reads it from a
+//! logical replication slot in commit order; **fan-out** picks the enabled endpoints whose patterns match;
+//! **dispatch** signs and POSTs each delivery; **record** writes outcomes to `walhook.deliveries` and
+//! `walhook.attempts` in batches; only then is the slot position **acknowledged**. Failed deliveries wait in
+//! `walhook.deliveries` and the **scheduler** sends them again when due.
+//!
+//! Module map, in the order the data flows:
+//! - [`config`]: figment layers (defaults < TOML < `WALHOOK_*`), validation naming the key.
+//! - [`schema`]: the embedded, numbered migrations under `sql/` (`walhook migrate`).
+//! - [`source`]: where events come from: the replication slot ([`source::replication`]) over a hand-written
+//!   walsender client ([`source::walconn`]), and the ack tracker ([`source::ack`]).
+//! - [`pgoutput`]: pure decoder of the pgoutput protocol.
+//! - [`event`]: an outbox row and its Standard Webhooks envelope.
+//! - [`fanout`]: the endpoint cache and event-type patterns.
+//! - [`dispatch`]: signing ([`sign`]), the guarded HTTP client, the retry policy, per-endpoint limits.
+//! - [`record`]: batched writes of outcomes, releasing acknowledgements once durable.
+//! - [`scheduler`]: claims due retries with `FOR UPDATE SKIP LOCKED` leases.
+//! - [`store`]: every SQL statement the daemon runs.
+//! - [`daemon`]: `walhook run`, wiring and graceful drain; [`health`]: `/healthz`.
+//! - [`demo`], [`cluster`], [`receiver`]: the self-contained demo, a throwaway PostgreSQL cluster and a
+//!   loopback webhook receiver (also used by the tests and benchmarks).
+//! - [`lsn`], [`metrics`]: WAL positions; metric names.
+
+pub mod cluster;
+pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod dispatch;
+pub mod event;
+pub mod fanout;
+pub mod health;
+pub mod lsn;
+pub mod metrics;
+pub mod pgoutput;
+pub mod receiver;
+pub mod record;
+pub mod scheduler;
+pub mod schema;
+pub mod sign;
+pub mod source;
+pub mod store;

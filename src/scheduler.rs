@@ -1,0 +1,120 @@
+//! The retry scheduler: claims due `pending` deliveries and dispatches them again.
+//!
+//! Claims use `FOR UPDATE SKIP LOCKED` and move `next_attempt_at` past a lease, so several daemons share the
+//! work without double-sending, and a claimer that dies simply lets its lease lapse (the delivery is due
+//! again). The number of claimed jobs in flight is bounded by `scheduler.batch_size`; endpoints already at
+//! their in-flight limit are left out of the claim instead of being claimed and parked again.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::dispatch::{Dispatcher, Job};
+use crate::event::Event;
+use crate::fanout::EndpointCache;
+use crate::record::{Outcome, Recorder};
+use crate::store::{AttemptRow, RecordRow, Status, Store};
+
+pub struct Scheduler {
+    pub db: tokio_postgres::Config,
+    pub poll_interval: Duration,
+    pub batch_size: usize,
+    pub lease: Duration,
+    pub endpoints: Arc<EndpointCache>,
+    pub dispatcher: Arc<Dispatcher>,
+    pub recorder: Recorder,
+}
+
+impl Scheduler {
+    pub async fn run(self, stop: CancellationToken) {
+        let budget = Arc::new(Semaphore::new(self.batch_size.max(1)));
+        let mut store: Option<Store> = None;
+        let mut tick = tokio::time::interval(self.poll_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let room = budget.available_permits();
+            if room == 0 {
+                continue;
+            }
+            if store.as_ref().is_none_or(|s| s.is_closed()) {
+                match Store::connect(&self.db).await {
+                    Ok(s) => store = Some(s),
+                    Err(e) => {
+                        tracing::warn!("scheduler cannot connect: {e}");
+                        continue;
+                    }
+                }
+            }
+            let s = store.as_ref().expect("connected above");
+            let snapshot = self.endpoints.snapshot();
+            let saturated: Vec<i64> = snapshot
+                .iter()
+                .filter(|e| self.dispatcher.saturated(e))
+                .map(|e| e.id)
+                .collect();
+            let claimed = match s.claim_due(room as i64, self.lease, &saturated).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("claiming due deliveries failed: {e}");
+                    if e.is_connection() {
+                        store = None;
+                    }
+                    continue;
+                }
+            };
+            for c in claimed {
+                let Some(endpoint) = self.endpoints.get(c.endpoint_id) else {
+                    // disabled or deleted since the claim; the lease lapses and the row waits
+                    continue;
+                };
+                let Some((event_type, payload, created_at)) = c.content else {
+                    self.recorder.record(Outcome {
+                        row: gone(&c),
+                        ack: None,
+                    });
+                    continue;
+                };
+                let permit = budget
+                    .clone()
+                    .try_acquire_owned()
+                    .expect("claimed no more than the free permits");
+                let event = Event::new(c.event_id, &c.uid, &event_type, &created_at, &payload);
+                self.dispatcher.submit(Job {
+                    event: Arc::new(event),
+                    endpoint,
+                    schedule_step: c.schedule_step,
+                    ack: None,
+                    claim: Some(permit),
+                });
+            }
+        }
+    }
+}
+
+/// A due delivery whose event content no longer exists anywhere cannot be sent: it is dead, with the reason.
+fn gone(c: &crate::store::Claimed) -> RecordRow {
+    RecordRow {
+        event_id: c.event_id,
+        endpoint_id: c.endpoint_id,
+        uid_hex: c.uid.replace('-', ""),
+        status: Status::Dead,
+        schedule_step: c.schedule_step,
+        next_attempt_at: None,
+        attempt: Some(AttemptRow {
+            attempted_at: SystemTime::now(),
+            duration_ms: 0,
+            status_code: None,
+            error: Some(
+                "event content is gone: its outbox row was deleted before it was delivered".into(),
+            ),
+            response_body: None,
+        }),
+        copy: None,
+    }
+}

@@ -1,0 +1,487 @@
+//! The replication source: a pgoutput slot on a publication of `walhook.outbox`, streamed in commit order.
+//!
+//! Each session: make sure the publication and the slot exist, start streaming from the slot's confirmed
+//! position, decode Begin/Relation/Insert/Commit, fan each outbox row out to dispatch, and confirm positions
+//! as the tracker releases them. Reading pauses when `delivery.max_in_flight_events` events are held
+//! (backpressure reaches the server through TCP), while status updates keep flowing so the walsender does not
+//! time us out. After a restart the slot replays what was not confirmed; events at or below the highest event
+//! id already recorded are checked against `walhook.deliveries` in batches and their recorded deliveries are
+//! not sent again.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::ack::{EventAck, Tracker};
+use super::walconn::{WalConnection, WalError, WalMessage, WalStream};
+use crate::dispatch::{Dispatcher, Job};
+use crate::event::Event;
+use crate::fanout::EndpointCache;
+use crate::lsn::Lsn;
+use crate::pgoutput::{self, Datum, Message};
+use crate::store::{self, Store, StoreError};
+
+/// Events checked against `walhook.deliveries` per round trip during a replay.
+const REPLAY_CHECK_BATCH: usize = 512;
+/// How often a position that advanced is reported (at most).
+const CONFIRM_EVERY: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// A problem the user must fix; retrying will not help.
+    #[error("{0}")]
+    Fatal(String),
+    /// A lost connection or a server restart; the source reconnects.
+    #[error("{0}")]
+    Transient(String),
+}
+
+impl From<WalError> for SourceError {
+    fn from(e: WalError) -> Self {
+        classify_wal(e, "")
+    }
+}
+
+impl From<StoreError> for SourceError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotMigrated => SourceError::Fatal(e.to_string()),
+            e if e.is_connection() => SourceError::Transient(e.to_string()),
+            e => SourceError::Fatal(e.to_string()),
+        }
+    }
+}
+
+/// Turns server errors whose cause is the user's setup into one clear message with the fix.
+fn classify_wal(e: WalError, user: &str) -> SourceError {
+    match e.code() {
+        Some("55000") if e.to_string().contains("wal_level") => SourceError::Fatal(
+            "logical replication is not available: wal_level is not \"logical\"; set wal_level = logical in \
+             postgresql.conf (or ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL, or use \
+             source = \"notify\""
+                .into(),
+        ),
+        Some("42501") => SourceError::Fatal(format!(
+            "role {user:?} may not use replication: run ALTER ROLE {user} REPLICATION as a superuser, or use \
+             source = \"notify\" ({e})"
+        )),
+        Some("28000") | Some("28P01") | Some("3D000") | Some("42704") => SourceError::Fatal(e.to_string()),
+        _ => match e {
+            WalError::Auth(_) | WalError::Config(_) => SourceError::Fatal(e.to_string()),
+            e => SourceError::Transient(e.to_string()),
+        },
+    }
+}
+
+/// The shared pieces a source feeds.
+pub struct Pipeline {
+    pub endpoints: Arc<EndpointCache>,
+    pub dispatcher: Arc<Dispatcher>,
+    /// One permit per event held in memory (`delivery.max_in_flight_events`).
+    pub budget: Arc<Semaphore>,
+}
+
+pub struct ReplicationSource {
+    pub db: tokio_postgres::Config,
+    pub slot: String,
+    pub publication: String,
+    pub status_interval: Duration,
+    pub pipeline: Arc<Pipeline>,
+}
+
+/// Column positions of `walhook.outbox` in the relation message.
+#[derive(Clone, Copy, Debug)]
+struct OutboxColumns {
+    id: usize,
+    uid: usize,
+    event_type: usize,
+    payload: usize,
+    created_at: usize,
+}
+
+impl ReplicationSource {
+    /// Makes sure the publication and the slot exist. Fails with a clear message when the database cannot
+    /// do logical replication or the role may not.
+    pub async fn prepare(&self) -> Result<(), SourceError> {
+        let client = store::connect_client(&self.db)
+            .await
+            .map_err(|e| SourceError::Transient(e.to_string()))?;
+        let exists = client
+            .query_opt(
+                "select 1 from pg_publication where pubname = $1",
+                &[&self.publication],
+            )
+            .await
+            .map_err(|e| SourceError::Transient(e.to_string()))?
+            .is_some();
+        if !exists {
+            let sql = format!(
+                "create publication {} for table walhook.outbox with (publish = 'insert')",
+                quote_ident(&self.publication)
+            );
+            match client.batch_execute(&sql).await {
+                Ok(()) => tracing::info!(publication = %self.publication, "created publication"),
+                // another instance created it at the same moment
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {}
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+                    return Err(SourceError::Fatal(
+                        "walhook.outbox does not exist: run `walhook migrate` first".into(),
+                    ))
+                }
+                Err(e) => {
+                    return Err(SourceError::Fatal(format!(
+                        "could not create publication {:?}: {}; create it as the table owner with: {sql}",
+                        self.publication,
+                        e.as_db_error().map_or(e.to_string(), |d| d.message().to_string())
+                    )))
+                }
+            }
+        }
+        let mut conn = self.connect().await?;
+        let rows = conn
+            .simple_query(&format!(
+                "select database from pg_replication_slots where slot_name = {}",
+                quote_literal(&self.slot)
+            ))
+            .await?;
+        if rows.is_empty() {
+            match conn.create_logical_slot_exporting(&self.slot).await {
+                Ok((lsn, snapshot)) => {
+                    tracing::info!(slot = %self.slot, %lsn, "created replication slot");
+                    // rows committed before the slot existed are never streamed: hand them to the scheduler
+                    let mut client = client;
+                    let n = store::backfill_before_slot(&mut client, &snapshot).await?;
+                    if n > 0 {
+                        tracing::info!(
+                            deliveries = n,
+                            "queued deliveries for events committed before the slot"
+                        );
+                    }
+                }
+                Err(e) if e.code() == Some("42710") => {}
+                Err(e) => return Err(classify_wal(e, self.user())),
+            }
+        }
+        drop(conn);
+        Ok(())
+    }
+
+    fn user(&self) -> &str {
+        self.db.get_user().unwrap_or("")
+    }
+
+    async fn connect(&self) -> Result<WalConnection, SourceError> {
+        WalConnection::connect(&self.db)
+            .await
+            .map_err(|e| classify_wal(e, self.user()))
+    }
+
+    /// Streams until `stop` fires, reconnecting after transient failures. Returns a fatal error.
+    pub async fn run(self, stop: CancellationToken) -> Result<(), SourceError> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let started = tokio::time::Instant::now();
+            let result = match self.prepare().await {
+                Ok(()) => self.session(&stop).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(SourceError::Fatal(m)) => return Err(SourceError::Fatal(m)),
+                Err(SourceError::Transient(m)) => {
+                    if stop.is_cancelled() {
+                        return Ok(());
+                    }
+                    if started.elapsed() > Duration::from_secs(30) {
+                        backoff = Duration::from_millis(100);
+                    }
+                    metrics::counter!(crate::metrics::RECONNECTS).increment(1);
+                    tracing::warn!(
+                        "replication stream interrupted, reconnecting in {backoff:?}: {m}"
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.cancelled() => return Ok(()),
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn session(&self, stop: &CancellationToken) -> Result<(), SourceError> {
+        let store = Store::connect(&self.db).await?;
+        let replay_max = store.max_recorded_event_id().await?;
+        let start: Lsn = store
+            .client()
+            .query_opt(
+                "select confirmed_flush_lsn::text from pg_replication_slots where slot_name = $1",
+                &[&self.slot],
+            )
+            .await
+            .map_err(StoreError::from)?
+            .and_then(|r| r.get::<_, Option<String>>(0))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(Lsn::INVALID);
+        let conn = self.connect().await?;
+        let options = [("proto_version", "1")];
+        let stream = conn
+            .start_replication(&self.slot, &self.publication, Lsn::INVALID, &options)
+            .await?;
+        tracing::info!(slot = %self.slot, %start, "streaming");
+        let mut session = Session {
+            stream,
+            store,
+            pipeline: self.pipeline.clone(),
+            tracker: Tracker::new(start),
+            relations: HashMap::new(),
+            txn: None,
+            replay_max,
+            replay: Vec::new(),
+            sent: start,
+            sent_at: tokio::time::Instant::now(),
+            status_interval: self.status_interval,
+        };
+        session.run(stop).await
+    }
+}
+
+/// One streaming session's state.
+struct Session {
+    stream: WalStream,
+    store: Store,
+    pipeline: Arc<Pipeline>,
+    tracker: Arc<Tracker>,
+    relations: HashMap<u32, Option<OutboxColumns>>,
+    txn: Option<u64>,
+    replay_max: i64,
+    /// Replayed events awaiting the duplicate check, with their transaction and budget permit.
+    replay: Vec<(Event, u64, OwnedSemaphorePermit)>,
+    /// The last position reported to the server, and when.
+    sent: Lsn,
+    sent_at: tokio::time::Instant,
+    status_interval: Duration,
+}
+
+impl Session {
+    async fn run(&mut self, stop: &CancellationToken) -> Result<(), SourceError> {
+        let mut tick = tokio::time::interval(CONFIRM_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if !self.replay.is_empty() {
+                // check replayed events as soon as the stream has nothing more ready right now
+                match tokio::time::timeout(Duration::ZERO, self.stream.next_message()).await {
+                    Ok(message) => {
+                        self.handle(message?).await?;
+                        continue;
+                    }
+                    Err(_) => self.check_replay().await?,
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => {
+                    self.report(false).await?;
+                    return Ok(());
+                }
+                message = self.stream.next_message() => self.handle(message?).await?,
+                _ = tick.tick() => {
+                    // A fast shutdown terminates ordinary sessions but waits for walsenders to see every
+                    // position confirmed, which cannot happen while the recorder is cut off: leave, and
+                    // replay from the confirmed position once the server is back.
+                    if self.store.is_closed() {
+                        return Err(SourceError::Transient(
+                            "lost the database connection (is the server shutting down?)".into(),
+                        ));
+                    }
+                    self.report(false).await?
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, message: Option<WalMessage>) -> Result<(), SourceError> {
+        match message {
+            None => Err(SourceError::Transient(
+                "the server ended the replication stream".into(),
+            )),
+            Some(WalMessage::Keepalive {
+                wal_end,
+                reply_requested,
+                ..
+            }) => {
+                if self.replay.is_empty() {
+                    self.tracker.follow_if_idle(wal_end);
+                }
+                if reply_requested {
+                    self.report(true).await?;
+                }
+                Ok(())
+            }
+            Some(WalMessage::XLogData { data, .. }) => self.decode(&data).await,
+        }
+    }
+
+    async fn decode(&mut self, data: &[u8]) -> Result<(), SourceError> {
+        let message = pgoutput::decode(data).map_err(|e| SourceError::Transient(e.to_string()))?;
+        match message {
+            Message::Begin { .. } => self.txn = Some(self.tracker.begin()),
+            Message::Commit { end_lsn, .. } => {
+                if let Some(txn) = self.txn.take() {
+                    self.tracker.commit(txn, end_lsn);
+                }
+            }
+            Message::Relation { id, namespace, name, columns, .. } => {
+                let outbox = (namespace == "walhook" && name == "outbox").then(|| {
+                    let find = |n: &str| columns.iter().position(|c| c.name == n);
+                    Some(OutboxColumns {
+                        id: find("id")?,
+                        uid: find("uid")?,
+                        event_type: find("event_type")?,
+                        payload: find("payload")?,
+                        created_at: find("created_at")?,
+                    })
+                });
+                self.relations.insert(id, outbox.flatten());
+            }
+            Message::Insert { relation_id, tuple } => {
+                let Some(Some(cols)) = self.relations.get(&relation_id).copied() else { return Ok(()) };
+                let text = |i: usize| match tuple.columns.get(i) {
+                    Some(Datum::Text(b)) => std::str::from_utf8(b).ok(),
+                    _ => None,
+                };
+                let (Some(id), Some(uid), Some(event_type), Some(payload), Some(created_at)) = (
+                    text(cols.id).and_then(|s| s.parse::<i64>().ok()),
+                    text(cols.uid),
+                    text(cols.event_type),
+                    text(cols.payload),
+                    text(cols.created_at),
+                ) else {
+                    return Err(SourceError::Fatal(
+                        "an outbox row arrived without its id, uid, event_type, payload or created_at text; \
+                         was walhook.outbox altered?"
+                            .into(),
+                    ));
+                };
+                let event = Event::new(id, uid, event_type, created_at, payload);
+                metrics::counter!(crate::metrics::EVENTS_RECEIVED).increment(1);
+                let Some(txn) = self.txn else {
+                    return Err(SourceError::Transient("insert outside a transaction".into()));
+                };
+                let permit = self.acquire().await?;
+                if id <= self.replay_max {
+                    self.tracker.add(txn, 1); // holds the transaction until the check is done
+                    self.replay.push((event, txn, permit));
+                    if self.replay.len() >= REPLAY_CHECK_BATCH {
+                        self.check_replay().await?;
+                    }
+                } else {
+                    self.fan_out(event, txn, permit, &HashSet::new());
+                }
+            }
+            Message::Other { tag } => {
+                return Err(SourceError::Fatal(format!(
+                    "the server sent pgoutput message tag {tag:#04x}, unknown to protocol version 1: is this \
+                     PostgreSQL older than 10 or a proxy in between?"
+                )))
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Waits for room in the in-flight budget, reporting status meanwhile so the server keeps us.
+    async fn acquire(&mut self) -> Result<OwnedSemaphorePermit, SourceError> {
+        if let Ok(p) = self.pipeline.budget.clone().try_acquire_owned() {
+            return Ok(p);
+        }
+        let mut tick = tokio::time::interval(CONFIRM_EVERY);
+        loop {
+            tokio::select! {
+                p = self.pipeline.budget.clone().acquire_owned() => return Ok(p.expect("budget is never closed")),
+                _ = tick.tick() => {
+                    // A fast shutdown terminates ordinary sessions but waits for walsenders to see every
+                    // position confirmed, which cannot happen while the recorder is cut off: leave, and
+                    // replay from the confirmed position once the server is back.
+                    if self.store.is_closed() {
+                        return Err(SourceError::Transient(
+                            "lost the database connection (is the server shutting down?)".into(),
+                        ));
+                    }
+                    self.report(false).await?
+                }
+            }
+        }
+    }
+
+    async fn check_replay(&mut self) -> Result<(), SourceError> {
+        let batch = std::mem::take(&mut self.replay);
+        let ids: Vec<i64> = batch.iter().map(|(e, _, _)| e.id).collect();
+        let recorded: HashSet<(i64, i64)> =
+            self.store.recorded_pairs(&ids).await?.into_iter().collect();
+        for (event, txn, permit) in batch {
+            self.fan_out(event, txn, permit, &recorded);
+            self.tracker.done(txn);
+        }
+        Ok(())
+    }
+
+    fn fan_out(
+        &self,
+        event: Event,
+        txn: u64,
+        permit: OwnedSemaphorePermit,
+        recorded: &HashSet<(i64, i64)>,
+    ) {
+        let endpoints: Vec<_> = self
+            .pipeline
+            .endpoints
+            .matching(&event.event_type)
+            .into_iter()
+            .filter(|e| !recorded.contains(&(event.id, e.id)))
+            .collect();
+        if endpoints.is_empty() {
+            return;
+        }
+        self.tracker.add(txn, endpoints.len());
+        let ack = Arc::new(EventAck::new(self.tracker.clone(), txn, permit));
+        let event = Arc::new(event);
+        for endpoint in endpoints {
+            self.pipeline.dispatcher.submit(Job {
+                event: event.clone(),
+                endpoint,
+                schedule_step: 0,
+                ack: Some(ack.clone()),
+                claim: None,
+            });
+        }
+    }
+
+    /// Sends a standby status update when the confirmed position advanced, when asked, or every
+    /// `status_interval` (asking for a reply then, so an idle stream's keepalive lets us follow the server).
+    async fn report(&mut self, force: bool) -> Result<(), SourceError> {
+        let confirmed = self.tracker.confirmed();
+        let due = self.sent_at.elapsed() >= self.status_interval;
+        if !(force || due || confirmed > self.sent) {
+            return Ok(());
+        }
+        let pos = confirmed.max(self.sent);
+        self.stream
+            .send_status(pos, pos, pos, due && !force)
+            .await?;
+        self.sent = pos;
+        self.sent_at = tokio::time::Instant::now();
+        Ok(())
+    }
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}

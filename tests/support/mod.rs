@@ -1,0 +1,210 @@
+//! Test harness: a throwaway cluster per test, a database in it, the daemon in-process or as a child
+//! process, and helpers that wait on conditions with generous deadlines (never on sleeps).
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use figment::Figment;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+use walhook::cluster::{Cluster, ClusterOptions};
+use walhook::config::Config;
+
+/// How long any condition may take on a loaded 2-core machine.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+pub struct Pg {
+    pub cluster: Cluster,
+    pub url: String,
+}
+
+impl Pg {
+    /// A new cluster (wal_level=logical) with a migrated database.
+    pub async fn start() -> Pg {
+        Pg::start_with(ClusterOptions::default()).await
+    }
+
+    pub async fn start_with(options: ClusterOptions) -> Pg {
+        let cluster = tokio::task::spawn_blocking(move || Cluster::start(options))
+            .await
+            .unwrap()
+            .expect("start a throwaway cluster");
+        let url = cluster
+            .create_database("app")
+            .await
+            .expect("create database");
+        let pg = Pg { cluster, url };
+        let mut client = pg.client().await;
+        walhook::schema::migrate(&mut client)
+            .await
+            .expect("migrate");
+        pg
+    }
+
+    pub async fn client(&self) -> Client {
+        walhook::store::connect_client(&self.url.parse().unwrap())
+            .await
+            .expect("connect")
+    }
+
+    /// Config for this database: loopback allowed, no http listener, fast polling, short retries.
+    pub fn config(&self) -> Config {
+        self.config_with(|f| f)
+    }
+
+    /// `config()` with more settings merged on top.
+    pub fn config_with(&self, more: impl FnOnce(Figment) -> Figment) -> Config {
+        let figment = Config::figment(None)
+            .merge(("database_url", self.url.as_str()))
+            .merge(("delivery.allow_private_networks", true))
+            .merge(("http.listen", "off"))
+            .merge(("delivery.retry_schedule", vec!["1s", "1s", "1s"]))
+            .merge(("delivery.retry_jitter", 0.0))
+            .merge(("delivery.timeout", "5s"))
+            .merge(("scheduler.poll_interval", "100ms"))
+            .merge(("scheduler.lease", "5s"))
+            .merge(("endpoints.refresh_interval", "100ms"));
+        Config::from_figment(more(figment)).expect("test config is valid")
+    }
+
+    /// Environment for the real binary, equivalent to `config()`.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("WALHOOK_DATABASE_URL", self.url.as_str()),
+            ("WALHOOK_DELIVERY__ALLOW_PRIVATE_NETWORKS", "true"),
+            ("WALHOOK_HTTP__LISTEN", "off"),
+            ("WALHOOK_DELIVERY__RETRY_SCHEDULE", "1s,1s,1s"),
+            ("WALHOOK_DELIVERY__RETRY_JITTER", "0"),
+            ("WALHOOK_DELIVERY__TIMEOUT", "5s"),
+            ("WALHOOK_SCHEDULER__POLL_INTERVAL", "100ms"),
+            ("WALHOOK_ENDPOINTS__REFRESH_INTERVAL", "100ms"),
+            ("WALHOOK_SCHEDULER__LEASE", "5s"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+}
+
+/// The daemon running in this test's runtime.
+pub struct Daemon {
+    stop: CancellationToken,
+    abort: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), walhook::daemon::RunError>>,
+}
+
+impl Daemon {
+    pub fn start(config: Config) -> Daemon {
+        let stop = CancellationToken::new();
+        let abort = CancellationToken::new();
+        let task = tokio::spawn(walhook::daemon::run(config, stop.clone(), abort.clone()));
+        Daemon { stop, abort, task }
+    }
+
+    /// Graceful drain; panics if the daemon failed.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let result = tokio::time::timeout(DEADLINE, self.task)
+            .await
+            .expect("daemon drains in time");
+        result.unwrap().expect("daemon ran without error");
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    pub async fn result(self) -> Result<(), walhook::daemon::RunError> {
+        tokio::time::timeout(DEADLINE, self.task)
+            .await
+            .expect("daemon ends in time")
+            .unwrap()
+    }
+
+    pub fn abort(&self) {
+        self.abort.cancel();
+    }
+}
+
+/// The real binary as a child process.
+pub fn spawn_binary(args: &[&str], env: &[(String, String)]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_walhook"))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn walhook")
+}
+
+/// Polls an async condition until it holds or `DEADLINE` passes.
+pub async fn eventually<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let until = Instant::now() + DEADLINE;
+    while !condition().await {
+        assert!(Instant::now() < until, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Inserts an endpoint and returns (id, secret).
+pub async fn add_endpoint(client: &Client, url: &str, patterns: &[&str]) -> (i64, String) {
+    let patterns: Vec<String> = patterns.iter().map(|s| s.to_string()).collect();
+    let row = client
+        .query_one(
+            "insert into walhook.endpoints (url, event_types) values ($1, $2) returning id, secret",
+            &[&url, &patterns],
+        )
+        .await
+        .expect("insert endpoint");
+    (row.get(0), row.get(1))
+}
+
+/// Commits one event per transaction; returns its outbox id.
+pub async fn publish(client: &Client, event_type: &str, payload: &str) -> i64 {
+    client
+        .query_one(
+            "insert into walhook.outbox (event_type, payload) values ($1, $2::text::jsonb) returning id",
+            &[&event_type, &payload],
+        )
+        .await
+        .expect("insert event")
+        .get(0)
+}
+
+pub async fn count(client: &Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.expect(sql).get(0)
+}
+
+/// Waits until exactly `n` deliveries have succeeded.
+pub async fn wait_succeeded(client: &Client, n: i64) {
+    eventually(&format!("{n} deliveries succeeded"), || async {
+        count(
+            client,
+            "select count(*) from walhook.deliveries where status = 'succeeded'",
+        )
+        .await
+            == n
+    })
+    .await;
+}
+
+/// Waits until the daemon holds the slot (it is streaming).
+pub async fn wait_streaming(client: &Client) {
+    eventually("the daemon streams from its slot", || async {
+        count(
+            client,
+            "select count(*) from pg_replication_slots where slot_name = 'walhook' and active",
+        )
+        .await
+            == 1
+    })
+    .await;
+}
