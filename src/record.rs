@@ -123,7 +123,7 @@ impl RecorderTask {
     }
 
     async fn write(&self, store: &mut Option<Store>, batch: &[Outcome], abort: &CancellationToken) {
-        let rows: Vec<RecordRow> = batch.iter().map(|o| o.row.clone()).collect();
+        let rows: Vec<&RecordRow> = batch.iter().map(|o| &o.row).collect();
         let mut backoff = Duration::from_millis(100);
         loop {
             let result = match store {

@@ -33,10 +33,14 @@ impl Scheduler {
         let mut store: Option<Store> = None;
         let mut tick = tokio::time::interval(self.poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut backlog = false;
         loop {
+            // with a backlog (the last claim was full), claim again as soon as half the budget is free
+            let half = (self.batch_size / 2).max(1) as u32;
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
+                Ok(p) = budget.clone().acquire_many_owned(half), if backlog => drop(p),
             }
             let room = budget.available_permits();
             if room == 0 {
@@ -68,6 +72,7 @@ impl Scheduler {
                     continue;
                 }
             };
+            backlog = claimed.len() == room;
             for c in claimed {
                 let Some(endpoint) = self.endpoints.get(c.endpoint_id) else {
                     // disabled or deleted since the claim; the lease lapses and the row waits

@@ -290,7 +290,7 @@ impl Store {
     }
 
     /// Writes a batch of outcomes in one statement (and so one transaction).
-    pub async fn record(&self, rows: &[RecordRow]) -> Result<(), StoreError> {
+    pub async fn record(&self, rows: &[&RecordRow]) -> Result<(), StoreError> {
         let n = rows.len();
         let mut event_id = Vec::with_capacity(n);
         let mut endpoint_id = Vec::with_capacity(n);

@@ -754,3 +754,101 @@ fn invalid_configuration_names_the_key() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/walhook.toml"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_outbox_does_not_make_the_slot_retain_wal() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    add_endpoint(&client, &rx.url("/x"), &["*"]).await;
+    let daemon =
+        Daemon::start(pg.config_with(|f| f.merge(("replication.status_interval", "200ms"))));
+    wait_streaming(&client).await;
+    publish(&client, "order.created", "{}").await;
+    wait_succeeded(&client, 1).await;
+    // other tables are written, the outbox is idle: the confirmed position must follow the server
+    client
+        .batch_execute("create table busy (n int)")
+        .await
+        .unwrap();
+    let target: String = client
+        .query_one("select pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    eventually("the slot's confirmed position passes WAL written to other tables", || async {
+        client.batch_execute("insert into busy select generate_series(1, 100)").await.unwrap();
+        client
+            .query_one(
+                "select confirmed_flush_lsn >= $1::text::pg_lsn from pg_replication_slots where slot_name = 'walhook'",
+                &[&target],
+            )
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    })
+    .await;
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_answers_on_http_listen() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let daemon = Daemon::start(pg.config_with(|f| f.merge(("http.listen", listen.as_str()))));
+    wait_streaming(&client).await;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_deliveries_and_exits_zero() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    // every request takes a while, so some are in flight when the signal arrives
+    rx.set_responder(|_, _| Reply::Delay(Duration::from_millis(300), 200));
+    add_endpoint(&client, &rx.url("/slow"), &["*"]).await;
+    let mut child = spawn_binary(&["run"], &pg.env());
+    wait_streaming(&client).await;
+    for i in 0..30 {
+        publish(&client, "order.created", &format!("{{\"i\": {i}}}")).await;
+    }
+    assert!(rx.wait_until(DEADLINE, |r| r.len() >= 5).await);
+    // SAFETY: kill(2) with a pid we own
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = tokio::task::block_in_place(|| child.wait()).unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    // every request that reached the receiver before the exit has its outcome recorded
+    let arrived = rx.distinct_ids("/slow").len() as i64;
+    let recorded = count(
+        &client,
+        "select count(*) from walhook.deliveries where status = 'succeeded'",
+    )
+    .await;
+    assert!(
+        recorded >= arrived,
+        "recorded {recorded} < answered {arrived}"
+    );
+    // and a restart delivers the rest
+    let mut child = spawn_binary(&["run"], &pg.env());
+    wait_succeeded(&client, 30).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
