@@ -145,7 +145,6 @@ create table walhook.deliveries (
   constraint deliveries_event_endpoint_unique unique (event_id, endpoint_id)
 );
 create index deliveries_due on walhook.deliveries (next_attempt_at) where status = 'pending';
-create index deliveries_endpoint on walhook.deliveries (endpoint_id, created_at);
 
 create table walhook.attempts (
   id bigint generated always as identity primary key,

@@ -852,3 +852,44 @@ async fn sigterm_drains_in_flight_deliveries_and_exits_zero() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_events_already_recorded_are_not_sent_again() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    add_endpoint(&client, &rx.url("/once"), &["*"]).await;
+    let daemon = Daemon::start(pg.config());
+    wait_streaming(&client).await;
+    // a copy of the slot keeps today's position: streaming from it later replays everything below
+    client
+        .batch_execute("select pg_copy_logical_replication_slot('walhook', 'walhook_behind')")
+        .await
+        .unwrap();
+    for i in 0..40 {
+        publish(&client, "order.created", &format!("{{\"i\": {i}}}")).await;
+    }
+    wait_succeeded(&client, 40).await;
+    daemon.stop().await;
+    assert_eq!(rx.count(), 40);
+
+    // the replay from the copy is checked against walhook.deliveries: nothing is sent twice
+    let daemon = Daemon::start(pg.config_with(|f| f.merge(("replication.slot", "walhook_behind"))));
+    let marker = {
+        eventually("the daemon streams from the copy", || async {
+            count(&client, "select count(*) from pg_replication_slots where slot_name = 'walhook_behind' and active")
+                .await
+                == 1
+        })
+        .await;
+        publish(&client, "marker.done", "{}").await
+    };
+    eventually("the marker after the replayed events is delivered", || async {
+        count(&client, &format!("select count(*) from walhook.deliveries where event_id = {marker} and status = 'succeeded'"))
+            .await
+            == 1
+    })
+    .await;
+    assert_eq!(rx.count(), 41, "only the marker was sent");
+    daemon.stop().await;
+}
