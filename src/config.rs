@@ -121,6 +121,24 @@ pub struct DeliveryConfig {
     pub pool_max_idle_per_host: usize,
     #[serde(deserialize_with = "string_like")]
     pub user_agent: String,
+    /// Refuse plain `http://` endpoints.
+    pub https_only: bool,
+    /// Which certificate authorities HTTPS endpoints are verified against (verification is always on).
+    pub tls_roots: TlsRoots,
+    /// A PEM file of extra CA certificates to trust (for example a private CA); empty for none.
+    #[serde(deserialize_with = "string_like")]
+    pub ca_file: String,
+}
+
+/// Trusted roots for HTTPS deliveries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsRoots {
+    /// The operating system's store (falls back to the bundled roots if it is empty).
+    #[default]
+    System,
+    /// The Mozilla roots compiled into walhook.
+    Bundled,
 }
 
 impl Default for DeliveryConfig {
@@ -152,6 +170,9 @@ impl Default for DeliveryConfig {
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 256,
             user_agent: concat!("walhook/", env!("CARGO_PKG_VERSION")).into(),
+            https_only: false,
+            tls_roots: TlsRoots::System,
+            ca_file: String::new(),
         }
     }
 }

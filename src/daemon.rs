@@ -35,6 +35,8 @@ pub enum RunError {
     },
     #[error("{0}")]
     Unsupported(String),
+    #[error(transparent)]
+    Tls(#[from] crate::dispatch::client::TlsError),
 }
 
 /// Runs the daemon until `stop` is cancelled (graceful drain) or `abort` is (immediate).
@@ -77,9 +79,13 @@ pub async fn run(
             pool_max_idle_per_host: config.delivery.pool_max_idle_per_host,
             response_excerpt_bytes: config.delivery.response_excerpt_bytes,
             user_agent: config.delivery.user_agent.clone(),
+            https_only: config.delivery.https_only,
+            tls_roots: config.delivery.tls_roots,
+            ca_file: (!config.delivery.ca_file.is_empty())
+                .then(|| config.delivery.ca_file.clone().into()),
         },
         policy,
-    );
+    )?;
     let retry = RetryPolicy {
         schedule: config.delivery.retry_schedule.clone(),
         jitter: config.delivery.retry_jitter,

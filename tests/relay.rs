@@ -893,3 +893,104 @@ async fn replayed_events_already_recorded_are_not_sent_again() {
     assert_eq!(rx.count(), 41, "only the marker was sent");
     daemon.stop().await;
 }
+
+// ---- delivery policy: HTTPS, network guard ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_endpoints_are_verified_against_the_configured_ca() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let tls = support::tls::TlsReceiver::start().await;
+    add_endpoint(&client, &tls.url("localhost", "/secure"), &["trusted.*"]).await;
+    add_endpoint(&client, &tls.url("127.0.0.1", "/by-ip"), &["trusted.*"]).await;
+    let ca_file = tls.ca_file.display().to_string();
+    let daemon = Daemon::start(pg.config_with(|f| f.merge(("delivery.ca_file", ca_file.as_str()))));
+    wait_streaming(&client).await;
+    publish(&client, "trusted.event", "{}").await;
+    wait_succeeded(&client, 2).await;
+    assert_eq!(tls.requests.load(std::sync::atomic::Ordering::SeqCst), 2);
+    daemon.stop().await;
+
+    // without the CA the certificate is not trusted: verification is always on
+    let daemon = Daemon::start(pg.config_with(|f| f.merge(("delivery.tls_roots", "bundled"))));
+    publish(&client, "trusted.event", "{}").await;
+    eventually("the untrusted certificate fails the attempt", || async {
+        count(
+            &client,
+            "select count(*) from walhook.attempts where error ilike '%certificate%'",
+        )
+        .await
+            >= 2
+    })
+    .await;
+    assert_eq!(tls.requests.load(std::sync::atomic::Ordering::SeqCst), 2);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_only_refuses_plain_http_endpoints() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    add_endpoint(&client, &rx.url("/plain"), &["*"]).await;
+    let daemon = Daemon::start(pg.config_with(|f| f.merge(("delivery.https_only", true))));
+    wait_streaming(&client).await;
+    publish(&client, "order.created", "{}").await;
+    eventually("the attempt fails with the reason", || async {
+        count(
+            &client,
+            "select count(*) from walhook.attempts where error like '%delivery.https_only%'",
+        )
+        .await
+            >= 1
+    })
+    .await;
+    assert_eq!(rx.count(), 0);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_targets_are_refused_by_default_and_delivered_when_allowed() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    add_endpoint(&client, &rx.url("/guarded"), &["*"]).await;
+    add_endpoint(
+        &client,
+        &format!("http://localhost:{}/by-name", rx.port()),
+        &["*"],
+    )
+    .await;
+    add_endpoint(
+        &client,
+        &format!("http://[::ffff:127.0.0.1]:{}/mapped", rx.port()),
+        &["*"],
+    )
+    .await;
+    // the default policy: private networks refused
+    let daemon =
+        Daemon::start(pg.config_with(|f| f.merge(("delivery.allow_private_networks", false))));
+    wait_streaming(&client).await;
+    publish(&client, "order.created", "{}").await;
+    eventually("all three attempts are refused with the reason", || async {
+        count(
+            &client,
+            "select count(*) from walhook.attempts where status_code is null
+               and error like '%loopback%delivery.allow_private_networks%'",
+        )
+        .await
+            >= 3
+    })
+    .await;
+    assert_eq!(rx.count(), 0, "nothing was sent");
+    daemon.stop().await;
+
+    // an allow-listed network is delivered to (the pending retries go through)
+    let daemon = Daemon::start(pg.config_with(|f| {
+        f.merge(("delivery.allow_private_networks", false))
+            .merge(("delivery.allowed_networks", vec!["127.0.0.0/8"]))
+    }));
+    wait_succeeded(&client, 3).await;
+    assert_eq!(rx.count(), 3);
+    daemon.stop().await;
+}
