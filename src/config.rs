@@ -128,6 +128,16 @@ pub struct DeliveryConfig {
     /// A PEM file of extra CA certificates to trust (for example a private CA); empty for none.
     #[serde(deserialize_with = "string_like")]
     pub ca_file: String,
+    /// Consecutive failed attempts (timeouts, connection errors, 5xx, 408, 429) that open an endpoint's breaker.
+    pub breaker_threshold: u32,
+    /// How long an open breaker refuses requests before one probe; doubles per failed probe.
+    #[serde(with = "duration")]
+    pub breaker_cooldown: Duration,
+    #[serde(with = "duration")]
+    pub breaker_max_cooldown: Duration,
+    /// An endpoint failing continuously for this long is disabled ("0s" never disables).
+    #[serde(with = "duration")]
+    pub disable_after: Duration,
 }
 
 /// Trusted roots for HTTPS deliveries.
@@ -163,9 +173,9 @@ impl Default for DeliveryConfig {
             throttled_min_backoff: Duration::from_secs(60),
             allow_private_networks: false,
             allowed_networks: Vec::new(),
-            concurrency: 512,
+            concurrency: 2048,
             max_in_flight_events: 10_000,
-            max_in_flight_per_endpoint: 256,
+            max_in_flight_per_endpoint: 128,
             response_excerpt_bytes: 1024,
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 256,
@@ -173,6 +183,10 @@ impl Default for DeliveryConfig {
             https_only: false,
             tls_roots: TlsRoots::System,
             ca_file: String::new(),
+            breaker_threshold: 5,
+            breaker_cooldown: Duration::from_secs(30),
+            breaker_max_cooldown: Duration::from_secs(600),
+            disable_after: Duration::from_secs(5 * 86400),
         }
     }
 }
@@ -412,6 +426,16 @@ impl Config {
             return Err(invalid(
                 "delivery.response_excerpt_bytes",
                 "expected at most 1048576 (1 MiB)",
+            ));
+        }
+        if d.breaker_threshold == 0 {
+            return Err(invalid("delivery.breaker_threshold", "expected at least 1"));
+        }
+        positive("delivery.breaker_cooldown", d.breaker_cooldown)?;
+        if d.breaker_max_cooldown < d.breaker_cooldown {
+            return Err(invalid(
+                "delivery.breaker_max_cooldown",
+                "must be at least delivery.breaker_cooldown",
             ));
         }
         if d.user_agent.is_empty() || http::HeaderValue::from_str(&d.user_agent).is_err() {

@@ -14,8 +14,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, ConfigError, SourceKind};
 use crate::dispatch::client::{ClientSettings, HttpClient};
 use crate::dispatch::guard::{Cidr, NetworkPolicy};
+use crate::dispatch::limits::BreakerPolicy;
 use crate::dispatch::retry::RetryPolicy;
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{DispatchSettings, Dispatcher};
+use crate::endpoint_state::EndpointStateWriter;
 use crate::fanout::EndpointCache;
 use crate::record;
 use crate::scheduler::Scheduler;
@@ -73,7 +75,6 @@ pub async fn run(
     };
     let client = HttpClient::new(
         ClientSettings {
-            timeout: config.delivery.timeout,
             connect_timeout: config.delivery.connect_timeout,
             pool_idle_timeout: config.delivery.pool_idle_timeout,
             pool_max_idle_per_host: config.delivery.pool_max_idle_per_host,
@@ -86,23 +87,34 @@ pub async fn run(
         },
         policy,
     )?;
-    let retry = RetryPolicy {
-        schedule: config.delivery.retry_schedule.clone(),
-        jitter: config.delivery.retry_jitter,
-        min_backoff_throttled: config.delivery.throttled_min_backoff,
+    let settings = DispatchSettings {
+        retry: RetryPolicy {
+            schedule: config.delivery.retry_schedule.clone(),
+            jitter: config.delivery.retry_jitter,
+            min_backoff_throttled: config.delivery.throttled_min_backoff,
+        },
+        breaker: BreakerPolicy {
+            threshold: config.delivery.breaker_threshold,
+            cooldown: config.delivery.breaker_cooldown,
+            max_cooldown: config.delivery.breaker_max_cooldown,
+        },
+        timeout: config.delivery.timeout,
+        concurrency: config.delivery.concurrency,
+        max_in_flight_per_endpoint: config.delivery.max_in_flight_per_endpoint,
     };
-
+    let wake = Arc::new(tokio::sync::Notify::new());
     let (recorder, recorder_task) = record::channel(
         db.clone(),
         config.record.batch_size,
         config.record.flush_interval,
+        wake.clone(),
     );
+    let (disable_tx, disable_rx) = tokio::sync::mpsc::unbounded_channel();
     let dispatcher = Arc::new(Dispatcher::new(
         client,
         recorder.clone(),
-        retry,
-        config.delivery.concurrency,
-        config.delivery.max_in_flight_per_endpoint,
+        settings,
+        disable_tx,
     ));
     let endpoints = Arc::new(EndpointCache::default());
 
@@ -124,6 +136,7 @@ pub async fn run(
         cache: endpoints.clone(),
         generation: None,
         store: None,
+        next_expiry: None,
     };
     while let Err(e) = refresher.refresh().await {
         tracing::warn!("loading endpoints failed, retrying: {e}");
@@ -140,8 +153,18 @@ pub async fn run(
         let stop = workers.clone();
         async move { refresher.run(refresh_interval, stop).await }
     });
+    let state_handle = tokio::spawn(
+        EndpointStateWriter {
+            db: db.clone(),
+            endpoints: endpoints.clone(),
+            disable_after: config.delivery.disable_after,
+            disable: disable_rx,
+        }
+        .run(workers.clone()),
+    );
     let scheduler_handle = tokio::spawn(
         Scheduler {
+            wake,
             db: db.clone(),
             poll_interval: config.scheduler.poll_interval,
             batch_size: config.scheduler.batch_size,
@@ -174,6 +197,7 @@ pub async fn run(
     workers.cancel();
     let _ = scheduler_handle.await;
     let _ = refresher_handle.await;
+    let _ = state_handle.await;
     drop(dispatcher);
     drop(recorder);
     let _ = recorder_handle.await;
@@ -189,6 +213,8 @@ struct EndpointRefresher {
     cache: Arc<EndpointCache>,
     generation: Option<i64>,
     store: Option<Store>,
+    /// When the first old secret of a rotation expires: the cache reloads then to stop signing with it.
+    next_expiry: Option<std::time::SystemTime>,
 }
 
 impl EndpointRefresher {
@@ -199,8 +225,12 @@ impl EndpointRefresher {
         }
         let store = self.store.as_ref().expect("connected above");
         let generation = store.endpoints_generation().await?;
-        if self.generation != Some(generation) {
-            let rows = store.enabled_endpoints().await?;
+        let expired = self
+            .next_expiry
+            .is_some_and(|t| t <= std::time::SystemTime::now());
+        if self.generation != Some(generation) || expired {
+            let (rows, next_expiry) = store.enabled_endpoints().await?;
+            self.next_expiry = next_expiry;
             tracing::debug!(generation, endpoints = rows.len(), "endpoints reloaded");
             self.cache.replace(rows);
             self.generation = Some(generation);

@@ -6,6 +6,8 @@
 
 use bytes::Bytes;
 
+use crate::lsn::Lsn;
+
 /// A committed outbox row, ready to send.
 #[derive(Debug)]
 pub struct Event {
@@ -19,6 +21,10 @@ pub struct Event {
     /// The envelope, byte for byte as sent.
     pub body: Bytes,
     payload_start: usize,
+    /// `walhook.outbox.ordering_key`: ordered endpoints get events of one key in commit order.
+    pub ordering_key: Option<String>,
+    /// The commit position of the event's transaction, which orders events of one key.
+    pub commit_lsn: Option<Lsn>,
 }
 
 impl Event {
@@ -45,7 +51,16 @@ impl Event {
             created_at: created_at.to_string(),
             body: Bytes::from(body),
             payload_start,
+            ordering_key: None,
+            commit_lsn: None,
         }
+    }
+
+    /// Sets the ordering key and commit position (both known only to the source or the stored delivery).
+    pub fn with_ordering(mut self, key: Option<String>, commit_lsn: Option<Lsn>) -> Event {
+        self.ordering_key = key;
+        self.commit_lsn = commit_lsn;
+        self
     }
 
     /// The payload JSON text, as stored in the outbox.

@@ -28,6 +28,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod dispatch;
+pub mod endpoint_state;
 pub mod event;
 pub mod fanout;
 pub mod health;

@@ -32,6 +32,9 @@ enum Command {
     Demo,
     /// Validate the configuration and exit (non-zero with the offending key).
     CheckConfig,
+    /// Print a new ed25519 key pair for asymmetric (v1a) signing: the whsk_ key goes into
+    /// walhook.endpoints.signing_key, the whpk_ key to the receiver.
+    Keygen,
 }
 
 fn main() -> ExitCode {
@@ -49,6 +52,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    if let Command::Keygen = cli.command {
+        let (signing, public) = walhook::sign::Ed25519Signer::generate();
+        println!("signing_key {signing}");
+        println!("public_key  {public}");
+        return Ok(());
+    }
     if let Command::Demo = cli.command {
         init_logs("warn", LogFormat::Text);
         return runtime.block_on(walhook::demo::run());
@@ -85,7 +94,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        Command::Demo => unreachable!("handled above"),
+        Command::Demo | Command::Keygen => unreachable!("handled above"),
     }
 }
 

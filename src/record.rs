@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::source::ack::EventAck;
@@ -44,6 +44,8 @@ impl Recorder {
 
 pub struct RecorderTask {
     rx: mpsc::UnboundedReceiver<Outcome>,
+    /// Woken after a batch with ordered deliveries: the next delivery of their keys may go.
+    wake: Arc<Notify>,
     db: tokio_postgres::Config,
     batch_size: usize,
     flush_interval: Duration,
@@ -53,12 +55,14 @@ pub fn channel(
     db: tokio_postgres::Config,
     batch_size: usize,
     flush_interval: Duration,
+    wake: Arc<Notify>,
 ) -> (Recorder, RecorderTask) {
     let (tx, rx) = mpsc::unbounded_channel();
     (
         Recorder { tx },
         RecorderTask {
             rx,
+            wake,
             db,
             batch_size: batch_size.max(1),
             flush_interval,
@@ -84,6 +88,9 @@ impl RecorderTask {
             }
             carry = self.fill(&mut batch).await;
             self.write(&mut store, &batch, &abort).await;
+            if batch.iter().any(|o| o.row.ordering.is_some()) {
+                self.wake.notify_one();
+            }
             if abort.is_cancelled() {
                 return;
             }

@@ -18,6 +18,8 @@ use crate::record::{Outcome, Recorder};
 use crate::store::{AttemptRow, RecordRow, Status, Store};
 
 pub struct Scheduler {
+    /// Woken when ordered deliveries were recorded (the next of their key may be due now).
+    pub wake: Arc<tokio::sync::Notify>,
     pub db: tokio_postgres::Config,
     pub poll_interval: Duration,
     pub batch_size: usize,
@@ -40,6 +42,7 @@ impl Scheduler {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
+                _ = self.wake.notified() => {}
                 Ok(p) = budget.clone().acquire_many_owned(half), if backlog => drop(p),
             }
             let room = budget.available_permits();
@@ -56,14 +59,54 @@ impl Scheduler {
                 }
             }
             let s = store.as_ref().expect("connected above");
+            // what each endpoint accepts now: full ones are left out of the claim, rate-limited ones are
+            // claimed separately, no more than their tokens
             let snapshot = self.endpoints.snapshot();
-            let saturated: Vec<i64> = snapshot
-                .iter()
-                .filter(|e| self.dispatcher.saturated(e))
-                .map(|e| e.id)
-                .collect();
-            let claimed = match s.claim_due(room as i64, self.lease, &saturated).await {
-                Ok(c) => c,
+            let mut skip = Vec::new();
+            let mut throttled = Vec::new();
+            for e in snapshot.iter() {
+                let r = self.dispatcher.room(e);
+                if r == 0 {
+                    skip.push(e.id);
+                } else if e.policy.rate_limit.is_some() {
+                    throttled.push((e.id, r));
+                }
+            }
+            let mut claims = Vec::new();
+            let mut left = room;
+            for (id, r) in &throttled {
+                if left == 0 {
+                    break;
+                }
+                match s
+                    .claim_due(r.min(&left).to_owned() as i64, self.lease, &skip, &[*id])
+                    .await
+                {
+                    Ok(c) => {
+                        left -= c.len();
+                        claims.extend(c);
+                    }
+                    Err(e) => {
+                        tracing::warn!("claiming due deliveries failed: {e}");
+                        break;
+                    }
+                }
+            }
+            skip.extend(throttled.iter().map(|t| t.0));
+            let result = async {
+                let mut c = s.claim_ordered(left as i64, self.lease, &skip).await?;
+                let rest = left - c.len();
+                if rest > 0 {
+                    c.extend(s.claim_due(rest as i64, self.lease, &skip, &[]).await?);
+                }
+                Ok::<_, crate::store::StoreError>(c)
+            }
+            .await;
+            let claimed = match result {
+                Ok(c) => {
+                    claims.extend(c);
+                    claims
+                }
                 Err(e) => {
                     tracing::warn!("claiming due deliveries failed: {e}");
                     if e.is_connection() {
@@ -89,7 +132,8 @@ impl Scheduler {
                     .clone()
                     .try_acquire_owned()
                     .expect("claimed no more than the free permits");
-                let event = Event::new(c.event_id, &c.uid, &event_type, &created_at, &payload);
+                let event = Event::new(c.event_id, &c.uid, &event_type, &created_at, &payload)
+                    .with_ordering(c.ordering_key, c.commit_lsn);
                 self.dispatcher.submit(Job {
                     event: Arc::new(event),
                     endpoint,
@@ -121,5 +165,6 @@ fn gone(c: &crate::store::Claimed) -> RecordRow {
             response_body: None,
         }),
         copy: None,
+        ordering: None,
     }
 }

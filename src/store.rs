@@ -11,12 +11,15 @@ use std::time::{Duration, SystemTime};
 use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::fanout::EndpointRow;
+use crate::lsn::Lsn;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
     Db(#[from] tokio_postgres::Error),
-    #[error("the walhook schema is missing: run `walhook migrate` first")]
+    #[error(
+        "the walhook schema is missing or older than this walhook: run `walhook migrate` first"
+    )]
     NotMigrated,
 }
 
@@ -67,6 +70,8 @@ pub struct RecordRow {
     pub attempt: Option<AttemptRow>,
     /// Copy of the event kept with deliveries that are not final-succeeded: (type, payload, created_at).
     pub copy: Option<(String, String, String)>,
+    /// For ordered endpoints: the key and the commit position that orders deliveries within it.
+    pub ordering: Option<(String, Lsn)>,
 }
 
 #[derive(Clone, Debug)]
@@ -89,23 +94,26 @@ pub struct Claimed {
     pub uid: String,
     /// (type, payload, created_at) from the delivery's copy or the outbox; `None` when both are gone.
     pub content: Option<(String, String, String)>,
+    pub ordering_key: Option<String>,
+    pub commit_lsn: Option<Lsn>,
 }
 
 const RECORD: &str = "
 with input as (
   select * from unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::timestamptz[],
                        $7::int[], $8::text[], $9::timestamptz[], $10::int[], $11::text[],
-                       $12::text[], $13::text[], $14::text[])
+                       $12::text[], $13::text[], $14::text[], $15::text[], $16::text[])
     as t(event_id, endpoint_id, uid, status, schedule_step, next_attempt_at,
          status_code, error, attempted_at, duration_ms, response_body,
-         event_type, payload, event_created_at)
+         event_type, payload, event_created_at, ordering_key, commit_lsn)
 ), upserted as (
   insert into walhook.deliveries as d
     (event_id, endpoint_id, webhook_id, status, attempts, schedule_step, next_attempt_at,
-     last_status_code, last_error, last_attempt_at, event_type, payload, event_created_at)
+     last_status_code, last_error, last_attempt_at, event_type, payload, event_created_at,
+     ordering_key, commit_lsn)
   select event_id, endpoint_id, uid::uuid, status, (attempted_at is not null)::int, schedule_step,
          next_attempt_at, status_code, error, attempted_at, event_type, payload::jsonb,
-         event_created_at::timestamptz
+         event_created_at::timestamptz, ordering_key, commit_lsn::pg_lsn
     from input
   on conflict (event_id, endpoint_id) do update set
     status = excluded.status,
@@ -129,28 +137,67 @@ select u.id, u.attempts, i.attempted_at, i.duration_ms, i.status_code, i.error, 
   from input i join upserted u using (event_id, endpoint_id)
  where i.attempted_at is not null";
 
-const CLAIM: &str = "
-with due as (
-  select d.id
-    from walhook.deliveries d
-    join walhook.endpoints e on e.id = d.endpoint_id and e.enabled
-   where d.status = 'pending' and d.next_attempt_at <= now()
-     and d.endpoint_id <> all($3::bigint[])
-   order by d.next_attempt_at
-   limit $1
-     for update of d skip locked
-), claimed as (
+const ENDPOINTS: &str = "
+select e.id, e.url, e.event_types, e.secret,
+       (extract(epoch from e.timeout) * 1000)::bigint,
+       case when e.retry_schedule is null then null
+            else array(select (extract(epoch from d) * 1000)::bigint from unnest(e.retry_schedule) with ordinality u(d, n)
+                        order by n) end,
+       e.rate_limit, e.max_in_flight, e.headers::text, e.ordered, e.signing_key,
+       array(select s.secret from walhook.endpoint_secrets s
+              where s.endpoint_id = e.id and s.expires_at > now() order by s.expires_at desc),
+       (select min(s.expires_at) from walhook.endpoint_secrets s where s.endpoint_id = e.id and s.expires_at > now())
+  from walhook.endpoints e
+ where e.enabled
+ order by e.id";
+
+/// Claims due deliveries for `lease` (their `next_attempt_at` moves past it) and returns them with the event
+/// content, from the delivery's own copy or the outbox. `due` selects the ids to claim, locked.
+fn claim_sql(due: &str) -> String {
+    format!(
+        "with due as ({due}), claimed as (
   update walhook.deliveries d
      set next_attempt_at = now() + make_interval(secs => $2::float8)
     from due
    where d.id = due.id
   returning d.id, d.event_id, d.endpoint_id, d.attempts, d.schedule_step, d.webhook_id::text as uid,
-            d.event_type, d.payload::text as payload, d.event_created_at::text as event_created_at
+            d.event_type, d.payload::text as payload, d.event_created_at::text as event_created_at,
+            d.ordering_key, d.commit_lsn::text as commit_lsn
 )
 select c.id, c.event_id, c.endpoint_id, c.attempts, c.schedule_step, c.uid,
        coalesce(c.event_type, o.event_type), coalesce(c.payload, o.payload::text),
-       coalesce(c.event_created_at, o.created_at::text)
-  from claimed c left join walhook.outbox o on o.id = c.event_id";
+       coalesce(c.event_created_at, o.created_at::text), c.ordering_key, c.commit_lsn
+  from claimed c left join walhook.outbox o on o.id = c.event_id"
+    )
+}
+
+/// Due unordered deliveries of enabled endpoints, oldest first; $3 endpoints to skip, $4 (if not empty)
+/// the only endpoints to take.
+const DUE: &str = "
+  select d.id
+    from walhook.deliveries d
+    join walhook.endpoints e on e.id = d.endpoint_id and e.enabled
+   where d.status = 'pending' and d.next_attempt_at <= now() and d.ordering_key is null
+     and d.endpoint_id <> all($3::bigint[])
+     and (cardinality($4::bigint[]) = 0 or d.endpoint_id = any($4::bigint[]))
+   order by d.next_attempt_at
+   limit $1
+     for update of d skip locked";
+
+/// Ordered deliveries: per (endpoint, key) only the head (oldest in commit order) may go, and only when it is
+/// due; a head in flight or backing off holds its key back and no other.
+const DUE_ORDERED: &str = "
+  select d.id
+    from (select distinct on (endpoint_id, ordering_key) id, next_attempt_at
+            from walhook.deliveries
+           where status = 'pending' and ordering_key is not null
+           order by endpoint_id, ordering_key, commit_lsn, event_id) h
+    join walhook.deliveries d on d.id = h.id
+    join walhook.endpoints e on e.id = d.endpoint_id and e.enabled
+   where h.next_attempt_at <= now()
+     and d.endpoint_id <> all($3::bigint[])
+   limit $1
+     for update of d skip locked";
 
 /// Fans out, as pending deliveries due now, every committed outbox row that has no delivery yet, as seen by
 /// the snapshot exported when the slot was created: exactly the rows the slot will never stream.
@@ -180,11 +227,47 @@ pub async fn backfill_before_slot(client: &mut Client, snapshot: &str) -> Result
     Ok(n)
 }
 
+fn claimed(r: &tokio_postgres::Row) -> Claimed {
+    let t: Option<String> = r.get(6);
+    let p: Option<String> = r.get(7);
+    let c: Option<String> = r.get(8);
+    Claimed {
+        delivery_id: r.get(0),
+        event_id: r.get(1),
+        endpoint_id: r.get(2),
+        attempts: r.get(3),
+        schedule_step: r.get(4),
+        uid: r.get(5),
+        content: match (t, p, c) {
+            (Some(t), Some(p), Some(c)) => Some((t, p, c)),
+            _ => None,
+        },
+        ordering_key: r.get(9),
+        commit_lsn: r.get::<_, Option<String>>(10).and_then(|s| s.parse().ok()),
+    }
+}
+
+/// A row of `walhook.endpoint_state`.
+#[derive(Clone, Debug)]
+pub struct EndpointStateRow {
+    pub endpoint_id: i64,
+    pub breaker: &'static str,
+    pub consecutive_failures: i32,
+    pub failing_since: Option<SystemTime>,
+    pub last_success_at: Option<SystemTime>,
+    pub last_failure_at: Option<SystemTime>,
+    pub last_status_code: Option<i32>,
+    pub last_error: Option<String>,
+    pub successes_1h: i64,
+    pub failures_1h: i64,
+}
+
 /// One connection with prepared statements.
 pub struct Store {
     client: Client,
     record: Statement,
     claim: Statement,
+    claim_ordered: Statement,
 }
 
 /// Session settings every walhook connection runs with.
@@ -216,19 +299,26 @@ pub async fn connect_client(
 impl Store {
     pub async fn connect(config: &tokio_postgres::Config) -> Result<Store, StoreError> {
         let client = connect_client(config).await?;
-        let migrated: bool = client
-            .query_one("select to_regclass('walhook.deliveries') is not null", &[])
-            .await?
-            .get(0);
-        if !migrated {
+        let applied: Vec<i32> = client
+            .query("select version from walhook.schema_migrations", &[])
+            .await
+            .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+            .unwrap_or_default();
+        // a missing table (never migrated) reads as no versions
+        if crate::schema::MIGRATIONS
+            .iter()
+            .any(|m| !applied.contains(&m.0))
+        {
             return Err(StoreError::NotMigrated);
         }
         let record = client.prepare(RECORD).await?;
-        let claim = client.prepare(CLAIM).await?;
+        let claim = client.prepare(&claim_sql(DUE)).await?;
+        let claim_ordered = client.prepare(&claim_sql(DUE_ORDERED)).await?;
         Ok(Store {
             client,
             record,
             claim,
+            claim_ordered,
         })
     }
 
@@ -249,20 +339,36 @@ impl Store {
         Ok(row.get(0))
     }
 
-    pub async fn enabled_endpoints(&self) -> Result<Vec<EndpointRow>, StoreError> {
-        let rows = self
-            .client
-            .query("select id, url, event_types, secret from walhook.endpoints where enabled order by id", &[])
-            .await?;
-        Ok(rows
+    /// Enabled endpoints with their policies and the old secrets still in a grace period, and the time the
+    /// first of those expires (the cache must reload then even if no row changes).
+    pub async fn enabled_endpoints(
+        &self,
+    ) -> Result<(Vec<EndpointRow>, Option<SystemTime>), StoreError> {
+        let rows = self.client.query(ENDPOINTS, &[]).await?;
+        let mut next_expiry: Option<SystemTime> = None;
+        let endpoints = rows
             .iter()
-            .map(|r| EndpointRow {
-                id: r.get(0),
-                url: r.get(1),
-                event_types: r.get(2),
-                secret: r.get(3),
+            .map(|r| {
+                if let Some(t) = r.get::<_, Option<SystemTime>>(12) {
+                    next_expiry = Some(next_expiry.map_or(t, |n| n.min(t)));
+                }
+                EndpointRow {
+                    id: r.get(0),
+                    url: r.get(1),
+                    event_types: r.get(2),
+                    secret: r.get(3),
+                    timeout_ms: r.get(4),
+                    retry_schedule_ms: r.get(5),
+                    rate_limit: r.get(6),
+                    max_in_flight: r.get(7),
+                    headers: r.get(8),
+                    ordered: r.get(9),
+                    signing_key: r.get(10),
+                    old_secrets: r.get(11),
+                }
             })
-            .collect())
+            .collect();
+        Ok((endpoints, next_expiry))
     }
 
     /// The highest outbox id with a recorded delivery: replayed events above it cannot be recorded yet.
@@ -306,6 +412,8 @@ impl Store {
         let mut event_type = Vec::with_capacity(n);
         let mut payload = Vec::with_capacity(n);
         let mut created = Vec::with_capacity(n);
+        let mut key = Vec::with_capacity(n);
+        let mut lsn = Vec::with_capacity(n);
         for r in rows {
             event_id.push(r.event_id);
             endpoint_id.push(r.endpoint_id);
@@ -323,6 +431,8 @@ impl Store {
             event_type.push(c.map(|c| c.0.as_str()));
             payload.push(c.map(|c| c.1.as_str()));
             created.push(c.map(|c| c.2.as_str()));
+            key.push(r.ordering.as_ref().map(|o| o.0.as_str()));
+            lsn.push(r.ordering.as_ref().map(|o| o.1.to_string()));
         }
         self.client
             .execute(
@@ -342,15 +452,86 @@ impl Store {
                     &event_type,
                     &payload,
                     &created,
+                    &key,
+                    &lsn,
                 ],
             )
             .await?;
         Ok(())
     }
 
-    /// Claims up to `limit` due pending deliveries for `lease` (their `next_attempt_at` moves past the
-    /// lease, so a crashed claimer's work becomes due again), skipping the listed endpoints.
+    /// Claims up to `limit` due unordered deliveries, skipping the endpoints in `skip` and, when `only` is
+    /// not empty, taking only those endpoints'. The lease is the time the claimer has to record an outcome
+    /// before the delivery is due again (a crashed claimer's work is retaken).
     pub async fn claim_due(
+        &self,
+        limit: i64,
+        lease: Duration,
+        skip: &[i64],
+        only: &[i64],
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let rows = self
+            .client
+            .query(&self.claim, &[&limit, &lease.as_secs_f64(), &skip, &only])
+            .await?;
+        Ok(rows.iter().map(claimed).collect())
+    }
+
+    /// Upserts the daemon's view of endpoint health, one statement for all changed endpoints.
+    pub async fn write_endpoint_state(&self, rows: &[EndpointStateRow]) -> Result<(), StoreError> {
+        let col = |f: &dyn Fn(&EndpointStateRow) -> Option<SystemTime>| {
+            rows.iter().map(f).collect::<Vec<_>>()
+        };
+        let ids: Vec<i64> = rows.iter().map(|r| r.endpoint_id).collect();
+        let breaker: Vec<&str> = rows.iter().map(|r| r.breaker).collect();
+        let failures: Vec<i32> = rows.iter().map(|r| r.consecutive_failures).collect();
+        let codes: Vec<Option<i32>> = rows.iter().map(|r| r.last_status_code).collect();
+        let errors: Vec<Option<&str>> = rows.iter().map(|r| r.last_error.as_deref()).collect();
+        let ok: Vec<i64> = rows.iter().map(|r| r.successes_1h).collect();
+        let failed: Vec<i64> = rows.iter().map(|r| r.failures_1h).collect();
+        self.client
+            .execute(
+                "insert into walhook.endpoint_state as s
+                   (endpoint_id, breaker, consecutive_failures, failing_since, last_success_at, last_failure_at,
+                    last_status_code, last_error, successes_1h, failures_1h, updated_at)
+                 select *, now() from unnest($1::bigint[], $2::text[], $3::int[], $4::timestamptz[],
+                   $5::timestamptz[], $6::timestamptz[], $7::int[], $8::text[], $9::bigint[], $10::bigint[])
+                 on conflict (endpoint_id) do update set
+                   breaker = excluded.breaker, consecutive_failures = excluded.consecutive_failures,
+                   failing_since = excluded.failing_since, last_success_at = excluded.last_success_at,
+                   last_failure_at = excluded.last_failure_at, last_status_code = excluded.last_status_code,
+                   last_error = excluded.last_error, successes_1h = excluded.successes_1h,
+                   failures_1h = excluded.failures_1h, updated_at = now()",
+                &[
+                    &ids,
+                    &breaker,
+                    &failures,
+                    &col(&|r| r.failing_since),
+                    &col(&|r| r.last_success_at),
+                    &col(&|r| r.last_failure_at),
+                    &codes,
+                    &errors,
+                    &ok,
+                    &failed,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Disables an endpoint with the reason (410 Gone, or failing for too long).
+    pub async fn disable_endpoint(&self, id: i64, reason: &str) -> Result<(), StoreError> {
+        self.client
+            .execute(
+                "update walhook.endpoints set enabled = false, disabled_reason = $2 where id = $1 and enabled",
+                &[&id, &reason],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Claims due heads of ordered keys.
+    pub async fn claim_ordered(
         &self,
         limit: i64,
         lease: Duration,
@@ -358,27 +539,8 @@ impl Store {
     ) -> Result<Vec<Claimed>, StoreError> {
         let rows = self
             .client
-            .query(&self.claim, &[&limit, &lease.as_secs_f64(), &skip])
+            .query(&self.claim_ordered, &[&limit, &lease.as_secs_f64(), &skip])
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                let t: Option<String> = r.get(6);
-                let p: Option<String> = r.get(7);
-                let c: Option<String> = r.get(8);
-                Claimed {
-                    delivery_id: r.get(0),
-                    event_id: r.get(1),
-                    endpoint_id: r.get(2),
-                    attempts: r.get(3),
-                    schedule_step: r.get(4),
-                    uid: r.get(5),
-                    content: match (t, p, c) {
-                        (Some(t), Some(p), Some(c)) => Some((t, p, c)),
-                        _ => None,
-                    },
-                }
-            })
-            .collect())
+        Ok(rows.iter().map(claimed).collect())
     }
 }

@@ -41,6 +41,20 @@ pub enum SendError {
     Request(String),
 }
 
+/// One request to make.
+pub struct Outgoing<'a> {
+    pub uri: &'a Uri,
+    pub webhook_id: &'a str,
+    pub timestamp: i64,
+    /// The complete `webhook-signature` value.
+    pub signature: &'a str,
+    pub body: Bytes,
+    /// Bounds the whole exchange, connection included.
+    pub timeout: Duration,
+    /// The endpoint's static extra headers (validated by the schema).
+    pub headers: &'a [(http::HeaderName, HeaderValue)],
+}
+
 /// A response: status, `Retry-After` and the start of the body.
 #[derive(Debug)]
 pub struct Response {
@@ -139,7 +153,6 @@ impl GuardedConnector {
 /// Settings of the client.
 #[derive(Clone, Debug)]
 pub struct ClientSettings {
-    pub timeout: Duration,
     pub connect_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
@@ -231,28 +244,26 @@ impl HttpClient {
         })
     }
 
-    /// POSTs a signed webhook. `signature` is the complete `webhook-signature` value.
-    pub async fn post(
-        &self,
-        uri: &Uri,
-        webhook_id: &str,
-        timestamp: i64,
-        signature: &str,
-        body: Bytes,
-    ) -> Result<Response, SendError> {
+    /// POSTs a signed webhook.
+    pub async fn post(&self, out: Outgoing<'_>) -> Result<Response, SendError> {
         let header =
             |v: &str| HeaderValue::from_str(v).map_err(|e| SendError::Request(e.to_string()));
-        let request = Request::post(uri.clone())
+        let mut builder = Request::post(out.uri.clone());
+        for (name, value) in out.headers {
+            builder = builder.header(name, value);
+        }
+        let request = builder
             .header(
                 http::header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             )
             .header(http::header::USER_AGENT, self.user_agent.clone())
-            .header("webhook-id", header(webhook_id)?)
-            .header("webhook-timestamp", HeaderValue::from(timestamp))
-            .header("webhook-signature", header(signature)?)
-            .body(Full::new(body))
+            .header("webhook-id", header(out.webhook_id)?)
+            .header("webhook-timestamp", HeaderValue::from(out.timestamp))
+            .header("webhook-signature", header(out.signature)?)
+            .body(Full::new(out.body))
             .map_err(|e| SendError::Request(e.to_string()))?;
+        let timeout = out.timeout;
         let limit = self.settings.response_excerpt_bytes;
         let exchange = async {
             let response = self.client.request(request).await.map_err(classify)?;
@@ -282,9 +293,9 @@ impl HttpClient {
                 body_excerpt: text_excerpt(&excerpt),
             })
         };
-        match tokio::time::timeout(self.settings.timeout, exchange).await {
+        match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,
-            Err(_) => Err(SendError::Timeout(self.settings.timeout)),
+            Err(_) => Err(SendError::Timeout(timeout)),
         }
     }
 }

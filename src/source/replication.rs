@@ -100,6 +100,7 @@ struct OutboxColumns {
     event_type: usize,
     payload: usize,
     created_at: usize,
+    ordering_key: Option<usize>,
 }
 
 impl ReplicationSource {
@@ -239,6 +240,7 @@ impl ReplicationSource {
             tracker: Tracker::new(start),
             relations: HashMap::new(),
             txn: None,
+            commit_lsn: Lsn::INVALID,
             replay_max,
             replay: Vec::new(),
             sent: start,
@@ -257,6 +259,8 @@ struct Session {
     tracker: Arc<Tracker>,
     relations: HashMap<u32, Option<OutboxColumns>>,
     txn: Option<u64>,
+    /// The commit position of the current transaction (from Begin): orders events of one ordering key.
+    commit_lsn: Lsn,
     replay_max: i64,
     /// Replayed events awaiting the duplicate check, with their transaction and budget permit.
     replay: Vec<(Event, u64, OwnedSemaphorePermit)>,
@@ -313,6 +317,12 @@ impl Session {
                 reply_requested,
                 ..
             }) => {
+                // a shutting-down server pings in a tight loop, which can starve the timer branch
+                if self.store.is_closed() {
+                    return Err(SourceError::Transient(
+                        "lost the database connection (is the server shutting down?)".into(),
+                    ));
+                }
                 if self.replay.is_empty() {
                     self.tracker.follow_if_idle(wal_end);
                 }
@@ -328,7 +338,10 @@ impl Session {
     async fn decode(&mut self, data: &[u8]) -> Result<(), SourceError> {
         let message = pgoutput::decode(data).map_err(|e| SourceError::Transient(e.to_string()))?;
         match message {
-            Message::Begin { .. } => self.txn = Some(self.tracker.begin()),
+            Message::Begin { final_lsn, .. } => {
+                self.txn = Some(self.tracker.begin());
+                self.commit_lsn = final_lsn;
+            }
             Message::Commit { end_lsn, .. } => {
                 if let Some(txn) = self.txn.take() {
                     self.tracker.commit(txn, end_lsn);
@@ -343,6 +356,7 @@ impl Session {
                         event_type: find("event_type")?,
                         payload: find("payload")?,
                         created_at: find("created_at")?,
+                        ordering_key: find("ordering_key"),
                     })
                 });
                 self.relations.insert(id, outbox.flatten());
@@ -366,7 +380,9 @@ impl Session {
                             .into(),
                     ));
                 };
-                let event = Event::new(id, uid, event_type, created_at, payload);
+                let ordering_key = cols.ordering_key.and_then(text).map(str::to_string);
+                let event = Event::new(id, uid, event_type, created_at, payload)
+                    .with_ordering(ordering_key, Some(self.commit_lsn));
                 metrics::counter!(crate::metrics::EVENTS_RECEIVED).increment(1);
                 let Some(txn) = self.txn else {
                     return Err(SourceError::Transient("insert outside a transaction".into()));

@@ -30,6 +30,11 @@ impl Pg {
     }
 
     pub async fn start_with(options: ClusterOptions) -> Pg {
+        // RUST_LOG=walhook=debug shows the daemon's logs in a failing test's output
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let cluster = tokio::task::spawn_blocking(move || Cluster::start(options))
             .await
             .unwrap()
@@ -68,6 +73,8 @@ impl Pg {
             .merge(("delivery.timeout", "5s"))
             .merge(("scheduler.poll_interval", "100ms"))
             .merge(("scheduler.lease", "5s"))
+            .merge(("delivery.breaker_cooldown", "1s"))
+            .merge(("delivery.breaker_max_cooldown", "2s"))
             .merge(("endpoints.refresh_interval", "100ms"));
         Config::from_figment(more(figment)).expect("test config is valid")
     }
@@ -84,6 +91,8 @@ impl Pg {
             ("WALHOOK_SCHEDULER__POLL_INTERVAL", "100ms"),
             ("WALHOOK_ENDPOINTS__REFRESH_INTERVAL", "100ms"),
             ("WALHOOK_SCHEDULER__LEASE", "5s"),
+            ("WALHOOK_DELIVERY__BREAKER_COOLDOWN", "1s"),
+            ("WALHOOK_DELIVERY__BREAKER_MAX_COOLDOWN", "2s"),
         ]
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
