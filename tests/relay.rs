@@ -1253,3 +1253,327 @@ async fn a_hanging_or_throttled_endpoint_does_not_hold_others_or_the_slot_back()
     );
     daemon.abort();
 }
+
+// ---- signing: rotation and ed25519 ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_secrets_sign_side_by_side_during_the_grace_period() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    let (id, old) = add_endpoint(&client, &rx.url("/r"), &["*"]).await;
+    let (sk, pk) = walhook::sign::Ed25519Signer::generate();
+    client
+        .execute(
+            "update walhook.endpoints set signing_key = $2 where id = $1",
+            &[&id, &sk],
+        )
+        .await
+        .unwrap();
+    let new: String = client
+        .query_one("select walhook.rotate_secret($1)", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(new, old);
+    let daemon = Daemon::start(pg.config());
+    wait_streaming(&client).await;
+    publish(&client, "order.created", "{}").await;
+    assert!(rx.wait_until(DEADLINE, |r| !r.is_empty()).await);
+    let r = rx.received().remove(0);
+    let sigs: Vec<&str> = r.signature.split(' ').collect();
+    assert_eq!(
+        sigs.iter().filter(|s| s.starts_with("v1,")).count(),
+        2,
+        "{}",
+        r.signature
+    );
+    assert!(Signer::new(&new)
+        .unwrap()
+        .verify(&r.webhook_id, r.timestamp, &r.body, &r.signature));
+    assert!(Signer::new(&old)
+        .unwrap()
+        .verify(&r.webhook_id, r.timestamp, &r.body, &r.signature));
+    // the v1a signature verifies with the public key alone
+    let v1a = sigs
+        .iter()
+        .find(|s| s.starts_with("v1a,"))
+        .expect("a v1a signature");
+    assert!(verify_ed25519(
+        &pk,
+        &r.webhook_id,
+        r.timestamp,
+        &r.body,
+        &v1a[4..]
+    ));
+
+    // a rotation without grace drops the replaced secret at once (the first one keeps its 24 h grace)
+    let newest: String = client
+        .query_one("select walhook.rotate_secret($1, '0s')", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    eventually("the cache follows the rotation", || async {
+        let before = rx.count();
+        publish(&client, "order.created", "{}").await;
+        rx.wait_until(DEADLINE, |r| r.len() > before).await;
+        let last = rx.received().pop().unwrap();
+        let verifies = |s: &str| {
+            Signer::new(s).unwrap().verify(
+                &last.webhook_id,
+                last.timestamp,
+                &last.body,
+                &last.signature,
+            )
+        };
+        verifies(&newest) && verifies(&old) && !verifies(&new)
+    })
+    .await;
+    daemon.stop().await;
+}
+
+fn verify_ed25519(public: &str, id: &str, ts: i64, body: &[u8], sig_b64: &str) -> bool {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let key: [u8; 32] = b64
+        .decode(public.strip_prefix("whpk_").unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let sig: [u8; 64] = b64.decode(sig_b64).unwrap().try_into().unwrap();
+    let key = ed25519_dalek::VerifyingKey::from_bytes(&key).unwrap();
+    let mut content = format!("{id}.{ts}.").into_bytes();
+    content.extend_from_slice(body);
+    key.verify_strict(&content, &ed25519_dalek::Signature::from_bytes(&sig))
+        .is_ok()
+}
+
+// ---- ordered delivery ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_endpoints_get_each_key_in_commit_order_and_a_failure_holds_back_only_its_key() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    // the first event of key "a" fails once
+    rx.set_responder(|r, seen| {
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+        if v["data"]["key"] == "a" && v["data"]["n"] == 0 && seen == 1 {
+            Reply::Status(500)
+        } else {
+            Reply::Delay(Duration::from_millis(20), 200)
+        }
+    });
+    let (id, _) = add_endpoint(&client, &rx.url("/ordered"), &["*"]).await;
+    client
+        .execute(
+            "update walhook.endpoints set ordered = true where id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let daemon =
+        Daemon::start(pg.config_with(|f| f.merge(("delivery.retry_schedule", vec!["5s"]))));
+    wait_streaming(&client).await;
+    for n in 0..8 {
+        for key in ["a", "b", "c"] {
+            client
+                .execute(
+                    "insert into walhook.outbox (event_type, payload, ordering_key) values ('item.changed', $1::text::jsonb, $2)",
+                    &[&format!("{{\"key\": \"{key}\", \"n\": {n}}}"), &key],
+                )
+                .await
+                .unwrap();
+        }
+    }
+    wait_succeeded(&client, 24).await;
+    let received = rx.received();
+    let delivered: Vec<(String, i64)> = received
+        .iter()
+        .filter(|r| r.status_sent == 200)
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            (
+                v["data"]["key"].as_str().unwrap().to_string(),
+                v["data"]["n"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    for key in ["a", "b", "c"] {
+        let order: Vec<i64> = delivered
+            .iter()
+            .filter(|d| d.0 == key)
+            .map(|d| d.1)
+            .collect();
+        assert_eq!(
+            order,
+            (0..8).collect::<Vec<_>>(),
+            "key {key} in commit order"
+        );
+    }
+    // b and c were not held back by a's failure: all of them arrived before a's first event was retried
+    let key_of = |r: &walhook::receiver::Received| {
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        (
+            v["data"]["key"].as_str().unwrap().to_string(),
+            v["data"]["n"].as_i64().unwrap(),
+        )
+    };
+    let a_retry = received
+        .iter()
+        .find(|r| r.status_sent == 200 && key_of(r) == ("a".into(), 0))
+        .unwrap()
+        .arrived;
+    for key in ["b", "c"] {
+        let last = received
+            .iter()
+            .filter(|r| key_of(r).0 == key)
+            .map(|r| r.arrived)
+            .max()
+            .unwrap();
+        assert!(last < a_retry, "key {key} was held back by key a's failure");
+    }
+    daemon.stop().await;
+}
+
+// ---- least privilege and payload limits ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_give_each_party_only_what_it_needs() {
+    let pg = Pg::start().await;
+    let admin = pg.client().await;
+    add_endpoint(&admin, "https://example.com/hook", &["*"]).await;
+    admin
+        .batch_execute(
+            "create role app login; grant walhook_writer to app;
+             create role viewer login; grant walhook_reader to viewer;
+             create role ops login; grant walhook_admin to ops;",
+        )
+        .await
+        .unwrap();
+    let connect = |user: &str| {
+        let url = pg.url.replacen("postgres@", &format!("{user}@"), 1);
+        async move {
+            walhook::store::connect_client(&url.parse().unwrap())
+                .await
+                .unwrap()
+        }
+    };
+    let app = connect("app").await;
+    app.execute(
+        "insert into walhook.outbox (event_type, payload) values ('order.created', '{}')",
+        &[],
+    )
+    .await
+    .expect("the writer inserts events");
+    let id: i64 = app
+        .query_one("insert into walhook.outbox (event_type, payload) values ('order.created', '{}') returning id", &[])
+        .await
+        .expect("and reads back the id")
+        .get(0);
+    assert!(id > 0);
+    for sql in [
+        "select secret from walhook.endpoints",
+        "select * from walhook.endpoints",
+        "update walhook.endpoints set enabled = false",
+        "insert into walhook.endpoints (url) values ('https://evil.example/x')",
+        "select walhook.redeliver()",
+        "select * from walhook.deliveries",
+        "select payload from walhook.outbox",
+    ] {
+        let err = app.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{sql}: {err}"
+        );
+    }
+    let viewer = connect("viewer").await;
+    viewer
+        .batch_execute("select id, url, enabled from walhook.endpoints")
+        .await
+        .expect("reader sees endpoints");
+    viewer
+        .batch_execute("select * from walhook.deliveries, walhook.attempts")
+        .await
+        .expect("and deliveries");
+    viewer
+        .batch_execute("select * from walhook.endpoint_health")
+        .await
+        .expect("and health");
+    for sql in [
+        "select secret from walhook.endpoints",
+        "select * from walhook.endpoint_secrets",
+        "update walhook.endpoints set enabled = false",
+    ] {
+        let err = viewer.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{sql}: {err}"
+        );
+    }
+    let ops = connect("ops").await;
+    let secret: String = ops
+        .query_one(
+            "insert into walhook.endpoints (url) values ('https://example.com/2') returning secret",
+            &[],
+        )
+        .await
+        .expect("the admin manages endpoints")
+        .get(0);
+    assert!(secret.starts_with("whsec_"));
+    ops.batch_execute("select walhook.redeliver(); select walhook.rotate_secret(1)")
+        .await
+        .expect("and redelivers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_payloads_and_reserved_headers_are_refused_at_insert() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let big = format!("{{\"blob\": \"{}\"}}", "x".repeat(300 * 1024));
+    let err = client
+        .execute("insert into walhook.outbox (event_type, payload) values ('big.event', $1::text::jsonb)", &[&big])
+        .await
+        .expect_err("over 256 KiB");
+    let message = err.as_db_error().unwrap().message().to_string();
+    assert!(
+        message.contains("over the limit of 262144 bytes"),
+        "{message}"
+    );
+    client
+        .batch_execute("select walhook.set_max_payload_bytes(1048576)")
+        .await
+        .unwrap();
+    client
+        .execute("insert into walhook.outbox (event_type, payload) values ('big.event', $1::text::jsonb)", &[&big])
+        .await
+        .expect("within the raised limit");
+    for (headers, needle) in [
+        (r#"{"content-type": "text/plain"}"#, "cannot be set"),
+        (r#"{"Webhook-Id": "x"}"#, "cannot be set"),
+        (r#"{"host": "x"}"#, "cannot be set"),
+        (r#"{"x-ok": "line\nbreak"}"#, "single-line"),
+        (r#"{"bad name": "x"}"#, "invalid header name"),
+    ] {
+        let err = client
+            .execute(
+                "insert into walhook.endpoints (url, headers) values ('https://example.com/h', $1::text::jsonb)",
+                &[&headers],
+            )
+            .await
+            .expect_err(headers);
+        let message = err.as_db_error().unwrap().message().to_string();
+        assert!(message.contains(needle), "{headers}: {message}");
+    }
+    let err = client
+        .batch_execute("insert into walhook.endpoints (url, signing_key) values ('https://example.com/k', 'whsk_AAAA')")
+        .await
+        .unwrap_err();
+    assert!(err
+        .as_db_error()
+        .unwrap()
+        .message()
+        .contains("walhook keygen"));
+}
