@@ -1577,3 +1577,27 @@ async fn oversized_payloads_and_reserved_headers_are_refused_at_insert() {
         .message()
         .contains("walhook keygen"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_failing_for_longer_than_disable_after_is_disabled() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    rx.set_responder(|_, _| Reply::Status(500));
+    let (id, _) = add_endpoint(&client, &rx.url("/down"), &["*"]).await;
+    let daemon = Daemon::start(pg.config_with(|f| {
+        f.merge(("delivery.disable_after", "1s"))
+            .merge(("delivery.retry_schedule", vec!["200ms"; 30]))
+    }));
+    wait_streaming(&client).await;
+    publish(&client, "order.created", "{}").await;
+    eventually("the endpoint is disabled with the reason", || async {
+        let r = client
+            .query_one("select enabled, coalesce(disabled_reason, '') from walhook.endpoints where id = $1", &[&id])
+            .await
+            .unwrap();
+        !r.get::<_, bool>(0) && r.get::<_, String>(1).contains("failing continuously")
+    })
+    .await;
+    daemon.stop().await;
+}
