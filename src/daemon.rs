@@ -19,7 +19,8 @@ use crate::dispatch::Dispatcher;
 use crate::fanout::EndpointCache;
 use crate::record;
 use crate::scheduler::Scheduler;
-use crate::source::replication::{Pipeline, ReplicationSource, SourceError};
+use crate::source::replication::ReplicationSource;
+use crate::source::{Pipeline, SourceError};
 use crate::store::Store;
 
 #[derive(Debug, thiserror::Error)]
