@@ -80,6 +80,8 @@ impl ReplicationSource {
         let client = store::connect_client(&self.db)
             .await
             .map_err(|e| SourceError::Transient(e.to_string()))?;
+        // the backfill below must not fail after the slot exists: it would never run again
+        store::check_schema(&client).await?;
         let exists = client
             .query_opt(
                 "select 1 from pg_publication where pubname = $1",
