@@ -6,6 +6,7 @@
 //! sources hand their events to the same [`Pipeline`], so fan-out and the in-flight budget behave alike.
 
 pub mod ack;
+pub mod notify;
 pub mod replication;
 pub mod walconn;
 
