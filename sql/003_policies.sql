@@ -258,6 +258,7 @@ begin
   grant select on all tables in schema walhook to walhook_daemon;
   grant insert, update, delete on walhook.deliveries, walhook.attempts, walhook.endpoint_state to walhook_daemon;
   grant update (enabled, disabled_reason) on walhook.endpoints to walhook_daemon;
+  grant update (processed_at, claimed_until) on walhook.outbox to walhook_daemon;
   grant update on walhook.endpoints_generation to walhook_daemon;
   grant execute on all functions in schema walhook to walhook_daemon;
 end $$;

@@ -81,6 +81,9 @@ pub struct NotifyConfig {
     #[serde(with = "duration")]
     pub poll_interval: Duration,
     pub batch_size: usize,
+    /// How long a claimed row stays a daemon's without renewal (renewed every third of it while in flight).
+    #[serde(with = "duration")]
+    pub lease: Duration,
 }
 
 impl Default for NotifyConfig {
@@ -88,6 +91,7 @@ impl Default for NotifyConfig {
         NotifyConfig {
             poll_interval: Duration::from_secs(1),
             batch_size: 500,
+            lease: Duration::from_secs(30),
         }
     }
 }
@@ -386,6 +390,9 @@ impl Config {
         positive("replication.status_interval", r.status_interval)?;
         positive("notify.poll_interval", self.notify.poll_interval)?;
         at_least_one("notify.batch_size", self.notify.batch_size)?;
+        if self.notify.lease < Duration::from_secs(1) {
+            return Err(invalid("notify.lease", "must be at least 1s"));
+        }
 
         let d = &self.delivery;
         positive("delivery.timeout", d.timeout)?;
@@ -1193,6 +1200,8 @@ mod tests {
                 e.starts_with("scheduler.lease: must be greater than zero"),
                 "{e}"
             );
+            let e = err_in(jail, Some("[notify]\nlease = \"500ms\"\n"));
+            assert!(e.starts_with("notify.lease: must be at least 1s"), "{e}");
 
             jail.set_env("WALHOOK_DELIVERY__TIMEOUT", "15 parsecs");
             let e = err_in(jail, None);

@@ -3,7 +3,8 @@
 //!
 //! Shutdown order matters for "ack after record": the source stops reading first; in-flight attempts finish
 //! (bounded by `delivery.timeout`) and their outcomes are recorded; only then does the recorder stop. A
-//! second signal aborts at once; whatever was not confirmed is replayed by the slot on the next start.
+//! second signal aborts at once; whatever was not confirmed is replayed by the slot on the next start (or,
+//! with the notify source, claimed again once its lease lapses).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +22,9 @@ use crate::endpoint_state::EndpointStateWriter;
 use crate::fanout::EndpointCache;
 use crate::record;
 use crate::scheduler::Scheduler;
-use crate::source::replication::{Pipeline, ReplicationSource, SourceError};
+use crate::source::notify::NotifySource;
+use crate::source::replication::ReplicationSource;
+use crate::source::{Pipeline, SourceError};
 use crate::store::Store;
 
 #[derive(Debug, thiserror::Error)]
@@ -35,10 +38,30 @@ pub enum RunError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
-    #[error("{0}")]
-    Unsupported(String),
     #[error(transparent)]
     Tls(#[from] crate::dispatch::client::TlsError),
+}
+
+/// The configured source.
+enum Source {
+    Replication(ReplicationSource),
+    Notify(NotifySource),
+}
+
+impl Source {
+    async fn prepare(&self) -> Result<(), SourceError> {
+        match self {
+            Source::Replication(s) => s.prepare().await,
+            Source::Notify(s) => s.prepare().await,
+        }
+    }
+
+    async fn run(self, stop: CancellationToken) -> Result<(), SourceError> {
+        match self {
+            Source::Replication(s) => s.run(stop).await,
+            Source::Notify(s) => s.run(stop).await,
+        }
+    }
 }
 
 /// Runs the daemon until `stop` is cancelled (graceful drain) or `abort` is (immediate).
@@ -48,11 +71,6 @@ pub async fn run(
     abort: CancellationToken,
 ) -> Result<(), RunError> {
     let db = config.database_url()?;
-    if config.source == SourceKind::Notify {
-        return Err(RunError::Unsupported(
-            "source = \"notify\" is not available in this version yet; use source = \"replication\"".into(),
-        ));
-    }
     crate::metrics::describe();
 
     let allowed = config
@@ -119,15 +137,26 @@ pub async fn run(
     let endpoints = Arc::new(EndpointCache::default());
 
     // the first endpoint load happens before streaming, so no event is matched against an empty cache
-    let source = ReplicationSource {
-        db: db.clone(),
-        slot: config.replication.slot.clone(),
-        publication: config.replication.publication.clone(),
-        status_interval: config.replication.status_interval,
-        pipeline: Arc::new(Pipeline {
-            endpoints: endpoints.clone(),
-            dispatcher: dispatcher.clone(),
-            budget: Arc::new(Semaphore::new(config.delivery.max_in_flight_events.max(1))),
+    let pipeline = Arc::new(Pipeline {
+        endpoints: endpoints.clone(),
+        dispatcher: dispatcher.clone(),
+        budget: Arc::new(Semaphore::new(config.delivery.max_in_flight_events.max(1))),
+    });
+    let source = match config.source {
+        SourceKind::Replication => Source::Replication(ReplicationSource {
+            db: db.clone(),
+            slot: config.replication.slot.clone(),
+            publication: config.replication.publication.clone(),
+            status_interval: config.replication.status_interval,
+            pipeline,
+        }),
+        SourceKind::Notify => Source::Notify(NotifySource {
+            db: db.clone(),
+            poll_interval: config.notify.poll_interval,
+            batch_size: config.notify.batch_size,
+            lease: config.notify.lease,
+            replication_slot: config.replication.slot.clone(),
+            pipeline,
         }),
     };
     source.prepare().await?;

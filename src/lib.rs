@@ -1,16 +1,18 @@
 //! walhook: committed rows of a PostgreSQL outbox table become signed webhook deliveries.
 //!
 //! The data's path: an application commits `INSERT INTO walhook.outbox`; the **source** reads it from a
-//! logical replication slot in commit order; **fan-out** picks the enabled endpoints whose patterns match;
-//! **dispatch** signs and POSTs each delivery; **record** writes outcomes to `walhook.deliveries` and
-//! `walhook.attempts` in batches; only then is the slot position **acknowledged**. Failed deliveries wait in
-//! `walhook.deliveries` and the **scheduler** sends them again when due.
+//! logical replication slot in commit order (or, with `source = "notify"`, claims it from the table);
+//! **fan-out** picks the enabled endpoints whose patterns match; **dispatch** signs and POSTs each delivery;
+//! **record** writes outcomes to `walhook.deliveries` and `walhook.attempts` in batches; only then is the slot
+//! position (or the outbox row) **acknowledged**. Failed deliveries wait in `walhook.deliveries` and the
+//! **scheduler** sends them again when due.
 //!
 //! Module map, in the order the data flows:
 //! - [`config`]: figment layers (defaults < TOML < `WALHOOK_*`), validation naming the key.
 //! - [`schema`]: the embedded, numbered migrations under `sql/` (`walhook migrate`).
 //! - [`source`]: where events come from: the replication slot ([`source::replication`]) over a hand-written
-//!   walsender client ([`source::walconn`]), and the ack tracker ([`source::ack`]).
+//!   walsender client ([`source::walconn`]), or leased claims of outbox rows woken by `LISTEN/NOTIFY`
+//!   ([`source::notify`]); the shared fan-out ([`source::Pipeline`]) and acknowledgements ([`source::ack`]).
 //! - [`pgoutput`]: pure decoder of the pgoutput protocol.
 //! - [`event`]: an outbox row and its Standard Webhooks envelope.
 //! - [`fanout`]: the endpoint cache and event-type patterns.

@@ -36,7 +36,7 @@ impl Recorder {
     pub fn record(&self, outcome: Outcome) {
         if self.tx.send(outcome).is_err() {
             tracing::error!(
-                "recorder has stopped; outcome dropped (it will be replayed from the slot)"
+                "recorder has stopped; outcome dropped (the source replays or reclaims its event)"
             );
         }
     }

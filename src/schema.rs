@@ -10,6 +10,7 @@ use tokio_postgres::Client;
 /// The migrations, in order: (version, name, SQL).
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "core", include_str!("../sql/001_core.sql")),
+    (2, "notify", include_str!("../sql/002_notify.sql")),
     (3, "policies", include_str!("../sql/003_policies.sql")),
 ];
 

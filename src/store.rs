@@ -3,12 +3,15 @@
 //! Each component (recorder, scheduler, endpoint refresher, source) owns a `Store`: one connection with its
 //! statements prepared once, so a slow batch write never queues behind a claim and the hot path pays no
 //! parse/plan round trip. Batches travel as arrays and are expanded with `unnest`, one statement per batch.
+//! The notify source's statements ([`OutboxQueue`], [`install_notify`], [`listen_outbox`]) touch columns and
+//! objects that only it needs, so they are prepared on its connections alone.
 //! Sessions run with `TimeZone=UTC` and `DateStyle=ISO` so timestamps read here print exactly as pgoutput
 //! prints them (the envelope of a retry is byte-identical to the first attempt's).
 
 use std::time::{Duration, SystemTime};
 
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio::sync::Notify;
+use tokio_postgres::{AsyncMessage, Client, NoTls, Statement};
 
 use crate::fanout::EndpointRow;
 use crate::lsn::Lsn;
@@ -21,6 +24,10 @@ pub enum StoreError {
         "the walhook schema is missing or older than this walhook: run `walhook migrate` first"
     )]
     NotMigrated,
+    #[error(
+        "the walhook schema is at version {found} but this walhook needs version {needed}: run `walhook migrate`"
+    )]
+    Outdated { found: i32, needed: i32 },
 }
 
 impl StoreError {
@@ -33,7 +40,7 @@ impl StoreError {
                     || e.code()
                         .is_none_or(|c| c.code().starts_with("08") || c.code().starts_with("57"))
             }
-            StoreError::NotMigrated => false,
+            StoreError::NotMigrated | StoreError::Outdated { .. } => false,
         }
     }
 }
@@ -219,6 +226,7 @@ pub async fn backfill_before_slot(client: &mut Client, snapshot: &str) -> Result
                from walhook.outbox o
                join walhook.endpoints e on e.enabled and walhook.matches(o.event_type, e.event_types)
               where not exists (select 1 from walhook.deliveries d where d.event_id = o.id)
+                and o.processed_at is null
              on conflict (event_id, endpoint_id) do nothing",
             &[],
         )
@@ -296,21 +304,34 @@ pub async fn connect_client(
     Ok(client)
 }
 
+/// Fails unless `walhook migrate` has applied every migration this binary knows: statements here rely on the
+/// latest one's columns.
+pub async fn check_schema(client: &Client) -> Result<(), StoreError> {
+    let migrated: bool = client
+        .query_one("select to_regclass('walhook.deliveries') is not null", &[])
+        .await?
+        .get(0);
+    if !migrated {
+        return Err(StoreError::NotMigrated);
+    }
+    let found: i32 = client
+        .query_one(
+            "select coalesce(max(version), 0) from walhook.schema_migrations",
+            &[],
+        )
+        .await?
+        .get(0);
+    let needed = crate::schema::MIGRATIONS.last().map_or(0, |m| m.0);
+    if found < needed {
+        return Err(StoreError::Outdated { found, needed });
+    }
+    Ok(())
+}
+
 impl Store {
     pub async fn connect(config: &tokio_postgres::Config) -> Result<Store, StoreError> {
         let client = connect_client(config).await?;
-        let applied: Vec<i32> = client
-            .query("select version from walhook.schema_migrations", &[])
-            .await
-            .map(|rows| rows.iter().map(|r| r.get(0)).collect())
-            .unwrap_or_default();
-        // a missing table (never migrated) reads as no versions
-        if crate::schema::MIGRATIONS
-            .iter()
-            .any(|m| !applied.contains(&m.0))
-        {
-            return Err(StoreError::NotMigrated);
-        }
+        check_schema(&client).await?;
         let record = client.prepare(RECORD).await?;
         let claim = client.prepare(&claim_sql(DUE)).await?;
         let claim_ordered = client.prepare(&claim_sql(DUE_ORDERED)).await?;
@@ -542,5 +563,245 @@ impl Store {
             .query(&self.claim_ordered, &[&limit, &lease.as_secs_f64(), &skip])
             .await?;
         Ok(rows.iter().map(claimed).collect())
+    }
+}
+
+/// The notify source's wake-up channel; the trigger installed by [`install_notify`] notifies it.
+const OUTBOX_CHANNEL: &str = "walhook_outbox";
+
+/// The partial index the claim scans, and the statement-level trigger that wakes pollers. Only the notify
+/// source needs them: in replication mode `processed_at` stays null, so the index would grow with every row.
+const UNPROCESSED_INDEX: &str = "walhook.outbox_unprocessed";
+const CREATE_UNPROCESSED_INDEX: &str =
+    "create index concurrently if not exists outbox_unprocessed \
+     on walhook.outbox (id) where processed_at is null";
+const CREATE_WAKE_TRIGGER: &str =
+    "create or replace trigger outbox_wake after insert on walhook.outbox \
+     for each statement execute function walhook.outbox_wake()";
+
+/// Serialises installations by several daemons (session advisory lock, "notify" in ASCII).
+const INSTALL_LOCK: i64 = 0x6e6f_7469_6679;
+
+/// Claims the oldest unprocessed rows whose lease is free. Rows commit out of id order, so there is no cursor:
+/// whatever is committed, unprocessed and unleased is eligible, and a rolled-back insert is never visible.
+/// Each row comes with the endpoints it already has deliveries for (a lapsed claim of a crashed daemon).
+const CLAIM_OUTBOX: &str = "
+with next as (
+  select id
+    from walhook.outbox
+   where processed_at is null and (claimed_until is null or claimed_until <= now())
+   order by id
+   limit $1
+     for update skip locked
+)
+update walhook.outbox o
+   set claimed_until = now() + make_interval(secs => $2::float8)
+  from next
+ where o.id = next.id
+returning o.id, o.uid::text, o.event_type, o.payload::text, o.created_at::text,
+          array(select d.endpoint_id from walhook.deliveries d where d.event_id = o.id)";
+
+const MARK_PROCESSED: &str = "
+update walhook.outbox set processed_at = now() where id = any($1::bigint[]) and processed_at is null";
+
+const RENEW_CLAIMS: &str = "
+update walhook.outbox set claimed_until = now() + make_interval(secs => $2::float8)
+ where id = any($1::bigint[]) and processed_at is null";
+
+/// What [`install_notify`] had to create.
+#[derive(Debug, Default)]
+pub struct Installed {
+    pub index: bool,
+    pub trigger: bool,
+}
+
+/// Creates the unprocessed-rows index and the wake-up trigger when they are missing. Creating them needs
+/// ownership of `walhook.outbox`; checking first lets an owner create them once for a less privileged role.
+/// The index is built `concurrently` so applications keep inserting meanwhile; an advisory lock makes a
+/// second daemon wait instead of racing the build, so an invalid index found under it is a leftover of an
+/// interrupted build and is rebuilt. The trigger takes a short lock that queues inserts, so it waits at most
+/// `lock_timeout` for transactions holding the table.
+pub async fn install_notify(config: &tokio_postgres::Config) -> Result<Installed, StoreError> {
+    let client = connect_client(config).await?;
+    // try-and-sleep rather than a blocking wait: a blocked statement would hold a snapshot that the other
+    // daemon's concurrent index build has to wait for (a deadlock)
+    while !client
+        .query_one("select pg_try_advisory_lock($1)", &[&INSTALL_LOCK])
+        .await?
+        .get::<_, bool>(0)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut installed = Installed::default();
+    let valid: Option<bool> = client
+        .query_opt(
+            "select indisvalid from pg_index where indexrelid = to_regclass($1)",
+            &[&UNPROCESSED_INDEX],
+        )
+        .await?
+        .map(|r| r.get(0));
+    if valid == Some(false) {
+        client
+            .batch_execute(&format!("drop index concurrently {UNPROCESSED_INDEX}"))
+            .await?;
+    }
+    if valid != Some(true) {
+        client.batch_execute(CREATE_UNPROCESSED_INDEX).await?;
+        installed.index = true;
+    }
+    let trigger = client
+        .query_opt(
+            "select 1 from pg_trigger where tgrelid = 'walhook.outbox'::regclass and tgname = 'outbox_wake'",
+            &[],
+        )
+        .await?;
+    if trigger.is_none() {
+        client
+            .batch_execute(&format!(
+                "set lock_timeout = '5s'; {CREATE_WAKE_TRIGGER}; reset lock_timeout"
+            ))
+            .await?;
+        installed.trigger = true;
+    }
+    // dropping the client closes the session, which releases the advisory lock
+    Ok(installed)
+}
+
+/// The SQL an owner of `walhook.outbox` can run to create what [`install_notify`] creates.
+pub fn notify_install_sql() -> String {
+    format!("{CREATE_UNPROCESSED_INDEX}; {CREATE_WAKE_TRIGGER};")
+}
+
+/// Whether a logical replication slot of this name exists in this database (and so retains WAL).
+pub async fn replication_slot_exists(client: &Client, slot: &str) -> Result<bool, StoreError> {
+    Ok(client
+        .query_opt(
+            "select 1 from pg_replication_slots where slot_name = $1 and database = current_database()",
+            &[&slot],
+        )
+        .await?
+        .is_some())
+}
+
+/// How often an idle listener checks that its connection still answers (a silently dropped TCP connection
+/// would otherwise go unnoticed for hours), and how long the answer may take.
+const LISTENER_PING: Duration = Duration::from_secs(30);
+const LISTENER_PING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Listens on the outbox channel on a connection of its own, waking `wake` once subscribed (rows committed
+/// while nobody listened are found by the poll that follows) and on every notification. Returns when the
+/// connection ends; the error says why.
+pub async fn listen_outbox(
+    config: &tokio_postgres::Config,
+    wake: &Notify,
+) -> Result<(), StoreError> {
+    let (client, mut connection) = session_config(config).connect(NoTls).await?;
+    // the connection is driven here, not spawned, to see its asynchronous messages
+    let drive = async {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(_))) => wake.notify_one(),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(StoreError::from(e)),
+                None => return Ok(()),
+            }
+        }
+    };
+    let subscribe = async {
+        client
+            .batch_execute(&format!("listen {OUTBOX_CHANNEL}"))
+            .await?;
+        wake.notify_one();
+        loop {
+            tokio::time::sleep(LISTENER_PING).await;
+            match tokio::time::timeout(LISTENER_PING_TIMEOUT, client.simple_query("")).await {
+                Ok(result) => drop(result?),
+                Err(_) => return Ok(()),
+            }
+        }
+    };
+    tokio::select! {
+        r = drive => r,
+        r = subscribe => r,
+    }
+}
+
+/// An outbox row claimed by the notify source.
+#[derive(Debug)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub uid: String,
+    pub event_type: String,
+    pub payload: String,
+    pub created_at: String,
+    /// Endpoints that already have a delivery of this row.
+    pub recorded: Vec<i64>,
+}
+
+/// The notify source's connection: claims, marks and lease renewals on `walhook.outbox`.
+pub struct OutboxQueue {
+    store: Store,
+    claim: Statement,
+    mark: Statement,
+    renew: Statement,
+}
+
+impl OutboxQueue {
+    pub async fn connect(config: &tokio_postgres::Config) -> Result<OutboxQueue, StoreError> {
+        let store = Store::connect(config).await?;
+        let claim = store.client.prepare(CLAIM_OUTBOX).await?;
+        let mark = store.client.prepare(MARK_PROCESSED).await?;
+        let renew = store.client.prepare(RENEW_CLAIMS).await?;
+        Ok(OutboxQueue {
+            store,
+            claim,
+            mark,
+            renew,
+        })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.store.is_closed()
+    }
+
+    pub fn client(&self) -> &Client {
+        self.store.client()
+    }
+
+    /// Claims up to `limit` rows for `lease`, in id order.
+    pub async fn claim(&self, limit: i64, lease: Duration) -> Result<Vec<OutboxRow>, StoreError> {
+        let rows = self
+            .store
+            .client
+            .query(&self.claim, &[&limit, &lease.as_secs_f64()])
+            .await?;
+        let mut claimed: Vec<OutboxRow> = rows
+            .iter()
+            .map(|r| OutboxRow {
+                id: r.get(0),
+                uid: r.get(1),
+                event_type: r.get(2),
+                payload: r.get(3),
+                created_at: r.get(4),
+                recorded: r.get(5),
+            })
+            .collect();
+        claimed.sort_unstable_by_key(|r| r.id);
+        Ok(claimed)
+    }
+
+    /// Marks rows processed, all in one statement.
+    pub async fn mark_processed(&self, ids: &[i64]) -> Result<(), StoreError> {
+        self.store.client.execute(&self.mark, &[&ids]).await?;
+        Ok(())
+    }
+
+    /// Extends the lease of rows still being delivered, so a live daemon's claims never lapse.
+    pub async fn renew(&self, ids: &[i64], lease: Duration) -> Result<(), StoreError> {
+        self.store
+            .client
+            .execute(&self.renew, &[&ids, &lease.as_secs_f64()])
+            .await?;
+        Ok(())
     }
 }

@@ -1601,3 +1601,474 @@ async fn an_endpoint_failing_for_longer_than_disable_after_is_disabled() {
     .await;
     daemon.stop().await;
 }
+
+// ----------------------------------------------------------------------------------------------------------
+// source = "notify": clusters with wal_level = replica (no logical replication at all). Rows are claimed
+// under a lease with SKIP LOCKED, marked processed once their deliveries are recorded, and a trigger's NOTIFY
+// wakes the poller early.
+// ----------------------------------------------------------------------------------------------------------
+
+async fn start_without_logical_replication() -> Pg {
+    Pg::start_with(walhook::cluster::ClusterOptions {
+        wal_level: walhook::cluster::WalLevel::Replica,
+        ..Default::default()
+    })
+    .await
+}
+
+/// `Pg::config` with the notify source, polling fast unless `more` says otherwise.
+fn notify_config(
+    pg: &Pg,
+    more: impl FnOnce(figment::Figment) -> figment::Figment,
+) -> walhook::config::Config {
+    pg.config_with(|f| {
+        more(
+            f.merge(("source", "notify"))
+                .merge(("notify.poll_interval", "200ms")),
+        )
+    })
+}
+
+/// Waits until `n` notify sources have subscribed to the wake-up channel.
+async fn wait_listening(client: &tokio_postgres::Client, n: i64) {
+    eventually(&format!("{n} notify sources listen"), || async {
+        count(
+            client,
+            "select count(*) from pg_stat_activity where query = 'listen walhook_outbox'",
+        )
+        .await
+            >= n
+    })
+    .await;
+}
+
+async fn wait_all_processed(client: &tokio_postgres::Client) {
+    eventually("every outbox row is marked processed", || async {
+        count(
+            client,
+            "select count(*) from walhook.outbox where processed_at is null",
+        )
+        .await
+            == 0
+    })
+    .await;
+}
+
+/// Kills the child when dropped, so a failing assertion leaves no daemon behind.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn has_type(r: &walhook::receiver::Received, event_type: &str) -> bool {
+    let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    body["type"] == event_type
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_source_delivers_signed_events_without_logical_replication_or_replication_role() {
+    let pg = start_without_logical_replication().await;
+    let mut client = pg.client().await;
+    // a role that may not replicate and is no superuser; owning the outbox lets it create index and trigger
+    client
+        .batch_execute(
+            "create role app_user login in role walhook_daemon;
+             grant usage, create on schema walhook to app_user;
+             alter table walhook.outbox owner to app_user;",
+        )
+        .await
+        .unwrap();
+    let exists =
+        "select count(*) from pg_class where oid = to_regclass('walhook.outbox_unprocessed')";
+    let trigger = "select count(*) from pg_trigger where tgname = 'outbox_wake'";
+    assert_eq!(count(&client, exists).await, 0, "migrate leaves no index");
+    assert_eq!(
+        count(&client, trigger).await,
+        0,
+        "migrate leaves no trigger"
+    );
+
+    let rx = Receiver::start().await.unwrap();
+    let (a, secret_a) = add_endpoint(&client, &rx.url("/a"), &["order.*", "user.*"]).await;
+    let (b, secret_b) = add_endpoint(&client, &rx.url("/b"), &["order.*"]).await;
+    rx.set_secret("/a", &secret_a);
+    rx.set_secret("/b", &secret_b);
+    let url = pg.url.replacen("postgres@", "app_user@", 1);
+    let daemon = Daemon::start(notify_config(&pg, |f| {
+        f.merge(("database_url", url.as_str()))
+    }));
+    wait_listening(&client, 1).await;
+    assert_eq!(
+        count(&client, exists).await,
+        1,
+        "the notify source creates its index"
+    );
+    assert_eq!(count(&client, trigger).await, 1, "and its trigger");
+
+    for i in 0..20 {
+        publish(&client, "order.created", &format!("{{\"n\": {i}}}")).await;
+    }
+    let tx = client.transaction().await.unwrap();
+    for i in 0..30 {
+        tx.execute(
+            "insert into walhook.outbox (event_type, payload) values ('user.created', $1::text::jsonb)",
+            &[&format!("{{\"u\": {i}}}")],
+        )
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+    // matches no endpoint: marked processed all the same
+    let unmatched = publish(&client, "audit.logged", "{}").await;
+
+    wait_succeeded(&client, 70).await;
+    wait_all_processed(&client).await;
+    assert_eq!(rx.distinct_ids("/a").len(), 50);
+    assert_eq!(rx.distinct_ids("/b").len(), 20);
+    let received = rx.received();
+    assert_eq!(received.len(), 70, "exactly once per (endpoint, event)");
+    assert!(
+        received.iter().all(|r| r.verified == Some(true)),
+        "every signature verifies"
+    );
+    let first = received.iter().find(|r| r.path == "/b").unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&first.body).unwrap();
+    assert_eq!(body["type"], "order.created");
+    assert!(body["timestamp"].as_str().unwrap().ends_with('Z'));
+    assert!(Signer::new(&secret_b).unwrap().verify(
+        &first.webhook_id,
+        first.timestamp,
+        &first.body,
+        &first.signature
+    ));
+    assert!(rx.distinct_ids("/b").is_subset(&rx.distinct_ids("/a")));
+    // webhook-id is the row's uid, as with the replication source
+    let uid: String = client
+        .query_one(
+            "select replace(uid::text, '-', '') from walhook.outbox where event_type = 'order.created' order by id limit 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(rx.distinct_ids("/b").contains(&format!("msg_{uid}")));
+    assert_eq!(
+        count(
+            &client,
+            &format!("select count(*) from walhook.deliveries where endpoint_id in ({a}, {b}) and attempts = 1")
+        )
+        .await,
+        70
+    );
+    assert_eq!(
+        count(
+            &client,
+            &format!("select count(*) from walhook.deliveries where event_id = {unmatched}")
+        )
+        .await,
+        0
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_source_skips_rolled_back_rows_and_waits_for_late_commits() {
+    let pg = start_without_logical_replication().await;
+    let mut client = pg.client().await;
+    let other = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    add_endpoint(&client, &rx.url("/all"), &["*"]).await;
+    let daemon = Daemon::start(notify_config(&pg, |f| f));
+    wait_listening(&client, 1).await;
+
+    let tx = client.transaction().await.unwrap();
+    tx.execute(
+        "insert into walhook.outbox (event_type, payload) values ('secret.plan', '{}')",
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    tx.batch_execute(
+        "savepoint s;
+         insert into walhook.outbox (event_type, payload) values ('secret.plan', '{}');
+         rollback to savepoint s;
+         insert into walhook.outbox (event_type, payload) values ('public.plan', '{}');",
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+
+    // a row with a lower id that commits after a higher one is still delivered: there is no id cursor
+    let slow = client.transaction().await.unwrap();
+    let slow_id: i64 = slow
+        .query_one(
+            "insert into walhook.outbox (event_type, payload) values ('slow.commit', '{}') returning id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let fast_id = publish(&other, "fast.commit", "{}").await;
+    assert!(slow_id < fast_id);
+    assert!(
+        rx.wait_until(DEADLINE, |r| r.iter().any(|r| has_type(r, "fast.commit")))
+            .await
+    );
+    slow.commit().await.unwrap();
+    assert!(
+        rx.wait_until(DEADLINE, |r| r.iter().any(|r| has_type(r, "slow.commit")))
+            .await
+    );
+    // a marker committed last: once it arrives, everything before it has been claimed
+    publish(&client, "marker.done", "{}").await;
+    assert!(
+        rx.wait_until(DEADLINE, |r| r.iter().any(|r| has_type(r, "marker.done")))
+            .await
+    );
+    wait_succeeded(&client, 4).await;
+    wait_all_processed(&client).await;
+    let received = rx.received();
+    assert!(!received.iter().any(|r| has_type(r, "secret.plan")));
+    assert_eq!(received.len(), 4);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_notify_daemons_share_the_outbox_without_duplicates() {
+    let pg = start_without_logical_replication().await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    add_endpoint(&client, &rx.url("/s"), &["*"]).await;
+    // small claims and slowish answers, so both daemons have work in flight at once
+    rx.set_responder(|_, _| Reply::Delay(Duration::from_millis(20), 200));
+    let config = || notify_config(&pg, |f| f.merge(("notify.batch_size", 10)));
+    let first = Daemon::start(config());
+    let second = Daemon::start(config());
+    wait_listening(&client, 2).await;
+    for batch in 0..30 {
+        client
+            .execute(
+                "insert into walhook.outbox (event_type, payload)
+                 select 'order.created', jsonb_build_object('n', $1::int * 10 + n) from generate_series(1, 10) n",
+                &[&batch],
+            )
+            .await
+            .unwrap();
+    }
+    wait_succeeded(&client, 300).await;
+    wait_all_processed(&client).await;
+    assert_eq!(rx.distinct_ids("/s").len(), 300);
+    assert_eq!(rx.count(), 300, "no crash, so no duplicates");
+    first.stop().await;
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_notify_daemon_mid_stream_loses_no_committed_row() {
+    let pg = start_without_logical_replication().await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    add_endpoint(&client, &rx.url("/a"), &["*"]).await;
+    add_endpoint(&client, &rx.url("/b"), &["order.*"]).await;
+    let mut env = pg.env();
+    for (k, v) in [
+        ("WALHOOK_SOURCE", "notify"),
+        ("WALHOOK_NOTIFY__POLL_INTERVAL", "200ms"),
+        ("WALHOOK_NOTIFY__LEASE", "2s"),
+        ("WALHOOK_NOTIFY__BATCH_SIZE", "20"),
+    ] {
+        env.push((k.to_string(), v.to_string()));
+    }
+    let writer = {
+        let url = pg.url.clone();
+        tokio::spawn(async move {
+            let client = walhook::store::connect_client(&url.parse().unwrap())
+                .await
+                .unwrap();
+            for i in 0..600 {
+                let t = if i % 2 == 0 {
+                    "order.created"
+                } else {
+                    "user.created"
+                };
+                publish(&client, t, &format!("{{\"i\": {i}}}")).await;
+                if i % 50 == 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        })
+    };
+    for round in 0..4 {
+        let child = KillOnDrop(spawn_binary(&["run"], &env));
+        let before = rx.count();
+        assert!(
+            rx.wait_until(DEADLINE, |r| r.len() > before + 20 + round * 7)
+                .await
+                || writer.is_finished(),
+            "the daemon makes progress"
+        );
+        drop(child); // kill -9
+    }
+    writer.await.unwrap();
+    let _child = KillOnDrop(spawn_binary(&["run"], &env));
+    eventually(
+        "every committed row delivered to every matching endpoint",
+        || async {
+            count(
+                &client,
+                "select count(*) from walhook.deliveries where status = 'succeeded'",
+            )
+            .await
+                == 600 + 300
+        },
+    )
+    .await;
+    wait_all_processed(&client).await;
+    assert_eq!(rx.distinct_ids("/a").len(), 600);
+    assert_eq!(rx.distinct_ids("/b").len(), 300);
+    assert_eq!(
+        count(
+            &client,
+            "select count(*) from walhook.deliveries where status <> 'succeeded'"
+        )
+        .await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notification_wakes_the_notify_poller() {
+    let pg = start_without_logical_replication().await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    add_endpoint(&client, &rx.url("/n"), &["*"]).await;
+    // polls alone would come 30 s apart
+    let daemon = Daemon::start(notify_config(&pg, |f| {
+        f.merge(("notify.poll_interval", "30s"))
+    }));
+    wait_listening(&client, 1).await;
+    for n in 1..=2 {
+        publish(&client, "order.created", "{}").await;
+        assert!(
+            rx.wait_until(Duration::from_secs(10), |r| r.len() == n)
+                .await,
+            "the NOTIFY of insert {n} woke the poller"
+        );
+    }
+    wait_all_processed(&client).await;
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_delivery_keeps_its_row_leased() {
+    let pg = start_without_logical_replication().await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    add_endpoint(&client, &rx.url("/slow"), &["*"]).await;
+    rx.set_responder(|_, _| Reply::Hang);
+    let daemon = Daemon::start(notify_config(&pg, |f| {
+        f.merge(("notify.lease", "1s"))
+            .merge(("delivery.timeout", "60s"))
+    }));
+    wait_listening(&client, 1).await;
+    let id = publish(&client, "order.created", "{}").await;
+    assert!(rx.wait_until(DEADLINE, |r| r.len() == 1).await);
+    let lease = format!("select claimed_until::text from walhook.outbox where id = {id}");
+    let first: String = client.query_one(&lease, &[]).await.unwrap().get(0);
+    let renewed = format!(
+        "select count(*) from walhook.outbox where id = {id} and claimed_until > '{first}'::timestamptz"
+    );
+    eventually("the lease is renewed while the request hangs", || async {
+        count(&client, &renewed).await == 1
+    })
+    .await;
+    assert_eq!(
+        count(
+            &client,
+            &format!(
+                "select count(*) from walhook.outbox where id = {id} and processed_at is null"
+            )
+        )
+        .await,
+        1,
+        "not processed while its delivery is unrecorded"
+    );
+    // the receiver goes away: the attempt fails, is recorded as pending, and only then is the row processed
+    rx.shutdown().await;
+    wait_all_processed(&client).await;
+    assert_eq!(
+        count(
+            &client,
+            &format!("select count(*) from walhook.deliveries where event_id = {id} and status = 'pending'")
+        )
+        .await,
+        1
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restart_under_a_notify_daemon_loses_nothing() {
+    let pg = start_without_logical_replication().await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    add_endpoint(&client, &rx.url("/r"), &["*"]).await;
+    let daemon = Daemon::start(notify_config(&pg, |f| f));
+    wait_listening(&client, 1).await;
+    for i in 0..20 {
+        publish(&client, "order.created", &format!("{{\"i\": {i}}}")).await;
+    }
+    drop(client);
+    let cluster = &pg.cluster;
+    tokio::task::block_in_place(|| cluster.restart()).expect("restart postgres");
+    let client = pg.client().await;
+    for i in 20..40 {
+        publish(&client, "order.created", &format!("{{\"i\": {i}}}")).await;
+    }
+    wait_succeeded(&client, 40).await;
+    wait_all_processed(&client).await;
+    assert_eq!(rx.distinct_ids("/r").len(), 40);
+    wait_listening(&client, 1).await;
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notify_backlog_is_claimed_within_the_in_flight_budget() {
+    let pg = start_without_logical_replication().await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    add_endpoint(&client, &rx.url("/bulk"), &["*"]).await;
+    client
+        .batch_execute(
+            "insert into walhook.outbox (event_type, payload)
+             select 'bulk.item', jsonb_build_object('n', n) from generate_series(1, 2000) n",
+        )
+        .await
+        .unwrap();
+    let daemon = Daemon::start(notify_config(&pg, |f| {
+        f.merge(("delivery.max_in_flight_events", 16))
+    }));
+    // leased and unprocessed: at most the budget in flight plus what became ready since the last marking
+    let leased =
+        "select count(*) from walhook.outbox where processed_at is null and claimed_until > now()";
+    eventually("the backlog is delivered", || async {
+        let n = count(&client, leased).await;
+        assert!(n <= 32, "{n} rows leased at once with a budget of 16");
+        count(
+            &client,
+            "select count(*) from walhook.deliveries where status = 'succeeded'",
+        )
+        .await
+            == 2000
+    })
+    .await;
+    wait_all_processed(&client).await;
+    assert_eq!(rx.distinct_ids("/bulk").len(), 2000);
+    daemon.stop().await;
+}

@@ -1,12 +1,17 @@
-//! Which stream position may be confirmed: DESIGN.md invariant 3, "ack after record".
+//! What may be acknowledged once deliveries are recorded: DESIGN.md invariant 3, "ack after record".
 //!
-//! Transactions arrive in commit order. Each gets an entry counting the deliveries of its events that are not
-//! yet durably recorded; the confirmable position is the end LSN of the newest transaction such that it and
-//! every older one are committed-and-recorded. Deliveries complete out of order (HTTP is concurrent), so the
-//! entries wait in a queue until the oldest ones are done. One queue per stream session: after a reconnect,
-//! late completions of the previous session land on its own (dropped) tracker and confirm nothing.
+//! Replication: transactions arrive in commit order. Each gets an entry counting the deliveries of its events
+//! that are not yet durably recorded; the confirmable position is the end LSN of the newest transaction such
+//! that it and every older one are committed-and-recorded. Deliveries complete out of order (HTTP is
+//! concurrent), so the entries wait in a queue until the oldest ones are done. One queue per stream session:
+//! after a reconnect, late completions of the previous session land on its own (dropped) tracker and confirm
+//! nothing.
+//!
+//! Notify: there is no position, only rows. An event's row joins [`Marks`] when its last delivery is recorded,
+//! and the notify source marks whatever has gathered there processed in one statement.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit};
@@ -128,27 +133,83 @@ impl Tracker {
     }
 }
 
-/// Held by every delivery of one streamed event until it is recorded; also holds the event's share of the
-/// in-flight budget (`delivery.max_in_flight_events`), released when the last delivery lets go.
+/// Outbox rows (notify source) whose deliveries are all recorded, waiting to be marked processed.
+#[derive(Debug, Default)]
+pub struct Marks {
+    ready: Mutex<Vec<i64>>,
+    /// Woken when a row becomes ready.
+    pub wake: Notify,
+}
+
+impl Marks {
+    /// Every delivery of row `id` is durably recorded (or it had none).
+    pub fn ready(&self, id: i64) {
+        self.ready.lock().expect("never poisoned").push(id);
+        self.wake.notify_one();
+    }
+
+    /// The rows gathered since the last call.
+    pub fn take(&self) -> Vec<i64> {
+        std::mem::take(&mut *self.ready.lock().expect("never poisoned"))
+    }
+}
+
+/// What the recorded deliveries of one event release.
+#[derive(Debug)]
+pub enum AckTarget {
+    /// Replication: transaction `txn` of a stream session's tracker.
+    Txn { tracker: Arc<Tracker>, txn: u64 },
+    /// Notify: the outbox row `id`, marked processed once all its deliveries are recorded.
+    Row { marks: Arc<Marks>, id: i64 },
+}
+
+/// Held by every delivery of one event until it is recorded; also holds the event's share of the in-flight
+/// budget (`delivery.max_in_flight_events`), released when the last delivery lets go.
 #[derive(Debug)]
 pub struct EventAck {
-    tracker: Arc<Tracker>,
-    txn: u64,
+    target: AckTarget,
+    /// Deliveries of this event not yet recorded (the transaction tracker keeps its own count).
+    remaining: AtomicUsize,
     _permit: OwnedSemaphorePermit,
 }
 
 impl EventAck {
-    pub fn new(tracker: Arc<Tracker>, txn: u64, permit: OwnedSemaphorePermit) -> EventAck {
-        EventAck {
-            tracker,
-            txn,
-            _permit: permit,
+    /// An event with `deliveries` deliveries to record. With none there is nothing to wait for: the target is
+    /// released now and no `EventAck` is needed (the permit is dropped).
+    pub fn new(
+        target: AckTarget,
+        deliveries: usize,
+        permit: OwnedSemaphorePermit,
+    ) -> Option<Arc<EventAck>> {
+        if deliveries == 0 {
+            if let AckTarget::Row { marks, id } = &target {
+                marks.ready(*id);
+            }
+            return None;
         }
+        if let AckTarget::Txn { tracker, txn } = &target {
+            tracker.add(*txn, deliveries);
+        }
+        Some(Arc::new(EventAck {
+            target,
+            remaining: AtomicUsize::new(deliveries),
+            _permit: permit,
+        }))
     }
 
     /// One delivery of this event is durably recorded.
     pub fn recorded(&self) {
-        self.tracker.done(self.txn);
+        match &self.target {
+            AckTarget::Txn { tracker, txn } => tracker.done(*txn),
+            AckTarget::Row { marks, id } => {
+                let before =
+                    self.remaining
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+                if before == Ok(1) {
+                    marks.ready(*id);
+                }
+            }
+        }
     }
 }
 
@@ -196,5 +257,48 @@ mod tests {
         t.done(a);
         t.done(a + 7);
         assert_eq!(t.confirmed(), Lsn(5));
+    }
+
+    #[test]
+    fn a_row_is_ready_after_its_last_delivery_only() {
+        let budget = Arc::new(tokio::sync::Semaphore::new(2));
+        let permit = || budget.clone().try_acquire_owned().unwrap();
+        let marks = Arc::new(Marks::default());
+        let row = |id| AckTarget::Row {
+            marks: marks.clone(),
+            id,
+        };
+        let ack = EventAck::new(row(7), 2, permit()).expect("two deliveries to wait for");
+        assert!(EventAck::new(row(8), 0, permit()).is_none());
+        assert_eq!(
+            marks.take(),
+            vec![8],
+            "a row without deliveries is ready at once"
+        );
+        assert_eq!(budget.available_permits(), 1);
+        ack.recorded();
+        assert!(marks.take().is_empty());
+        ack.recorded();
+        ack.recorded(); // more reports than deliveries never mark twice
+        assert_eq!(marks.take(), vec![7]);
+        drop(ack);
+        assert_eq!(budget.available_permits(), 2);
+    }
+
+    #[test]
+    fn a_transaction_waits_for_its_events_deliveries() {
+        let budget = Arc::new(tokio::sync::Semaphore::new(1));
+        let t = Tracker::new(Lsn(0));
+        let a = t.begin();
+        let target = AckTarget::Txn {
+            tracker: t.clone(),
+            txn: a,
+        };
+        let ack = EventAck::new(target, 2, budget.try_acquire_owned().unwrap()).unwrap();
+        t.commit(a, Lsn(40));
+        ack.recorded();
+        assert_eq!(t.confirmed(), Lsn(0));
+        ack.recorded();
+        assert_eq!(t.confirmed(), Lsn(40));
     }
 }

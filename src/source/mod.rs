@@ -1,8 +1,84 @@
-//! Sources yield committed outbox events in commit order, each with a position that can be acknowledged.
+//! Sources yield committed outbox events, each with something that can be acknowledged once recorded.
 //!
-//! `replication` (the default) streams a pgoutput slot; the ack tracker decides which position is safe to
-//! confirm. Acknowledgement is the whole crash-safety story: nothing is confirmed before it is recorded.
+//! `replication` (the default) streams a pgoutput slot in commit order; the ack tracker decides which
+//! position is safe to confirm. `notify` claims unprocessed outbox rows under a lease and marks them processed.
+//! Acknowledgement is the whole crash-safety story: nothing is confirmed or marked before it is recorded. Both
+//! sources hand their events to the same [`Pipeline`], so fan-out and the in-flight budget behave alike.
 
 pub mod ack;
+pub mod notify;
 pub mod replication;
 pub mod walconn;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::dispatch::{Dispatcher, Job};
+use crate::event::Event;
+use crate::fanout::EndpointCache;
+use crate::store::StoreError;
+use ack::{AckTarget, EventAck};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// A problem the user must fix; retrying will not help.
+    #[error("{0}")]
+    Fatal(String),
+    /// A lost connection or a server restart; the source reconnects.
+    #[error("{0}")]
+    Transient(String),
+}
+
+impl From<StoreError> for SourceError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            e if e.is_connection() => SourceError::Transient(e.to_string()),
+            e => SourceError::Fatal(e.to_string()),
+        }
+    }
+}
+
+/// The shared pieces a source feeds.
+pub struct Pipeline {
+    pub endpoints: Arc<EndpointCache>,
+    pub dispatcher: Arc<Dispatcher>,
+    /// One permit per event held in memory (`delivery.max_in_flight_events`).
+    pub budget: Arc<Semaphore>,
+}
+
+impl Pipeline {
+    /// Submits `event` to every matching endpoint except those in `recorded` ((event, endpoint) pairs already
+    /// in `walhook.deliveries`, after a crash), with an acknowledgement that releases `target` once all of
+    /// them are recorded (at once when there are none). Returns the number of deliveries submitted.
+    pub fn fan_out(
+        &self,
+        event: Event,
+        recorded: &HashSet<(i64, i64)>,
+        target: AckTarget,
+        permit: OwnedSemaphorePermit,
+    ) -> usize {
+        let endpoints: Vec<_> = self
+            .endpoints
+            .matching(&event.event_type)
+            .into_iter()
+            .filter(|e| !recorded.contains(&(event.id, e.id)))
+            .collect();
+        let n = endpoints.len();
+        let Some(ack) = EventAck::new(target, n, permit) else {
+            return 0;
+        };
+        let event = Arc::new(event);
+        for endpoint in endpoints {
+            self.dispatcher.submit(Job {
+                event: event.clone(),
+                endpoint,
+                schedule_step: 0,
+                ack: Some(ack.clone()),
+                claim: None,
+            });
+        }
+        n
+    }
+}

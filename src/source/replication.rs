@@ -12,14 +12,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
-use super::ack::{EventAck, Tracker};
+use super::ack::{AckTarget, Tracker};
 use super::walconn::{WalConnection, WalError, WalMessage, WalStream};
-use crate::dispatch::{Dispatcher, Job};
+use super::{Pipeline, SourceError};
 use crate::event::Event;
-use crate::fanout::EndpointCache;
 use crate::lsn::Lsn;
 use crate::pgoutput::{self, Datum, Message};
 use crate::store::{self, Store, StoreError};
@@ -29,29 +28,9 @@ const REPLAY_CHECK_BATCH: usize = 512;
 /// How often a position that advanced is reported (at most).
 const CONFIRM_EVERY: Duration = Duration::from_millis(50);
 
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    /// A problem the user must fix; retrying will not help.
-    #[error("{0}")]
-    Fatal(String),
-    /// A lost connection or a server restart; the source reconnects.
-    #[error("{0}")]
-    Transient(String),
-}
-
 impl From<WalError> for SourceError {
     fn from(e: WalError) -> Self {
         classify_wal(e, "")
-    }
-}
-
-impl From<StoreError> for SourceError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::NotMigrated => SourceError::Fatal(e.to_string()),
-            e if e.is_connection() => SourceError::Transient(e.to_string()),
-            e => SourceError::Fatal(e.to_string()),
-        }
     }
 }
 
@@ -74,14 +53,6 @@ fn classify_wal(e: WalError, user: &str) -> SourceError {
             e => SourceError::Transient(e.to_string()),
         },
     }
-}
-
-/// The shared pieces a source feeds.
-pub struct Pipeline {
-    pub endpoints: Arc<EndpointCache>,
-    pub dispatcher: Arc<Dispatcher>,
-    /// One permit per event held in memory (`delivery.max_in_flight_events`).
-    pub budget: Arc<Semaphore>,
 }
 
 pub struct ReplicationSource {
@@ -110,6 +81,8 @@ impl ReplicationSource {
         let client = store::connect_client(&self.db)
             .await
             .map_err(|e| SourceError::Transient(e.to_string()))?;
+        // the backfill below must not fail after the slot exists: it would never run again
+        store::check_schema(&client).await?;
         let exists = client
             .query_opt(
                 "select 1 from pg_publication where pubname = $1",
@@ -452,28 +425,11 @@ impl Session {
         permit: OwnedSemaphorePermit,
         recorded: &HashSet<(i64, i64)>,
     ) {
-        let endpoints: Vec<_> = self
-            .pipeline
-            .endpoints
-            .matching(&event.event_type)
-            .into_iter()
-            .filter(|e| !recorded.contains(&(event.id, e.id)))
-            .collect();
-        if endpoints.is_empty() {
-            return;
-        }
-        self.tracker.add(txn, endpoints.len());
-        let ack = Arc::new(EventAck::new(self.tracker.clone(), txn, permit));
-        let event = Arc::new(event);
-        for endpoint in endpoints {
-            self.pipeline.dispatcher.submit(Job {
-                event: event.clone(),
-                endpoint,
-                schedule_step: 0,
-                ack: Some(ack.clone()),
-                claim: None,
-            });
-        }
+        let target = AckTarget::Txn {
+            tracker: self.tracker.clone(),
+            txn,
+        };
+        self.pipeline.fan_out(event, recorded, target, permit);
     }
 
     /// Sends a standby status update when the confirmed position advanced, when asked, or every

@@ -1,0 +1,252 @@
+//! The notify source: claims unprocessed `walhook.outbox` rows under a lease, for servers without logical
+//! replication (DESIGN.md, "source").
+//!
+//! Polling alone is correct: every `notify.poll_interval` the source claims the oldest committed rows that are
+//! neither processed nor leased, `FOR UPDATE SKIP LOCKED`, so several daemons share the work. A statement
+//! trigger's `NOTIFY` only wakes the poller early; notifications lost while the listener reconnects cost one
+//! poll interval at most. Rows commit out of id order, so there is no cursor: every claim looks at all
+//! unprocessed rows (through a partial index), and a rolled-back insert is never visible to it.
+//!
+//! A claimed row goes through the same fan-out as a streamed event and is marked processed, in batches, only
+//! once every delivery of it is recorded (ack after record). Leases of rows still in flight are renewed, so
+//! they lapse only when their daemon is gone; whoever claims such a row again skips the endpoints it already
+//! has deliveries for. Duplicates are limited to what was in flight at a crash, as with the slot.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::ack::{AckTarget, Marks};
+use super::{Pipeline, SourceError};
+use crate::event::Event;
+use crate::store::{self, OutboxQueue, StoreError};
+
+pub struct NotifySource {
+    pub db: tokio_postgres::Config,
+    pub poll_interval: Duration,
+    pub batch_size: usize,
+    pub lease: Duration,
+    /// `replication.slot`: a slot of that name left behind by `source = "replication"` retains WAL forever.
+    pub replication_slot: String,
+    pub pipeline: Arc<Pipeline>,
+}
+
+impl NotifySource {
+    /// Checks the schema and creates the unprocessed-rows index and the wake-up trigger if missing. Fails with
+    /// a clear message when the schema is old or the role may not create them.
+    pub async fn prepare(&self) -> Result<(), SourceError> {
+        let client = store::connect_client(&self.db)
+            .await
+            .map_err(|e| SourceError::Transient(e.to_string()))?;
+        store::check_schema(&client).await?;
+        if store::replication_slot_exists(&client, &self.replication_slot).await? {
+            tracing::warn!(
+                slot = %self.replication_slot,
+                "a replication slot left by source = \"replication\" retains WAL while unused; if it is no \
+                 longer needed, drop it with: select pg_drop_replication_slot('{}')",
+                self.replication_slot
+            );
+        }
+        drop(client);
+        let installed = store::install_notify(&self.db).await.map_err(|e| match e {
+            StoreError::Db(ref db) if db.code().is_some_and(|c| c.code() == "42501") => {
+                SourceError::Fatal(format!(
+                    "cannot create the notify source's index and trigger on walhook.outbox ({e}); run as its \
+                     owner: {}",
+                    store::notify_install_sql()
+                ))
+            }
+            e => classify(e),
+        })?;
+        if installed.index {
+            tracing::info!("created index walhook.outbox_unprocessed");
+        }
+        if installed.trigger {
+            tracing::info!("created trigger outbox_wake on walhook.outbox");
+        }
+        Ok(())
+    }
+
+    /// Claims and fans out rows until `stop` fires, then waits until the rows in flight are recorded and
+    /// marked (or until the caller drops this future). Returns a fatal error.
+    pub async fn run(self, stop: CancellationToken) -> Result<(), SourceError> {
+        let wake = Notify::new();
+        let mut poller = Poller {
+            marks: Arc::new(Marks::default()),
+            held: HashSet::new(),
+            unmarked: Vec::new(),
+            queue: None,
+            source: &self,
+        };
+        // the listener never ends by itself: it goes when the poller is done
+        tokio::select! {
+            r = poller.run(&stop, &wake) => r,
+            _ = listen(&self.db, &wake) => unreachable!("the listener loops forever"),
+        }
+    }
+}
+
+/// Keeps a `LISTEN` connection up, reconnecting with backoff, and wakes the poller on notifications.
+async fn listen(db: &tokio_postgres::Config, wake: &Notify) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let started = tokio::time::Instant::now();
+        match store::listen_outbox(db, wake).await {
+            Ok(()) => tracing::debug!("outbox listener connection ended, reconnecting"),
+            Err(e) => tracing::warn!("outbox listener failed, reconnecting in {backoff:?}: {e}"),
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_millis(100);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Errors worth another try: lost connections, and conflicts with other sessions (deadlock, lock timeout).
+fn classify(e: StoreError) -> SourceError {
+    match &e {
+        StoreError::Db(db)
+            if db
+                .code()
+                .is_some_and(|c| c.code().starts_with("40") || c.code() == "55P03") =>
+        {
+            SourceError::Transient(e.to_string())
+        }
+        _ => SourceError::from(e),
+    }
+}
+
+struct Poller<'a> {
+    source: &'a NotifySource,
+    marks: Arc<Marks>,
+    /// Rows claimed and not yet marked processed; their leases are renewed.
+    held: HashSet<i64>,
+    /// Rows ready to be marked (taken from `marks`) whose marking has not succeeded yet.
+    unmarked: Vec<i64>,
+    queue: Option<OutboxQueue>,
+}
+
+impl Poller<'_> {
+    async fn run(&mut self, stop: &CancellationToken, wake: &Notify) -> Result<(), SourceError> {
+        let budget = self.source.pipeline.budget.clone();
+        let mut poll = tokio::time::interval(self.source.poll_interval);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut renew =
+            tokio::time::interval((self.source.lease / 3).max(Duration::from_millis(100)));
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut backoff = Duration::from_millis(100);
+        // `want`: rows may be waiting (a wake-up, a tick, or the last claim was full)
+        let (mut want, mut renew_due, mut draining) = (true, false, false);
+        loop {
+            if draining && self.held.is_empty() {
+                return Ok(());
+            }
+            let claim_now = want && !draining && budget.available_permits() > 0;
+            if claim_now {
+                draining = stop.is_cancelled();
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled(), if !draining => draining = true,
+                    _ = self.marks.wake.notified() => {}
+                    _ = wake.notified() => want = true,
+                    _ = poll.tick() => want = true,
+                    _ = renew.tick() => renew_due = true,
+                    // the budget has room again (the permit goes straight back)
+                    _ = budget.acquire(), if want && !draining => {}
+                }
+            }
+            match self.step(&mut want, &mut renew_due, draining).await {
+                Ok(()) => backoff = Duration::from_millis(100),
+                Err(SourceError::Fatal(m)) => return Err(SourceError::Fatal(m)),
+                Err(SourceError::Transient(m)) => {
+                    self.queue = None;
+                    metrics::counter!(crate::metrics::RECONNECTS).increment(1);
+                    tracing::warn!("notify source interrupted, retrying in {backoff:?}: {m}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.cancelled(), if !draining => draining = true,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    want = true;
+                }
+            }
+        }
+    }
+
+    /// Marks what is ready, renews leases when due, then claims and fans out if rows are wanted.
+    async fn step(
+        &mut self,
+        want: &mut bool,
+        renew_due: &mut bool,
+        draining: bool,
+    ) -> Result<(), SourceError> {
+        if self.queue.as_ref().is_none_or(|q| q.is_closed()) {
+            self.queue = Some(
+                OutboxQueue::connect(&self.source.db)
+                    .await
+                    .map_err(classify)?,
+            );
+        }
+        let queue = self.queue.as_ref().expect("connected above");
+
+        self.unmarked.extend(self.marks.take());
+        if !self.unmarked.is_empty() {
+            queue
+                .mark_processed(&self.unmarked)
+                .await
+                .map_err(classify)?;
+            for id in self.unmarked.drain(..) {
+                self.held.remove(&id);
+            }
+        }
+        if *renew_due && !self.held.is_empty() {
+            let ids: Vec<i64> = self.held.iter().copied().collect();
+            queue
+                .renew(&ids, self.source.lease)
+                .await
+                .map_err(classify)?;
+        }
+        *renew_due = false;
+
+        let budget = &self.source.pipeline.budget;
+        let room = budget.available_permits().min(self.source.batch_size);
+        if draining || !*want || room == 0 {
+            return Ok(());
+        }
+        let rows = queue
+            .claim(room as i64, self.source.lease)
+            .await
+            .map_err(classify)?;
+        // a full batch means more rows may be waiting: claim again as soon as there is room
+        *want = rows.len() == room;
+        metrics::counter!(crate::metrics::EVENTS_RECEIVED).increment(rows.len() as u64);
+        for row in rows {
+            let permit = budget
+                .clone()
+                .try_acquire_owned()
+                .expect("claimed no more rows than the budget had room for");
+            let recorded: HashSet<(i64, i64)> = row.recorded.iter().map(|e| (row.id, *e)).collect();
+            let event = Event::new(
+                row.id,
+                &row.uid,
+                &row.event_type,
+                &row.created_at,
+                &row.payload,
+            );
+            self.held.insert(row.id);
+            let target = AckTarget::Row {
+                marks: self.marks.clone(),
+                id: row.id,
+            };
+            self.source
+                .pipeline
+                .fan_out(event, &recorded, target, permit);
+        }
+        Ok(())
+    }
+}
