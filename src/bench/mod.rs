@@ -54,6 +54,8 @@ const FAIL_ONE_IN: u64 = 10;
 const START_DEADLINE: Duration = Duration::from_secs(60);
 /// A live phase's backlog is bounded when the relay is at most this far behind when the writers stop.
 const BOUNDED_BEHIND_S: f64 = 0.25;
+/// How often the backlog of a live phase is sampled.
+const BACKLOG_SAMPLE: Duration = Duration::from_millis(100);
 /// Statements listed per measurement, most frequent first.
 const TOP_STATEMENTS: usize = 6;
 
@@ -435,7 +437,7 @@ impl Bench {
             let phase = self
                 .timed_phase(scratch, &receiver, &mut relay, pace, &mut recorded)
                 .await?;
-            let latency = Latency::from_ms(phase.latencies.iter().map(|l| l.1).collect());
+            let latency = phase.latency(|_| true);
             let catch_up = phase
                 .caught_up
                 .duration_since(phase.ended)
@@ -463,8 +465,16 @@ impl Bench {
                 delivered_per_sec,
                 latency,
                 arrived_before_commit_returned: phase.early,
-                backlog_max: phase.backlog_max,
+                backlog_max: phase
+                    .backlog
+                    .iter()
+                    .copied()
+                    .max()
+                    .unwrap_or(0)
+                    .max(phase.backlog_end),
                 backlog_end: phase.backlog_end,
+                backlog_every_100ms: phase.backlog.clone(),
+                p99_ms_by_second: phase.p99_by_second(),
                 behind_s: behind,
                 catch_up_s: catch_up.as_secs_f64(),
                 bounded: behind <= BOUNDED_BEHIND_S,
@@ -508,18 +518,13 @@ impl Bench {
         relay.stop().await?;
         let failed_first_attempts = receiver.tally.failed.load(Ordering::Relaxed);
         receiver.finish().await?;
-        // (requests seen for the event when it succeeded, ms): 1 means the first attempt succeeded
-        let latency_of = |first: bool| {
-            let ms = phase.latencies.iter().filter(|(n, _)| (*n == 1) == first);
-            Latency::from_ms(ms.map(|(_, ms)| *ms).collect())
-        };
-        let latency_first_attempt = latency_of(true);
+        let latency_first_attempt = phase.latency(|s| s.attempts == 1);
         Ok(Retries {
             deliveries_per_sec: per_sec(phase.ok_in_window, phase.commits.elapsed),
             committed_per_sec: per_sec(phase.commits.events, phase.commits.elapsed),
             p99_ms: latency_first_attempt.as_ref().map(|l| l.p99_ms),
             latency_first_attempt,
-            latency_retried: latency_of(false),
+            latency_retried: phase.latency(|s| s.attempts > 1),
             failed_first_attempts,
             all_succeeded_s: phase
                 .recorded_at
@@ -544,6 +549,7 @@ impl Bench {
         let ok_before = receiver.tally.ok.load(Ordering::Relaxed);
         let log_before = receiver.inner.count();
         let committed = Arc::new(AtomicU64::new(0));
+        let started = SystemTime::now();
         let writers = tokio::spawn({
             let db = scratch.db.clone();
             let (writers, window, committed) =
@@ -551,12 +557,12 @@ impl Bench {
             async move { workload::write(&db, writers, pace, false, window, committed).await }
         });
         // sample the backlog while the writers run
-        let mut backlog_max = 0;
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut backlog = Vec::new();
+        let mut tick = tokio::time::interval(BACKLOG_SAMPLE);
         while !writers.is_finished() {
             tick.tick().await;
             let ok = receiver.tally.ok.load(Ordering::Relaxed) - ok_before;
-            backlog_max = backlog_max.max(committed.load(Ordering::Relaxed).saturating_sub(ok));
+            backlog.push(committed.load(Ordering::Relaxed).saturating_sub(ok));
             relay.check()?;
         }
         let commits = writers
@@ -597,13 +603,18 @@ impl Bench {
                 ok_in_window += 1;
             }
             if let Some(commit) = committed_at.get(&key) {
-                match r.arrived.duration_since(*commit) {
-                    Ok(d) => latencies.push((*n, d.as_secs_f64() * 1000.0)),
+                let ms = match r.arrived.duration_since(*commit) {
+                    Ok(d) => d.as_secs_f64() * 1000.0,
                     Err(_) => {
                         early += 1;
-                        latencies.push((*n, 0.0));
+                        0.0
                     }
-                }
+                };
+                latencies.push(Sample {
+                    attempts: *n,
+                    second: commit.duration_since(started).unwrap_or_default().as_secs() as usize,
+                    ms,
+                });
             }
         }
         Ok(Phase {
@@ -614,7 +625,7 @@ impl Bench {
             ok_in_window,
             latencies,
             early,
-            backlog_max: backlog_max.max(backlog_end),
+            backlog,
             backlog_end,
             cost,
         })
@@ -675,12 +686,48 @@ struct Phase {
     caught_up: SystemTime,
     recorded_at: SystemTime,
     ok_in_window: u64,
-    /// (requests seen for the event when it succeeded, commit → receive ms), one per committed event.
-    latencies: Vec<(u32, f64)>,
+    /// One per committed event.
+    latencies: Vec<Sample>,
     early: u64,
-    backlog_max: u64,
+    /// Committed but not yet received, every `BACKLOG_SAMPLE` while the writers ran.
+    backlog: Vec<u64>,
     backlog_end: u64,
     cost: Cost,
+}
+
+/// The latency of one event.
+struct Sample {
+    /// Requests seen for the event when it succeeded (1: the first attempt did).
+    attempts: u32,
+    /// Second of the window in which it was committed.
+    second: usize,
+    /// Commit returned → received.
+    ms: f64,
+}
+
+impl Phase {
+    fn latency(&self, keep: impl Fn(&Sample) -> bool) -> Option<Latency> {
+        Latency::from_ms(
+            self.latencies
+                .iter()
+                .filter(|s| keep(s))
+                .map(|s| s.ms)
+                .collect(),
+        )
+    }
+
+    /// p99 of the events committed in each second of the window: shows stalls and growth over time.
+    fn p99_by_second(&self) -> Vec<Option<f64>> {
+        let seconds = self
+            .latencies
+            .iter()
+            .map(|s| s.second + 1)
+            .max()
+            .unwrap_or(0);
+        (0..seconds)
+            .map(|sec| self.latency(|s| s.second == sec).map(|l| l.p99_ms))
+            .collect()
+    }
 }
 
 fn pace_name(pace: Pace) -> String {

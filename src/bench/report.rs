@@ -141,6 +141,9 @@ pub struct LivePhase {
     /// Committed but not yet received, sampled every 100 ms.
     pub backlog_max: u64,
     pub backlog_end: u64,
+    pub backlog_every_100ms: Vec<u64>,
+    /// p99 latency of the events committed in each second of the window (`null`: none committed).
+    pub p99_ms_by_second: Vec<Option<f64>>,
     /// How far behind the relay was when the writers stopped: `backlog_end / committed_per_sec`.
     pub behind_s: f64,
     /// Writers stopped → everything received.
