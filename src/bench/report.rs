@@ -87,6 +87,8 @@ pub struct StatementUse {
     pub calls: i64,
     pub rows: i64,
     pub wal_bytes: f64,
+    /// Time the server spent executing it, in all.
+    pub exec_ms: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -355,10 +357,11 @@ impl Report {
             for st in &cost.statements {
                 let _ = writeln!(
                     out,
-                    "  {:>9} calls {:>10} rows {:>12} WAL B  {}",
+                    "  {:>9} calls {:>10} rows {:>12} WAL B {:>8.1} ms/call  {}",
                     thousands(st.calls as f64),
                     thousands(st.rows as f64),
                     thousands(st.wal_bytes),
+                    st.exec_ms / st.calls.max(1) as f64,
                     st.query
                 );
             }

@@ -55,8 +55,17 @@ pub struct Snapshot {
     relay_sql_cpu: Option<f64>,
     bench_cpu: f64,
     wal: Lsn,
-    /// The relay's statements in the scratch database: query → (calls, rows, WAL bytes).
-    statements: Option<HashMap<String, (i64, i64, f64)>>,
+    /// The relay's statements in the scratch database: query → totals.
+    statements: Option<HashMap<String, Totals>>,
+}
+
+/// pg_stat_statements' counters of one statement.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Totals {
+    calls: i64,
+    rows: i64,
+    wal_bytes: f64,
+    exec_ms: f64,
 }
 
 impl Server {
@@ -263,14 +272,14 @@ impl Server {
             let rows = scratch
                 .client
                 .query(
-                    "/* walhook-bench */ select s.query, s.calls, s.rows, s.wal_bytes::float8
+                    "/* walhook-bench */ select s.query, s.calls, s.rows, s.wal_bytes::float8, s.total_exec_time
                        from pg_stat_statements s join pg_database d on d.oid = s.dbid
                       where d.datname = current_database() and s.query not like '%walhook-bench%'",
                     &[],
                 )
                 .await
                 .map_err(db_err("reading pg_stat_statements"))?;
-            let mut totals: HashMap<String, (i64, i64, f64)> = HashMap::new();
+            let mut totals: HashMap<String, Totals> = HashMap::new();
             for row in rows {
                 let query: Option<String> = row.get(0);
                 let query = query
@@ -279,9 +288,10 @@ impl Server {
                     .collect::<Vec<_>>()
                     .join(" ");
                 let entry = totals.entry(query).or_default();
-                entry.0 += row.get::<_, i64>(1);
-                entry.1 += row.get::<_, i64>(2);
-                entry.2 += row.get::<_, f64>(3);
+                entry.calls += row.get::<_, i64>(1);
+                entry.rows += row.get::<_, i64>(2);
+                entry.wal_bytes += row.get::<_, f64>(3);
+                entry.exec_ms += row.get::<_, f64>(4);
             }
             Some(totals)
         } else {
@@ -414,14 +424,15 @@ pub fn cost(before: &Snapshot, after: &Snapshot, relay: &Relay, deliveries: u64)
     let bench_cpu = after.bench_cpu - before.bench_cpu;
     let mut used = Vec::new();
     if let (Some(b), Some(a)) = (&before.statements, &after.statements) {
-        for (query, (calls, rows, wal)) in a {
-            let (c0, r0, w0) = b.get(query).copied().unwrap_or_default();
-            if calls - c0 > 0 {
+        for (query, now) in a {
+            let then = b.get(query).copied().unwrap_or_default();
+            if now.calls > then.calls {
                 used.push(StatementUse {
                     query: query.clone(),
-                    calls: calls - c0,
-                    rows: rows - r0,
-                    wal_bytes: wal - w0,
+                    calls: now.calls - then.calls,
+                    rows: now.rows - then.rows,
+                    wal_bytes: now.wal_bytes - then.wal_bytes,
+                    exec_ms: now.exec_ms - then.exec_ms,
                 });
             }
         }
