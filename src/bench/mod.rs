@@ -85,6 +85,8 @@ pub enum BenchError {
     InvalidUrl,
     #[error("{0}")]
     Internal(String),
+    #[error("interrupted; the scratch databases were dropped")]
+    Interrupted,
 }
 
 impl BenchError {
@@ -230,7 +232,17 @@ pub async fn run(options: BenchOptions) -> Result<Report, BenchError> {
         }
     };
     let bench = Bench { plan, server };
-    let result = bench.run_all().await;
+    // On Ctrl-C the scenario in progress is dropped, which kills its relay; its scratch database is dropped
+    // here, so that nothing is left behind on a given server (a throwaway cluster goes away anyway).
+    let result = tokio::select! {
+        result = bench.run_all() => result,
+        _ = tokio::signal::ctrl_c() => {
+            for scenario in &bench.plan.scenarios {
+                let _ = bench.server.drop_database(&server::scratch_name(*scenario)).await;
+            }
+            Err(BenchError::Interrupted)
+        }
+    };
     let Bench { plan, server } = bench;
     let machine = server.machine().await;
     server.close().await;

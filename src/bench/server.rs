@@ -135,7 +135,7 @@ impl Server {
         scenario: Scenario,
         with_slot: bool,
     ) -> Result<Scratch, BenchError> {
-        let name = format!("walhook_bench_{}_{}", scenario.name(), std::process::id());
+        let name = scratch_name(scenario);
         self.drop_database(&name).await?;
         self.admin
             .batch_execute(&format!("{MARKER} create database {name}"))
@@ -217,7 +217,7 @@ impl Server {
 
     /// Drops the database and its slot, if they exist. The walsender of a relay that just exited may hold
     /// the slot a moment longer, so an active slot is waited for.
-    async fn drop_database(&self, name: &str) -> Result<(), BenchError> {
+    pub async fn drop_database(&self, name: &str) -> Result<(), BenchError> {
         let until = Instant::now() + Duration::from_secs(30);
         loop {
             let slot = self
@@ -410,6 +410,11 @@ fn with_dbname(url: &str, name: &str) -> String {
         }
     }
     format!("{url} dbname={name}")
+}
+
+/// The scratch database (and slot) of a scenario: unique per benchmark process.
+pub fn scratch_name(scenario: Scenario) -> String {
+    format!("walhook_bench_{}_{}", scenario.name(), std::process::id())
 }
 
 /// What the relay cost between two snapshots, per delivery.
