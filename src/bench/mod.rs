@@ -85,6 +85,9 @@ pub enum BenchError {
     InvalidUrl,
     #[error("{0}")]
     Internal(String),
+    /// The receiver could not verify some signatures: a bug in walhook, not in the setup.
+    #[error("{bad} of {total} requests failed signature verification: this is a bug in walhook")]
+    Unverified { bad: usize, total: usize },
     #[error("interrupted; the scratch databases were dropped")]
     Interrupted,
 }
@@ -852,10 +855,10 @@ impl BenchReceiver {
             .filter(|r| r.verified == Some(false))
             .count();
         if bad > 0 {
-            return Err(BenchError::Internal(format!(
-                "{bad} of {} requests failed signature verification: this is a bug in walhook",
-                received.len()
-            )));
+            return Err(BenchError::Unverified {
+                bad,
+                total: received.len(),
+            });
         }
         Ok(received)
     }

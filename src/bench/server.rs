@@ -159,15 +159,15 @@ impl Server {
         with_slot: bool,
     ) -> Result<Scratch, BenchError> {
         let url = with_dbname(&self.admin_url, name);
-        let db: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| BenchError::Internal(format!("the scratch database's URL: {e}")))?;
+        let db: tokio_postgres::Config = url.parse().map_err(|e| {
+            BenchError::Internal(format!("the scratch database URL is invalid: {e}"))
+        })?;
         let mut client = crate::store::connect_client(&db)
             .await
             .map_err(db_err("connecting to the scratch database"))?;
-        crate::schema::migrate(&mut client)
-            .await
-            .map_err(|e| BenchError::Internal(format!("migrating the scratch database: {e}")))?;
+        crate::schema::migrate(&mut client).await.map_err(|e| {
+            BenchError::Internal(format!("migrating the scratch database failed: {e}"))
+        })?;
         if with_slot {
             client
                 .batch_execute(&format!(

@@ -159,7 +159,7 @@ pub async fn write(
     let mut commits = Commits::default();
     while let Some(joined) = tasks.join_next().await {
         let (events, stamps) = joined
-            .map_err(|e| BenchError::Relay(format!("a writer task failed: {e}")))?
+            .map_err(|e| BenchError::Internal(format!("a writer task failed: {e}")))?
             .map_err(|e| BenchError::db("inserting outbox events", e))?;
         commits.events += events;
         commits.stamps.extend(stamps);
@@ -196,7 +196,7 @@ pub async fn preload(
     }
     while let Some(joined) = tasks.join_next().await {
         joined
-            .map_err(|e| BenchError::Relay(format!("a preload task failed: {e}")))?
+            .map_err(|e| BenchError::Internal(format!("a preload task failed: {e}")))?
             .map_err(|e| BenchError::db("preloading outbox events", e))?;
     }
     Ok(start.elapsed())
