@@ -23,8 +23,10 @@
 //! - [`daemon`]: `walhook run`, wiring and graceful drain; [`health`]: `/healthz`.
 //! - [`demo`], [`cluster`], [`receiver`]: the self-contained demo, a throwaway PostgreSQL cluster and a
 //!   loopback webhook receiver (also used by the tests and benchmarks).
+//! - [`bench`]: `walhook bench`, throughput, latency and cost of the relay on this machine.
 //! - [`lsn`], [`metrics`]: WAL positions; metric names.
 
+pub mod bench;
 pub mod cluster;
 pub mod config;
 pub mod daemon;

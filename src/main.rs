@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -35,6 +36,44 @@ enum Command {
     /// Print a new ed25519 key pair for asymmetric (v1a) signing: the whsk_ key goes into
     /// walhook.endpoints.signing_key, the whpk_ key to the receiver.
     Keygen,
+    /// Measure throughput, latency and cost on this machine (a throwaway PostgreSQL unless --database-url).
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Server to benchmark on: scratch databases are created there and dropped afterwards (the role needs
+    /// CREATEDB and REPLICATION). Without it, a throwaway cluster is started.
+    #[arg(long, value_name = "URL")]
+    database_url: Option<String>,
+    /// Also write the figures as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// A few seconds in all, small sizes, every scenario (for CI: the command keeps working).
+    #[arg(long)]
+    quick: bool,
+    /// Backlog of the drain scenario (fanout uses a tenth of it) [default: 200000, --quick 5000].
+    #[arg(long, value_name = "N")]
+    events: Option<u64>,
+    /// Each timed window, e.g. "10s" [default: 10s, --quick 1.5s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Concurrent writer connections [default: 4].
+    #[arg(long, value_name = "K")]
+    writers: Option<usize>,
+    /// Scenarios to run, comma-separated: baseline, drain, live, fanout, retries [default: all].
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    scenarios: Vec<walhook::bench::Scenario>,
+    /// Relay configuration for every scenario, repeatable: --relay-setting delivery.concurrency=1024.
+    #[arg(long = "relay-setting", value_name = "KEY=VALUE", value_parser = key_value)]
+    relay_settings: Vec<(String, String)>,
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE, e.g. delivery.concurrency=1024"))
 }
 
 fn main() -> ExitCode {
@@ -61,6 +100,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     if let Command::Demo = cli.command {
         init_logs("warn", LogFormat::Text);
         return runtime.block_on(walhook::demo::run());
+    }
+    if let Command::Bench(args) = cli.command {
+        init_logs("warn", LogFormat::Text);
+        return bench(&runtime, args);
     }
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
@@ -94,8 +137,28 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        Command::Demo | Command::Keygen => unreachable!("handled above"),
+        Command::Demo | Command::Keygen | Command::Bench(_) => unreachable!("handled above"),
     }
+}
+
+fn bench(runtime: &tokio::runtime::Runtime, args: BenchArgs) -> anyhow::Result<()> {
+    let options = walhook::bench::BenchOptions {
+        database_url: args.database_url,
+        quick: args.quick,
+        events: args.events,
+        duration: args.duration,
+        writers: args.writers,
+        scenarios: args.scenarios,
+        relay_settings: args.relay_settings,
+    };
+    let report = runtime.block_on(walhook::bench::run(options))?;
+    print!("{}", report.table());
+    if let Some(path) = args.json {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(&path, json + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// First SIGTERM/SIGINT drains, a second one aborts.

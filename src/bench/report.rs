@@ -1,0 +1,455 @@
+//! What `walhook bench` measured: the `--json` document and the table printed for people.
+//!
+//! The JSON keys named in the issue (`baseline.inserts_per_sec`, `drain.deliveries_per_sec`,
+//! `live.full_speed_ratio`, …) are fields here and must keep their names; everything else is context for
+//! reading them (the machine, the relay's CPU next to PostgreSQL's, the relay's most frequent statements).
+//! Figures that could not be measured are `null`, never 0.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::stats::Latency;
+
+/// Everything measured; serialises to the `--json` document.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub machine: Machine,
+    pub settings: Settings,
+    pub baseline: Option<Baseline>,
+    pub drain: Option<Drain>,
+    pub live: Option<Live>,
+    pub fanout: Option<Fanout>,
+    pub retries: Option<Retries>,
+    pub elapsed_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub cpu: String,
+    pub kernel: String,
+    pub memory_gib: f64,
+    pub postgres: String,
+    /// "throwaway cluster" or "given server".
+    pub server: String,
+    pub fsync: String,
+    pub synchronous_commit: String,
+    /// 1-minute load average when the benchmark ended: other work on the machine skews every figure.
+    pub load_average: Option<f64>,
+    pub pg_stat_statements: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Settings {
+    pub quick: bool,
+    pub events: u64,
+    pub fanout_events: u64,
+    pub window_s: f64,
+    pub writers: usize,
+    /// The relay's configuration beyond its defaults, as `key=value`.
+    pub relay_settings: Vec<String>,
+}
+
+/// What the relay cost over one measured interval.
+#[derive(Debug, Serialize)]
+pub struct Cost {
+    /// Successful deliveries in the interval: the denominator of the figures below.
+    pub deliveries: u64,
+    pub seconds: f64,
+    pub peak_rss_mib: f64,
+    pub cpu_s_per_10k: Option<f64>,
+    /// Share of one core the relay used.
+    pub relay_cores: f64,
+    /// SQL statements the relay ran per delivery (pg_stat_statements; `null` without it).
+    pub statements_per_delivery: Option<f64>,
+    /// WAL the relay's own statements wrote per delivery (pg_stat_statements; `null` without it).
+    pub wal_bytes_per_delivery: Option<f64>,
+    /// All WAL generated per delivery (application inserts, relay, everything else), for context.
+    pub total_wal_bytes_per_delivery: Option<f64>,
+    /// CPU of the whole PostgreSQL server per 10,000 deliveries (throwaway cluster only).
+    pub postgres_cpu_s_per_10k: Option<f64>,
+    pub postgres_cores: Option<f64>,
+    /// Of the PostgreSQL CPU: the walsender decoding the WAL for the relay.
+    pub walsender_cpu_s_per_10k: Option<f64>,
+    /// Of the PostgreSQL CPU: the sessions running the relay's SQL (recording, retries, endpoint cache).
+    pub relay_sql_cpu_s_per_10k: Option<f64>,
+    /// CPU of this process (writers and receiver) per 10,000 deliveries.
+    pub bench_cpu_s_per_10k: Option<f64>,
+    pub bench_cores: f64,
+    /// The relay's most frequent statements in the interval.
+    pub statements: Vec<StatementUse>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StatementUse {
+    pub query: String,
+    pub calls: i64,
+    pub rows: i64,
+    pub wal_bytes: f64,
+    /// Time the server spent executing it, in all.
+    pub exec_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Baseline {
+    pub writers: usize,
+    /// One event per transaction.
+    pub inserts_per_sec: f64,
+    /// `batch` events per transaction (one statement).
+    pub inserts_per_sec_batched: f64,
+    pub batch: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Drain {
+    pub events: u64,
+    /// Events / (relay start → every delivery recorded as succeeded).
+    pub deliveries_per_sec: f64,
+    pub first_delivery_ms: Option<f64>,
+    /// Relay start → last delivery received.
+    pub delivered_s: f64,
+    /// Relay start → every delivery recorded as succeeded.
+    pub recorded_s: f64,
+    pub preload_s: f64,
+    pub duplicates: u64,
+    #[serde(flatten)]
+    pub cost: Cost,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Live {
+    /// Delivered rate at full speed / baseline insert rate (one event per transaction), same run.
+    pub full_speed_ratio: Option<f64>,
+    pub p99_ms_at_1000: Option<f64>,
+    pub p99_ms_at_5000: Option<f64>,
+    pub peak_rss_mib: f64,
+    pub phases: Vec<LivePhase>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LivePhase {
+    pub name: String,
+    /// `null` at full speed.
+    pub offered_per_sec: Option<f64>,
+    pub committed: u64,
+    pub committed_per_sec: f64,
+    /// Deliveries received during the writers' window, per second of it.
+    pub delivered_per_sec: f64,
+    /// Commit (returned to the writer) → received, over every event of the phase.
+    pub latency: Option<Latency>,
+    /// Deliveries that arrived before their writer had stamped the commit (counted as 0 ms).
+    pub arrived_before_commit_returned: u64,
+    /// Committed but not yet received, sampled every 100 ms.
+    pub backlog_max: u64,
+    pub backlog_end: u64,
+    pub backlog_every_100ms: Vec<u64>,
+    /// p99 latency of the events committed in each second of the window (`null`: none committed).
+    pub p99_ms_by_second: Vec<Option<f64>>,
+    /// How far behind the relay was when the writers stopped: `backlog_end / committed_per_sec`.
+    pub behind_s: f64,
+    /// Writers stopped → everything received.
+    pub catch_up_s: f64,
+    /// The relay kept up: it was at most `behind_s` 0.25 s behind when the writers stopped (a backlog that
+    /// grows for the whole window ends further behind).
+    pub bounded: bool,
+    #[serde(flatten)]
+    pub cost: Cost,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Fanout {
+    pub endpoints: u64,
+    pub events: u64,
+    /// Deliveries / (relay start → every delivery recorded as succeeded).
+    pub deliveries_per_sec: f64,
+    pub first_delivery_ms: Option<f64>,
+    pub recorded_s: f64,
+    pub duplicates: u64,
+    #[serde(flatten)]
+    pub cost: Cost,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Retries {
+    /// Successful deliveries received during the writers' window, per second of it.
+    pub deliveries_per_sec: f64,
+    pub committed_per_sec: f64,
+    /// p99 commit → received of the events whose first attempt succeeded.
+    pub p99_ms: Option<f64>,
+    pub latency_first_attempt: Option<Latency>,
+    /// Commit → successful retry, for the events whose first attempt was answered 500.
+    pub latency_retried: Option<Latency>,
+    pub failed_first_attempts: u64,
+    /// Writers stopped → every event delivered and recorded as succeeded.
+    pub all_succeeded_s: f64,
+    #[serde(flatten)]
+    pub cost: Cost,
+}
+
+impl Report {
+    /// The machine line, then one line per scenario (per rate for `live`) with the key figures, then where
+    /// the CPU went and the relay's most frequent statements.
+    pub fn table(&self) -> String {
+        let m = &self.machine;
+        let s = &self.settings;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "walhook bench: {} cores ({}), {:.1} GiB, Linux {}, load {}; {} ({}, fsync={}, \
+             synchronous_commit={}); {} writers, {} s windows{}; ran {:.0} s",
+            m.cores,
+            m.cpu,
+            m.memory_gib,
+            m.kernel,
+            m.load_average.map_or("?".into(), |l| format!("{l:.1}")),
+            m.postgres,
+            m.server,
+            m.fsync,
+            m.synchronous_commit,
+            s.writers,
+            s.window_s,
+            if s.quick { ", --quick" } else { "" },
+            self.elapsed_s
+        );
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:<20} {:>22}  {:<30} {:>9} {:>9} {:>9} {:>9}",
+            "scenario",
+            "rate",
+            "latency ms p50/p95/p99/max",
+            "RSS MiB",
+            "CPU s/10k",
+            "stmts/dlv",
+            "WAL B/dlv"
+        );
+        let row =
+            |out: &mut String, name: &str, rate: String, latency: String, cost: Option<&Cost>| {
+                let (rss, cpu, stmts, wal) = match cost {
+                    Some(c) => (
+                        format!("{:.1}", c.peak_rss_mib),
+                        opt(c.cpu_s_per_10k, 2),
+                        opt(c.statements_per_delivery, 3),
+                        opt(c.wal_bytes_per_delivery, 0),
+                    ),
+                    None => ("-".into(), "-".into(), "-".into(), "-".into()),
+                };
+                let _ = writeln!(
+                    out,
+                    "{name:<20} {rate:>22}  {latency:<30} {rss:>9} {cpu:>9} {stmts:>9} {wal:>9}"
+                );
+            };
+        if let Some(b) = &self.baseline {
+            let rate = format!("{} inserts/s", thousands(b.inserts_per_sec));
+            row(&mut out, "baseline 1/txn", rate, String::new(), None);
+            let rate = format!("{} inserts/s", thousands(b.inserts_per_sec_batched));
+            let name = format!("baseline {}/txn", b.batch);
+            row(&mut out, &name, rate, String::new(), None);
+        }
+        if let Some(d) = &self.drain {
+            let name = format!("drain {}", thousands(d.events as f64));
+            let rate = format!("{} dlv/s", thousands(d.deliveries_per_sec));
+            row(
+                &mut out,
+                &name,
+                rate,
+                first(d.first_delivery_ms),
+                Some(&d.cost),
+            );
+        }
+        if let Some(l) = &self.live {
+            for p in &l.phases {
+                let rate = format!("{} dlv/s", thousands(p.delivered_per_sec));
+                let name = format!("live {}", p.name);
+                row(
+                    &mut out,
+                    &name,
+                    rate,
+                    latency(p.latency.as_ref()),
+                    Some(&p.cost),
+                );
+            }
+        }
+        if let Some(f) = &self.fanout {
+            let name = format!("fanout {}×{}", f.endpoints, thousands(f.events as f64));
+            let rate = format!("{} dlv/s", thousands(f.deliveries_per_sec));
+            row(
+                &mut out,
+                &name,
+                rate,
+                first(f.first_delivery_ms),
+                Some(&f.cost),
+            );
+        }
+        if let Some(r) = &self.retries {
+            let rate = format!("{} dlv/s", thousands(r.deliveries_per_sec));
+            let l = latency(r.latency_first_attempt.as_ref());
+            row(&mut out, "retries 10% 500", rate, l, Some(&r.cost));
+        }
+
+        let _ = writeln!(out);
+        if let Some(l) = &self.live {
+            for p in &l.phases {
+                let _ = writeln!(
+                    out,
+                    "live {:<11} committed {:>7}/s, delivered {:>7}/s, backlog max {} / at end {} \
+                     ({:.2} s behind), caught up {:.2} s after the writers stopped: {}",
+                    p.name,
+                    thousands(p.committed_per_sec),
+                    thousands(p.delivered_per_sec),
+                    thousands(p.backlog_max as f64),
+                    thousands(p.backlog_end as f64),
+                    p.behind_s,
+                    p.catch_up_s,
+                    if p.bounded { "bounded" } else { "NOT bounded" }
+                );
+            }
+            if let Some(ratio) = l.full_speed_ratio {
+                let _ = writeln!(
+                    out,
+                    "live full speed delivered {:.2} × the baseline insert rate (1/txn)",
+                    ratio
+                );
+            }
+        }
+        if let Some(r) = &self.retries {
+            let _ = writeln!(
+                out,
+                "retries: {} first attempts answered 500; retried ones delivered {} after commit; \
+                 everything succeeded {:.1} s after the writers stopped",
+                thousands(r.failed_first_attempts as f64),
+                r.latency_retried.as_ref().map_or("-".into(), |l| format!(
+                    "p50 {:.0} ms, p99 {:.0} ms",
+                    l.p50_ms, l.p99_ms
+                )),
+                r.all_succeeded_s
+            );
+        }
+
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "where the CPU went, seconds per 10,000 deliveries (cores busy); PostgreSQL's includes its \
+             walsender and the relay's SQL sessions:"
+        );
+        for (name, cost) in self.costs() {
+            let _ = writeln!(
+                out,
+                "  {name:<18} relay {:>5} ({:.2})  postgres {:>5} ({}) [walsender {}, relay SQL {}]  \
+                 bench {:>5} ({:.2})  all WAL {:>5} B/dlv",
+                opt(cost.cpu_s_per_10k, 2),
+                cost.relay_cores,
+                opt(cost.postgres_cpu_s_per_10k, 2),
+                cost.postgres_cores.map_or("-".into(), |c| format!("{c:.2}")),
+                opt(cost.walsender_cpu_s_per_10k, 2),
+                opt(cost.relay_sql_cpu_s_per_10k, 2),
+                opt(cost.bench_cpu_s_per_10k, 2),
+                cost.bench_cores,
+                opt(cost.total_wal_bytes_per_delivery, 0),
+            );
+        }
+        for (name, cost) in self.costs() {
+            if cost.statements.is_empty() {
+                continue;
+            }
+            let _ = writeln!(out, "relay statements in {name}:");
+            for st in &cost.statements {
+                let _ = writeln!(
+                    out,
+                    "  {:>9} calls {:>10} rows {:>12} WAL B {:>8.1} ms/call  {}",
+                    thousands(st.calls as f64),
+                    thousands(st.rows as f64),
+                    thousands(st.wal_bytes),
+                    st.exec_ms / st.calls.max(1) as f64,
+                    st.query
+                );
+            }
+        }
+        out
+    }
+
+    /// Every measured interval, named as in the table.
+    fn costs(&self) -> Vec<(String, &Cost)> {
+        let mut costs = Vec::new();
+        if let Some(d) = &self.drain {
+            costs.push(("drain".to_string(), &d.cost));
+        }
+        if let Some(l) = &self.live {
+            for p in &l.phases {
+                costs.push((format!("live {}", p.name), &p.cost));
+            }
+        }
+        if let Some(f) = &self.fanout {
+            costs.push(("fanout".to_string(), &f.cost));
+        }
+        if let Some(r) = &self.retries {
+            costs.push(("retries".to_string(), &r.cost));
+        }
+        costs
+    }
+}
+
+fn opt(value: Option<f64>, decimals: usize) -> String {
+    value.map_or("-".into(), |v| format!("{v:.decimals$}"))
+}
+
+fn first(ms: Option<f64>) -> String {
+    ms.map_or(String::new(), |ms| format!("first after {ms:.0} ms"))
+}
+
+fn latency(l: Option<&Latency>) -> String {
+    l.map_or("-".into(), |l| {
+        format!(
+            "{} / {} / {} / {}",
+            short(l.p50_ms),
+            short(l.p95_ms),
+            short(l.p99_ms),
+            short(l.max_ms)
+        )
+    })
+}
+
+/// Milliseconds with one decimal below 100, none above.
+fn short(ms: f64) -> String {
+    if ms < 100.0 {
+        format!("{ms:.1}")
+    } else {
+        thousands(ms)
+    }
+}
+
+/// Rounded, with thin thousands separators: 12,345.
+fn thousands(value: f64) -> String {
+    let rounded = value.round();
+    let digits = format!("{}", rounded.abs() as u64);
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if rounded < 0.0 {
+        out.insert(0, '-');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_numbers() {
+        assert_eq!(thousands(0.4), "0");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(thousands(1234.6), "1,235");
+        assert_eq!(thousands(1_234_567.0), "1,234,567");
+        assert_eq!(thousands(-4321.0), "-4,321");
+        assert_eq!(short(2.345), "2.3");
+        assert_eq!(short(1234.0), "1,234");
+        assert_eq!(opt(None, 2), "-");
+        assert_eq!(opt(Some(1.234), 2), "1.23");
+    }
+}
