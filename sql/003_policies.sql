@@ -164,6 +164,10 @@ alter table walhook.outbox add column ordering_key text;
 alter table walhook.deliveries
   add column ordering_key text,
   add column commit_lsn pg_lsn;
+-- due deliveries are claimed per endpoint, each no more than it has room for
+drop index walhook.deliveries_due;
+create index deliveries_due on walhook.deliveries (endpoint_id, next_attempt_at)
+  where status = 'pending' and ordering_key is null;
 create index deliveries_ordered_heads on walhook.deliveries (endpoint_id, ordering_key, commit_lsn, event_id)
   where status = 'pending' and ordering_key is not null;
 

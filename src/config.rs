@@ -119,6 +119,9 @@ pub struct DeliveryConfig {
     /// Events held in memory before the source is paused.
     pub max_in_flight_events: usize,
     pub max_in_flight_per_endpoint: usize,
+    /// Longest a delivery waits in memory for room at its endpoint before it is parked in the database.
+    #[serde(with = "duration")]
+    pub queue_wait: Duration,
     pub response_excerpt_bytes: usize,
     #[serde(with = "duration")]
     pub pool_idle_timeout: Duration,
@@ -180,6 +183,7 @@ impl Default for DeliveryConfig {
             concurrency: 2048,
             max_in_flight_events: 10_000,
             max_in_flight_per_endpoint: 128,
+            queue_wait: Duration::from_secs(1),
             response_excerpt_bytes: 1024,
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle_per_host: 256,

@@ -119,6 +119,7 @@ pub async fn run(
         timeout: config.delivery.timeout,
         concurrency: config.delivery.concurrency,
         max_in_flight_per_endpoint: config.delivery.max_in_flight_per_endpoint,
+        queue_wait: config.delivery.queue_wait,
     };
     let wake = Arc::new(tokio::sync::Notify::new());
     let (recorder, recorder_task) = record::channel(
@@ -134,6 +135,7 @@ pub async fn run(
         settings,
         disable_tx,
     ));
+    tokio::spawn(Dispatcher::sweep(Arc::downgrade(&dispatcher)));
     let endpoints = Arc::new(EndpointCache::default());
 
     // the first endpoint load happens before streaming, so no event is matched against an empty cache
@@ -227,6 +229,8 @@ pub async fn run(
     let _ = scheduler_handle.await;
     let _ = refresher_handle.await;
     let _ = state_handle.await;
+    // queued jobs are parked (recorded as pending) rather than sent during the drain
+    dispatcher.park_queued();
     drop(dispatcher);
     drop(recorder);
     let _ = recorder_handle.await;

@@ -6,11 +6,13 @@
 //! transaction, and the refresher reloads only when that committed generation changes. Unchanged endpoints keep
 //! their `Arc` across reloads, so their prepared HMAC key and in-flight counters survive.
 
+use std::collections::VecDeque;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::dispatch::limits::{Breaker, TokenBucket};
+use crate::dispatch::Job;
 use crate::sign::{Ed25519Signer, Signer};
 
 /// An event-type pattern: `*`, a prefix like `order.*`, or an exact type.
@@ -79,6 +81,8 @@ pub struct Policy {
 pub struct Runtime {
     /// Requests to this endpoint now in flight (dispatch keeps it below the per-endpoint limit).
     pub in_flight: AtomicUsize,
+    /// Jobs waiting for room at this endpoint, oldest first, each with the time it started waiting.
+    pub queue: Mutex<VecDeque<(Instant, Job)>>,
     pub limits: Mutex<Limits>,
     pub health: Mutex<Health>,
 }
@@ -143,6 +147,7 @@ impl Runtime {
         let now = Instant::now();
         Runtime {
             in_flight: AtomicUsize::new(0),
+            queue: Mutex::new(VecDeque::new()),
             limits: Mutex::new(Limits {
                 breaker: Breaker::new(now),
                 bucket: rate_limit.map(|r| TokenBucket::new(r, now)),

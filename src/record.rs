@@ -81,7 +81,11 @@ impl RecorderTask {
             if let Some(first) = carry.take() {
                 batch.push(first);
             } else {
-                match self.rx.recv().await {
+                let next = tokio::select! {
+                    o = self.rx.recv() => o,
+                    _ = abort.cancelled() => return,
+                };
+                match next {
                     Some(o) => batch.push(o),
                     None => return,
                 }

@@ -36,6 +36,7 @@ impl Scheduler {
         let mut tick = tokio::time::interval(self.poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut backlog = false;
+        let mut round = 0usize;
         loop {
             // with a backlog (the last claim was full), claim again as soon as half the budget is free
             let half = (self.batch_size / 2).max(1) as u32;
@@ -59,54 +60,34 @@ impl Scheduler {
                 }
             }
             let s = store.as_ref().expect("connected above");
-            // what each endpoint accepts now: full ones are left out of the claim, rate-limited ones are
-            // claimed separately, no more than their tokens
+            // what each endpoint accepts now (in-flight room, breaker, rate limit): the claim takes no more,
+            // so nothing claimed is parked straight back; the order rotates so no endpoint starves the rest
             let snapshot = self.endpoints.snapshot();
             let mut skip = Vec::new();
-            let mut throttled = Vec::new();
+            let mut open: Vec<(i64, i32)> = Vec::new();
             for e in snapshot.iter() {
-                let r = self.dispatcher.room(e);
-                if r == 0 {
-                    skip.push(e.id);
-                } else if e.policy.rate_limit.is_some() {
-                    throttled.push((e.id, r));
+                match self.dispatcher.room(e) {
+                    0 => skip.push(e.id),
+                    r => open.push((e.id, r.min(i32::MAX as usize) as i32)),
                 }
             }
-            let mut claims = Vec::new();
-            let mut left = room;
-            for (id, r) in &throttled {
-                if left == 0 {
-                    break;
-                }
-                match s
-                    .claim_due(r.min(&left).to_owned() as i64, self.lease, &skip, &[*id])
-                    .await
-                {
-                    Ok(c) => {
-                        left -= c.len();
-                        claims.extend(c);
-                    }
-                    Err(e) => {
-                        tracing::warn!("claiming due deliveries failed: {e}");
-                        break;
-                    }
-                }
+            if !open.is_empty() {
+                let turn = round % open.len();
+                open.rotate_left(turn);
             }
-            skip.extend(throttled.iter().map(|t| t.0));
+            round = round.wrapping_add(1);
+            let (ids, caps): (Vec<i64>, Vec<i32>) = open.into_iter().unzip();
             let result = async {
-                let mut c = s.claim_ordered(left as i64, self.lease, &skip).await?;
-                let rest = left - c.len();
-                if rest > 0 {
-                    c.extend(s.claim_due(rest as i64, self.lease, &skip, &[]).await?);
+                let mut c = s.claim_ordered(room as i64, self.lease, &skip).await?;
+                let rest = room - c.len();
+                if rest > 0 && !ids.is_empty() {
+                    c.extend(s.claim_due(rest as i64, self.lease, &ids, &caps).await?);
                 }
                 Ok::<_, crate::store::StoreError>(c)
             }
             .await;
             let claimed = match result {
-                Ok(c) => {
-                    claims.extend(c);
-                    claims
-                }
+                Ok(c) => c,
                 Err(e) => {
                     tracing::warn!("claiming due deliveries failed: {e}");
                     if e.is_connection() {

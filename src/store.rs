@@ -178,18 +178,20 @@ select c.id, c.event_id, c.endpoint_id, c.attempts, c.schedule_step, c.uid,
     )
 }
 
-/// Due unordered deliveries of enabled endpoints, oldest first; $3 endpoints to skip, $4 (if not empty)
-/// the only endpoints to take.
+/// Due unordered deliveries, oldest first per endpoint, at most `cap` for each endpoint listed in $3/$4 (the
+/// endpoints with room now, with how much): no claim ever exceeds what an endpoint can take, so nothing claimed
+/// is parked straight back.
 const DUE: &str = "
   select d.id
-    from walhook.deliveries d
-    join walhook.endpoints e on e.id = d.endpoint_id and e.enabled
-   where d.status = 'pending' and d.next_attempt_at <= now() and d.ordering_key is null
-     and d.endpoint_id <> all($3::bigint[])
-     and (cardinality($4::bigint[]) = 0 or d.endpoint_id = any($4::bigint[]))
-   order by d.next_attempt_at
-   limit $1
-     for update of d skip locked";
+    from unnest($3::bigint[], $4::int[]) as c(endpoint_id, cap)
+   cross join lateral (
+         select d.id from walhook.deliveries d
+          where d.endpoint_id = c.endpoint_id and d.status = 'pending' and d.ordering_key is null
+            and d.next_attempt_at <= now()
+          order by d.next_attempt_at
+          limit c.cap
+            for update skip locked) d
+   limit $1";
 
 /// Ordered deliveries: per (endpoint, key) only the head (oldest in commit order) may go, and only when it is
 /// due; a head in flight or backing off holds its key back and no other.
@@ -481,19 +483,22 @@ impl Store {
         Ok(())
     }
 
-    /// Claims up to `limit` due unordered deliveries, skipping the endpoints in `skip` and, when `only` is
-    /// not empty, taking only those endpoints'. The lease is the time the claimer has to record an outcome
-    /// before the delivery is due again (a crashed claimer's work is retaken).
+    /// Claims up to `limit` due unordered deliveries, at most `caps[i]` of endpoint `endpoints[i]`. The lease
+    /// is the time the claimer has to record an outcome before the delivery is due again (a crashed
+    /// claimer's work is retaken).
     pub async fn claim_due(
         &self,
         limit: i64,
         lease: Duration,
-        skip: &[i64],
-        only: &[i64],
+        endpoints: &[i64],
+        caps: &[i32],
     ) -> Result<Vec<Claimed>, StoreError> {
         let rows = self
             .client
-            .query(&self.claim, &[&limit, &lease.as_secs_f64(), &skip, &only])
+            .query(
+                &self.claim,
+                &[&limit, &lease.as_secs_f64(), &endpoints, &caps],
+            )
             .await?;
         Ok(rows.iter().map(claimed).collect())
     }

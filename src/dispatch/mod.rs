@@ -1,11 +1,13 @@
 //! Dispatch: admit, sign, send, decide, and hand the outcome to the recorder.
 //!
-//! `submit` never blocks the caller (the source's read loop or the scheduler). A job goes out at once unless
-//! one of its endpoint's limits says no: the breaker is open, the rate limit has no token, or
-//! `max_in_flight` requests are already open. Then the delivery is *parked*: recorded as pending, due when
-//! the limit will allow it, without an attempt. Nothing waits in memory for a slow endpoint, so a slow,
-//! failing or throttled endpoint never holds other endpoints' events or the slot position back for longer
-//! than one request timeout (DESIGN.md invariant 5), and a skipped request consumes no attempt.
+//! `submit` never blocks the caller (the source's read loop or the scheduler). A job goes out at once when its
+//! endpoint has room. Otherwise it waits in the endpoint's in-memory queue, started as soon as one of the
+//! endpoint's requests completes, but for at most `delivery.queue_wait`: a job that waited longer, or one
+//! that a limit would hold back for longer (an open breaker, a rate limit with no token soon), is *parked*:
+//! recorded as pending, due when the limit will allow it, without an attempt. So a busy but healthy endpoint
+//! drains its queue from memory at full speed, while a slow, failing or throttled endpoint never holds other
+//! endpoints' events or the slot position back for longer than one request timeout (DESIGN.md invariant 5),
+//! and a skipped request consumes no attempt.
 //!
 //! Ordered endpoints are the exception to "send at once": a keyed event is always parked with its commit
 //! position, and the scheduler sends only the oldest pending delivery of each key (one in flight per key).
@@ -16,6 +18,7 @@ pub mod limits;
 pub mod retry;
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -68,6 +71,8 @@ pub struct DispatchSettings {
     /// Global limit on requests in flight.
     pub concurrency: usize,
     pub max_in_flight_per_endpoint: usize,
+    /// Longest a job waits in memory for room at its endpoint before it is parked.
+    pub queue_wait: Duration,
 }
 
 pub struct Dispatcher {
@@ -76,6 +81,17 @@ pub struct Dispatcher {
     settings: DispatchSettings,
     concurrency: Arc<Semaphore>,
     disable: mpsc::UnboundedSender<Disable>,
+    /// Endpoints with jobs queued in memory, for the sweeper.
+    waiting: std::sync::Mutex<HashMap<i64, Arc<Endpoint>>>,
+}
+
+/// What an endpoint's limits say about one more request.
+enum Start {
+    Go(Admission),
+    /// No room now; the job may wait in the queue.
+    Full,
+    /// Held back for longer than it should wait in memory: park it, due then.
+    Park(SystemTime),
 }
 
 impl Dispatcher {
@@ -92,6 +108,7 @@ impl Dispatcher {
             settings,
             concurrency,
             disable,
+            waiting: Default::default(),
         }
     }
 
@@ -106,9 +123,10 @@ impl Dispatcher {
     /// How many more requests the endpoint accepts now (the scheduler claims no more than that), counting
     /// its in-flight limit, an open breaker and its rate limit.
     pub fn room(&self, endpoint: &Endpoint) -> usize {
+        let queued = endpoint.rt.queue.lock().expect("never poisoned").len();
         let open = self
             .max_in_flight(endpoint)
-            .saturating_sub(endpoint.rt.in_flight.load(Ordering::Relaxed));
+            .saturating_sub(endpoint.rt.in_flight.load(Ordering::Relaxed) + queued);
         let now = Instant::now();
         let mut limits = endpoint.rt.limits.lock().expect("never poisoned");
         if limits.breaker.state() != limits::BreakerState::Closed {
@@ -121,44 +139,70 @@ impl Dispatcher {
         }
     }
 
-    /// Starts the job, or parks it if a limit of its endpoint says no.
+    /// Starts the job, queues it behind its endpoint's requests in flight, or parks it.
     pub fn submit(self: &Arc<Self>, job: Job) {
         if job.must_queue() {
             self.park(job, SystemTime::now());
             return;
         }
         let endpoint = job.endpoint.clone();
+        let mut queue = endpoint.rt.queue.lock().expect("never poisoned");
+        if queue.is_empty() {
+            match self.try_start(&endpoint) {
+                Start::Go(admission) => {
+                    drop(queue);
+                    self.spawn(job, admission);
+                    return;
+                }
+                Start::Park(at) => {
+                    drop(queue);
+                    self.park(job, at);
+                    return;
+                }
+                Start::Full => {}
+            }
+        }
+        queue.push_back((Instant::now(), job));
+        // registered under the queue's lock, so the sweeper cannot drop an endpoint that just got a job
+        self.waiting
+            .lock()
+            .expect("never poisoned")
+            .insert(endpoint.id, endpoint.clone());
+        drop(queue);
+    }
+
+    /// Whether the endpoint takes one more request now; on `Go` its in-flight count is already taken.
+    fn try_start(&self, endpoint: &Endpoint) -> Start {
         let previous = endpoint.rt.in_flight.fetch_add(1, Ordering::AcqRel);
-        if previous >= self.max_in_flight(&endpoint) {
+        if previous >= self.max_in_flight(endpoint) {
             endpoint.rt.in_flight.fetch_sub(1, Ordering::AcqRel);
-            self.park(job, SystemTime::now());
-            return;
+            return Start::Full;
         }
         let now = Instant::now();
-        let admission = {
-            let mut limits = endpoint.rt.limits.lock().expect("never poisoned");
-            match limits.breaker.admit(now) {
-                Admission::Wait(until) => Err(until),
-                admission => match limits.bucket.as_mut().map(|b| b.take(now)) {
-                    Some(Err(wait)) => {
-                        limits.breaker.release(&admission);
-                        Err(now + wait)
+        let mut limits = endpoint.rt.limits.lock().expect("never poisoned");
+        let verdict = match limits.breaker.admit(now) {
+            Admission::Wait(until) => {
+                Start::Park(SystemTime::now() + until.saturating_duration_since(now))
+            }
+            admission => match limits.bucket.as_mut().map(|b| b.take(now)) {
+                Some(Err(wait)) => {
+                    limits.breaker.release(&admission);
+                    if wait > self.settings.queue_wait {
+                        Start::Park(SystemTime::now() + wait)
+                    } else {
+                        Start::Full
                     }
-                    _ => Ok(admission),
-                },
-            }
+                }
+                _ => Start::Go(admission),
+            },
         };
-        let admission = match admission {
-            Ok(a) => a,
-            Err(until) => {
-                endpoint.rt.in_flight.fetch_sub(1, Ordering::AcqRel);
-                self.park(
-                    job,
-                    SystemTime::now() + until.saturating_duration_since(now),
-                );
-                return;
-            }
-        };
+        if !matches!(verdict, Start::Go(_)) {
+            endpoint.rt.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+        verdict
+    }
+
+    fn spawn(self: &Arc<Self>, job: Job, admission: Admission) {
         let this = self.clone();
         tokio::spawn(async move {
             let permit = this
@@ -170,8 +214,93 @@ impl Dispatcher {
             let row = this.attempt(&job, admission).await;
             drop(permit);
             job.endpoint.rt.in_flight.fetch_sub(1, Ordering::AcqRel);
+            let endpoint = job.endpoint.clone();
             this.recorder.record(Outcome { row, ack: job.ack });
+            this.pump(&endpoint, false);
         });
+    }
+
+    /// Starts queued jobs while the endpoint has room; with `expire`, parks those that waited too long.
+    fn pump(self: &Arc<Self>, endpoint: &Arc<Endpoint>, expire: bool) {
+        let now = Instant::now();
+        loop {
+            let mut queue = endpoint.rt.queue.lock().expect("never poisoned");
+            let Some((since, _)) = queue.front() else {
+                return;
+            };
+            let verdict =
+                if expire && now.saturating_duration_since(*since) > self.settings.queue_wait {
+                    Start::Park(SystemTime::now())
+                } else {
+                    self.try_start(endpoint)
+                };
+            match verdict {
+                Start::Full => return,
+                Start::Go(admission) => {
+                    let (_, job) = queue.pop_front().expect("front exists");
+                    drop(queue);
+                    self.spawn(job, admission);
+                }
+                Start::Park(at) => {
+                    let (_, job) = queue.pop_front().expect("front exists");
+                    drop(queue);
+                    self.park(job, at);
+                }
+            }
+        }
+    }
+
+    /// Every few milliseconds: parks queued jobs that waited longer than `delivery.queue_wait` and starts
+    /// those a refilled rate limit now allows. Ends when the dispatcher is dropped.
+    pub async fn sweep(this: std::sync::Weak<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(this) = this.upgrade() else { return };
+            let endpoints: Vec<Arc<Endpoint>> = this
+                .waiting
+                .lock()
+                .expect("never poisoned")
+                .values()
+                .cloned()
+                .collect();
+            for endpoint in endpoints {
+                this.pump(&endpoint, true);
+                let queue = endpoint.rt.queue.lock().expect("never poisoned");
+                if queue.is_empty() {
+                    this.waiting
+                        .lock()
+                        .expect("never poisoned")
+                        .remove(&endpoint.id);
+                }
+                drop(queue);
+            }
+        }
+    }
+
+    /// At shutdown: parks every queued job (recorded as pending, so nothing waits in memory).
+    pub fn park_queued(self: &Arc<Self>) {
+        let endpoints: Vec<Arc<Endpoint>> = self
+            .waiting
+            .lock()
+            .expect("never poisoned")
+            .drain()
+            .map(|(_, e)| e)
+            .collect();
+        for endpoint in endpoints {
+            let jobs: Vec<Job> = endpoint
+                .rt
+                .queue
+                .lock()
+                .expect("never poisoned")
+                .drain(..)
+                .map(|(_, j)| j)
+                .collect();
+            for job in jobs {
+                self.park(job, SystemTime::now());
+            }
+        }
     }
 
     /// Records the delivery as pending, due at `at`, without an attempt.
