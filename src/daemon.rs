@@ -143,6 +143,7 @@ pub async fn run(
         endpoints: endpoints.clone(),
         dispatcher: dispatcher.clone(),
         budget: Arc::new(Semaphore::new(config.delivery.max_in_flight_events.max(1))),
+        budget_size: config.delivery.max_in_flight_events.max(1),
     });
     let source = match config.source {
         SourceKind::Replication => Source::Replication(ReplicationSource {

@@ -229,6 +229,14 @@ impl EndpointCache {
             .collect()
     }
 
+    /// How many endpoints `event_type` goes to.
+    pub fn count_matching(&self, event_type: &str) -> usize {
+        self.snapshot()
+            .iter()
+            .filter(|e| e.matches(event_type))
+            .count()
+    }
+
     pub fn get(&self, id: i64) -> Option<Arc<Endpoint>> {
         self.snapshot().iter().find(|e| e.id == id).cloned()
     }

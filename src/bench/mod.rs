@@ -290,14 +290,10 @@ struct Results {
 }
 
 /// The relay configuration every scenario uses, beyond what ties it to its scratch database: loopback
-/// endpoints allowed, no HTTP listener, quiet logs, retries one second apart without jitter, and a
-/// per-endpoint limit as large as the in-flight event budget. With the default of 256, a backlog (or a
-/// burst of more than 256 events in flight) is parked as pending rows and then trickles through the
-/// scheduler at about 256 per `scheduler.poll_interval`, which would measure parking rather than relaying;
-/// `--relay-setting delivery.max_in_flight_per_endpoint=256` measures exactly that.
+/// endpoints allowed, no HTTP listener, quiet logs, retries one second apart without jitter. Everything
+/// else is walhook's default (`--relay-setting` changes it).
 fn relay_defaults() -> Vec<(String, String)> {
     [
-        ("delivery.max_in_flight_per_endpoint", "10000"),
         ("delivery.allow_private_networks", "true"),
         ("http.listen", "off"),
         ("log.level", "warn"),

@@ -171,7 +171,8 @@ impl Server {
         if with_slot {
             client
                 .batch_execute(&format!(
-                    "{MARKER} create publication walhook for table walhook.outbox with (publish = 'insert')"
+                    "{MARKER} do $$ begin if not exists (select 1 from pg_publication where pubname = 'walhook') then
+                       create publication walhook for table walhook.outbox with (publish = 'insert'); end if; end $$"
                 ))
                 .await
                 .map_err(db_err("creating the publication"))?;

@@ -44,8 +44,12 @@ impl From<StoreError> for SourceError {
 pub struct Pipeline {
     pub endpoints: Arc<EndpointCache>,
     pub dispatcher: Arc<Dispatcher>,
-    /// One permit per event held in memory (`delivery.max_in_flight_events`).
+    /// Permits for what is held in memory (`delivery.max_in_flight_events`): the replication source takes
+    /// one per delivery an event fans out to (at least one per event), so fan-out to many endpoints cannot
+    /// multiply what waits in memory; the notify source takes one per row.
     pub budget: Arc<Semaphore>,
+    /// The budget's size, the most one event may take.
+    pub budget_size: usize,
 }
 
 impl Pipeline {

@@ -360,7 +360,8 @@ impl Session {
                 let Some(txn) = self.txn else {
                     return Err(SourceError::Transient("insert outside a transaction".into()));
                 };
-                let permit = self.acquire().await?;
+                let deliveries = self.pipeline.endpoints.count_matching(&event.event_type);
+                let permit = self.acquire(deliveries.clamp(1, self.pipeline.budget_size)).await?;
                 if id <= self.replay_max {
                     self.tracker.add(txn, 1); // holds the transaction until the check is done
                     self.replay.push((event, txn, permit));
@@ -382,15 +383,16 @@ impl Session {
         Ok(())
     }
 
-    /// Waits for room in the in-flight budget, reporting status meanwhile so the server keeps us.
-    async fn acquire(&mut self) -> Result<OwnedSemaphorePermit, SourceError> {
-        if let Ok(p) = self.pipeline.budget.clone().try_acquire_owned() {
+    /// Waits for `n` permits of the in-flight budget, reporting status meanwhile so the server keeps us.
+    async fn acquire(&mut self, n: usize) -> Result<OwnedSemaphorePermit, SourceError> {
+        let n = n as u32;
+        if let Ok(p) = self.pipeline.budget.clone().try_acquire_many_owned(n) {
             return Ok(p);
         }
         let mut tick = tokio::time::interval(CONFIRM_EVERY);
         loop {
             tokio::select! {
-                p = self.pipeline.budget.clone().acquire_owned() => return Ok(p.expect("budget is never closed")),
+                p = self.pipeline.budget.clone().acquire_many_owned(n) => return Ok(p.expect("budget is never closed")),
                 _ = tick.tick() => {
                     // A fast shutdown terminates ordinary sessions but waits for walsenders to see every
                     // position confirmed, which cannot happen while the recorder is cut off: leave, and
