@@ -17,6 +17,9 @@ use crate::fanout::EndpointCache;
 use crate::record::{Outcome, Recorder};
 use crate::store::{AttemptRow, RecordRow, Status, Store};
 
+/// Pause between claims while a backlog lasts.
+const BACKLOG_PAUSE: Duration = Duration::from_millis(10);
+
 pub struct Scheduler {
     /// Woken when ordered deliveries were recorded (the next of their key may be due now).
     pub wake: Arc<tokio::sync::Notify>,
@@ -38,12 +41,14 @@ impl Scheduler {
         let mut backlog = false;
         let mut round = 0usize;
         loop {
-            // with a backlog (the last claim was full), claim again as soon as half the budget is free
+            // with a backlog (the last claim filled the budget or an endpoint's share), claim again soon:
+            // as soon as half the budget is free, or after a short pause for endpoints to make room
             let half = (self.batch_size / 2).max(1) as u32;
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
                 _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(BACKLOG_PAUSE), if backlog => {}
                 Ok(p) = budget.clone().acquire_many_owned(half), if backlog => drop(p),
             }
             let room = budget.available_permits();
@@ -66,7 +71,7 @@ impl Scheduler {
             let mut skip = Vec::new();
             let mut open: Vec<(i64, i32)> = Vec::new();
             for e in snapshot.iter() {
-                match self.dispatcher.room(e) {
+                match self.dispatcher.room(e, 2) {
                     0 => skip.push(e.id),
                     r => open.push((e.id, r.min(i32::MAX as usize) as i32)),
                 }
@@ -96,7 +101,10 @@ impl Scheduler {
                     continue;
                 }
             };
-            backlog = claimed.len() == room;
+            backlog = claimed.len() == room
+                || ids.iter().zip(&caps).any(|(id, cap)| {
+                    claimed.iter().filter(|c| c.endpoint_id == *id).count() >= *cap as usize
+                });
             for c in claimed {
                 let Some(endpoint) = self.endpoints.get(c.endpoint_id) else {
                     // disabled or deleted since the claim; the lease lapses and the row waits

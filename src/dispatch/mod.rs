@@ -122,10 +122,11 @@ impl Dispatcher {
 
     /// How many more requests the endpoint accepts now (the scheduler claims no more than that), counting
     /// its in-flight limit, an open breaker and its rate limit.
-    pub fn room(&self, endpoint: &Endpoint) -> usize {
+    /// `depth` is how many rounds of its in-flight limit it may have started or queued (the scheduler asks
+    /// for 2, so an endpoint's next requests are ready when the current ones complete).
+    pub fn room(&self, endpoint: &Endpoint, depth: usize) -> usize {
         let queued = endpoint.rt.queue.lock().expect("never poisoned").len();
-        let open = self
-            .max_in_flight(endpoint)
+        let open = (self.max_in_flight(endpoint) * depth)
             .saturating_sub(endpoint.rt.in_flight.load(Ordering::Relaxed) + queued);
         let now = Instant::now();
         let mut limits = endpoint.rt.limits.lock().expect("never poisoned");
