@@ -1,9 +1,10 @@
 //! `walhook run`: wires source → fan-out → dispatch → record, plus the retry scheduler, the endpoint cache
 //! refresher and the health endpoint, under one cancellation token.
 //!
-//! Shutdown order matters for "ack after record": the source stops reading first; in-flight attempts finish
-//! (bounded by `delivery.timeout`) and their outcomes are recorded; only then does the recorder stop. A
-//! second signal aborts at once; whatever was not confirmed is replayed by the slot on the next start.
+//! Shutdown order matters for "ack after record": the source and the scheduler stop taking work first;
+//! in-flight attempts finish and their outcomes are recorded; the source confirms the recorded position; only
+//! then does the recorder stop. `shutdown.drain_timeout` bounds all of it, and a second signal aborts at
+//! once; whatever was not confirmed is replayed by the slot on the next start.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +18,8 @@ use crate::dispatch::guard::{Cidr, NetworkPolicy};
 use crate::dispatch::retry::RetryPolicy;
 use crate::dispatch::Dispatcher;
 use crate::fanout::EndpointCache;
+use crate::health::Health;
+use crate::monitor::Monitor;
 use crate::record;
 use crate::scheduler::Scheduler;
 use crate::source::replication::{Pipeline, ReplicationSource, SourceError};
@@ -49,7 +52,8 @@ pub async fn run(
             "source = \"notify\" is not available in this version yet; use source = \"replication\"".into(),
         ));
     }
-    crate::metrics::describe();
+    let metrics = crate::metrics::install();
+    let health = Health::new(config.health.max_lag);
 
     let allowed = config
         .delivery
@@ -111,6 +115,7 @@ pub async fn run(
             dispatcher: dispatcher.clone(),
             budget: Arc::new(Semaphore::new(config.delivery.max_in_flight_events.max(1))),
         }),
+        health: health.clone(),
     };
     source.prepare().await?;
     let mut refresher = EndpointRefresher {
@@ -127,6 +132,14 @@ pub async fn run(
         }
     }
 
+    let listener = match config.http.listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Listen { addr, source })?,
+        ),
+        None => None,
+    };
     let workers = CancellationToken::new();
     let recorder_handle = tokio::spawn(recorder_task.run(abort.clone()));
     let refresh_interval = config.endpoints.refresh_interval;
@@ -134,6 +147,41 @@ pub async fn run(
         let stop = workers.clone();
         async move { refresher.run(refresh_interval, stop).await }
     });
+    // the drain starts with the first signal: no new claims, not ready, systemd told; the timeout aborts
+    let drain_timer = tokio::spawn({
+        let (stop, abort, health) = (stop.clone(), abort.clone(), health.clone());
+        let timeout = config.shutdown.drain_timeout;
+        async move {
+            stop.cancelled().await;
+            health.set_draining();
+            crate::systemd::stopping();
+            tokio::select! {
+                _ = tokio::time::sleep(timeout) => {
+                    tracing::warn!(
+                        "drain did not finish within shutdown.drain_timeout ({}); aborting: what was not \
+                         recorded is replayed from the slot on the next start",
+                        humantime::format_duration(timeout)
+                    );
+                    abort.cancel();
+                }
+                _ = abort.cancelled() => {}
+            }
+        }
+    });
+    // the scheduler stops claiming at the first signal, or when the source ends for any other reason
+    let claims = stop.child_token();
+    let notifier_handle = tokio::spawn(crate::systemd::run(health.clone(), workers.clone()));
+    let monitor_handle = tokio::spawn(
+        Monitor {
+            db: db.clone(),
+            slot: config.replication.slot.clone(),
+            interval: config.health.interval,
+            health: health.clone(),
+            dispatcher: dispatcher.clone(),
+            metrics: metrics.clone(),
+        }
+        .run(workers.clone()),
+    );
     let scheduler_handle = tokio::spawn(
         Scheduler {
             db: db.clone(),
@@ -144,20 +192,16 @@ pub async fn run(
             dispatcher: dispatcher.clone(),
             recorder: recorder.clone(),
         }
-        .run(workers.clone()),
+        .run(claims.clone()),
     );
-    let health_handle = match config.http.listen {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| RunError::Listen { addr, source })?;
-            Some(tokio::spawn(crate::health::serve(
-                listener,
-                workers.clone(),
-            )))
-        }
-        None => None,
-    };
+    let health_handle = listener.map(|listener| {
+        tokio::spawn(crate::health::serve(
+            listener,
+            health.clone(),
+            metrics,
+            workers.clone(),
+        ))
+    });
 
     tracing::info!("walhook running");
     let result = tokio::select! {
@@ -165,12 +209,16 @@ pub async fn run(
         _ = abort.cancelled() => Ok(()),
     };
     // drain: no new work; in-flight attempts finish and are recorded, then the recorder ends
+    claims.cancel();
     workers.cancel();
     let _ = scheduler_handle.await;
     let _ = refresher_handle.await;
+    let _ = monitor_handle.await;
+    let _ = notifier_handle.await;
     drop(dispatcher);
     drop(recorder);
     let _ = recorder_handle.await;
+    drain_timer.abort();
     if let Some(h) = health_handle {
         h.abort();
     }

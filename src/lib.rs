@@ -18,7 +18,8 @@
 //! - [`record`]: batched writes of outcomes, releasing acknowledgements once durable.
 //! - [`scheduler`]: claims due retries with `FOR UPDATE SKIP LOCKED` leases.
 //! - [`store`]: every SQL statement the daemon runs.
-//! - [`daemon`]: `walhook run`, wiring and graceful drain; [`health`]: `/healthz`.
+//! - [`daemon`]: `walhook run`, wiring and graceful drain; [`health`]: health state and `/healthz`,
+//!   `/readyz`, `/metrics`; [`monitor`]: samples slot and backlog from SQL; [`systemd`]: the notify protocol.
 //! - [`demo`], [`cluster`], [`receiver`]: the self-contained demo, a throwaway PostgreSQL cluster and a
 //!   loopback webhook receiver (also used by the tests and benchmarks).
 //! - [`lsn`], [`metrics`]: WAL positions; metric names.
@@ -33,6 +34,7 @@ pub mod fanout;
 pub mod health;
 pub mod lsn;
 pub mod metrics;
+pub mod monitor;
 pub mod pgoutput;
 pub mod receiver;
 pub mod record;
@@ -41,3 +43,4 @@ pub mod schema;
 pub mod sign;
 pub mod source;
 pub mod store;
+pub mod systemd;

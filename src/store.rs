@@ -382,3 +382,30 @@ impl Store {
             .collect())
     }
 }
+
+// ---- operations: sampling, status, retention, slot bookkeeping ----
+
+/// Slot position, retained WAL and backlog in one statement, for the periodic sampler. The counts use the
+/// partial indexes on pending and dead deliveries; with no slot the slot columns are null.
+const SLOT_SAMPLE: &str = "
+select (pg_current_wal_lsn() - s.confirmed_flush_lsn)::int8,
+       (pg_current_wal_lsn() - s.restart_lsn)::int8,
+       s.wal_status,
+       (select count(*) from walhook.deliveries where status = 'pending'),
+       (select count(*) from walhook.deliveries where status = 'dead')
+  from (select 1) one left join pg_replication_slots s on s.slot_name = $1";
+
+pub async fn slot_sample(
+    client: &Client,
+    slot: &str,
+) -> Result<crate::health::SlotSample, StoreError> {
+    let row = client.query_one(SLOT_SAMPLE, &[&slot]).await?;
+    let bytes = |i: usize| row.get::<_, Option<i64>>(i).map(|v| v.max(0) as u64);
+    Ok(crate::health::SlotSample {
+        lag_bytes: bytes(0),
+        retained_bytes: bytes(1),
+        wal_status: row.get(2),
+        pending: row.get(3),
+        dead: row.get(4),
+    })
+}

@@ -11,7 +11,7 @@ pub mod client;
 pub mod guard;
 pub mod retry;
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -44,6 +44,8 @@ pub struct Dispatcher {
     policy: RetryPolicy,
     concurrency: Arc<Semaphore>,
     per_endpoint: usize,
+    /// HTTP requests in flight (all endpoints).
+    in_flight: AtomicUsize,
 }
 
 impl Dispatcher {
@@ -60,7 +62,13 @@ impl Dispatcher {
             policy,
             concurrency: Arc::new(Semaphore::new(concurrency.max(1))),
             per_endpoint: per_endpoint.max(1),
+            in_flight: AtomicUsize::new(0),
         }
+    }
+
+    /// HTTP requests in flight right now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
     }
 
     /// True when the endpoint has no room for another request now.
@@ -84,7 +92,11 @@ impl Dispatcher {
                 .acquire_owned()
                 .await
                 .expect("semaphore is never closed");
+            this.in_flight.fetch_add(1, Ordering::Relaxed);
+            metrics::gauge!(crate::metrics::IN_FLIGHT).increment(1.0);
             let row = this.attempt(&job).await;
+            metrics::gauge!(crate::metrics::IN_FLIGHT).decrement(1.0);
+            this.in_flight.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
             job.endpoint.in_flight.fetch_sub(1, Ordering::AcqRel);
             this.recorder.record(Outcome { row, ack: job.ack });
@@ -171,7 +183,14 @@ impl Dispatcher {
             rand::random::<f64>(),
         );
         let (status, next_attempt_at, outcome) = match &decision {
-            Decision::Delivered => (Status::Succeeded, None, "delivered"),
+            Decision::Delivered => {
+                let since = event.committed_or_created().and_then(|t| t.elapsed().ok());
+                if let Some(latency) = since {
+                    metrics::histogram!(crate::metrics::DELIVERY_LATENCY)
+                        .record(latency.as_secs_f64());
+                }
+                (Status::Succeeded, None, "delivered")
+            }
             Decision::Retry { after } => {
                 (Status::Pending, Some(SystemTime::now() + *after), "retry")
             }

@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -20,6 +20,7 @@ use super::walconn::{WalConnection, WalError, WalMessage, WalStream};
 use crate::dispatch::{Dispatcher, Job};
 use crate::event::Event;
 use crate::fanout::EndpointCache;
+use crate::health::Health;
 use crate::lsn::Lsn;
 use crate::pgoutput::{self, Datum, Message};
 use crate::store::{self, Store, StoreError};
@@ -28,6 +29,8 @@ use crate::store::{self, Store, StoreError};
 const REPLAY_CHECK_BATCH: usize = 512;
 /// How often a position that advanced is reported (at most).
 const CONFIRM_EVERY: Duration = Duration::from_millis(50);
+/// Microseconds between the Unix epoch and the PostgreSQL epoch (2000-01-01 00:00 UTC).
+const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -90,6 +93,7 @@ pub struct ReplicationSource {
     pub publication: String,
     pub status_interval: Duration,
     pub pipeline: Arc<Pipeline>,
+    pub health: Arc<Health>,
 }
 
 /// Column positions of `walhook.outbox` in the relation message.
@@ -232,6 +236,7 @@ impl ReplicationSource {
             .start_replication(&self.slot, &self.publication, Lsn::INVALID, &options)
             .await?;
         tracing::info!(slot = %self.slot, %start, "streaming");
+        self.health.set_streaming(true);
         let mut session = Session {
             stream,
             store,
@@ -244,8 +249,11 @@ impl ReplicationSource {
             sent: start,
             sent_at: tokio::time::Instant::now(),
             status_interval: self.status_interval,
+            health: self.health.clone(),
         };
-        session.run(stop).await
+        let result = session.run(stop).await;
+        self.health.set_streaming(false);
+        result
     }
 }
 
@@ -264,6 +272,7 @@ struct Session {
     sent: Lsn,
     sent_at: tokio::time::Instant,
     status_interval: Duration,
+    health: Arc<Health>,
 }
 
 impl Session {
@@ -283,10 +292,7 @@ impl Session {
             }
             tokio::select! {
                 biased;
-                _ = stop.cancelled() => {
-                    self.report(false).await?;
-                    return Ok(());
-                }
+                _ = stop.cancelled() => return self.drain().await,
                 message = self.stream.next_message() => self.handle(message?).await?,
                 _ = tick.tick() => {
                     // A fast shutdown terminates ordinary sessions but waits for walsenders to see every
@@ -328,7 +334,11 @@ impl Session {
     async fn decode(&mut self, data: &[u8]) -> Result<(), SourceError> {
         let message = pgoutput::decode(data).map_err(|e| SourceError::Transient(e.to_string()))?;
         match message {
-            Message::Begin { .. } => self.txn = Some(self.tracker.begin()),
+            Message::Begin { commit_time_us, .. } => {
+                let committed_at = u64::try_from(commit_time_us + PG_EPOCH_OFFSET_US)
+                    .map_or(UNIX_EPOCH, |us| UNIX_EPOCH + Duration::from_micros(us));
+                self.txn = Some(self.tracker.begin_at(committed_at));
+            }
             Message::Commit { end_lsn, .. } => {
                 if let Some(txn) = self.txn.take() {
                     self.tracker.commit(txn, end_lsn);
@@ -390,6 +400,33 @@ impl Session {
             }
             _ => {}
         }
+        Ok(())
+    }
+
+    /// The drain: reads nothing more, waits until every transaction read to its Commit has its deliveries
+    /// recorded (in-flight attempts finish; `shutdown.drain_timeout` bounds this from outside), then confirms
+    /// that position, so the next start replays nothing that was recorded. A transaction cut off mid-read is
+    /// not confirmed: its events are recorded if dispatched, and replayed (without resending) next time.
+    async fn drain(&mut self) -> Result<(), SourceError> {
+        if !self.replay.is_empty() {
+            self.check_replay().await?;
+        }
+        let mut tick = tokio::time::interval(CONFIRM_EVERY);
+        while !self.tracker.settled() {
+            tokio::select! {
+                _ = self.tracker.advanced.notified() => {}
+                _ = tick.tick() => {
+                    if self.store.is_closed() {
+                        return Err(SourceError::Transient(
+                            "lost the database connection while draining".into(),
+                        ));
+                    }
+                    self.report(false).await?
+                }
+            }
+        }
+        self.report(true).await?;
+        tracing::info!(confirmed = %self.sent, "drained: slot position confirmed");
         Ok(())
     }
 
@@ -463,6 +500,12 @@ impl Session {
     /// Sends a standby status update when the confirmed position advanced, when asked, or every
     /// `status_interval` (asking for a reply then, so an idle stream's keepalive lets us follow the server).
     async fn report(&mut self, force: bool) -> Result<(), SourceError> {
+        let lag = self
+            .tracker
+            .oldest_commit()
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .unwrap_or_default();
+        self.health.set_lag(lag);
         let confirmed = self.tracker.confirmed();
         let due = self.sent_at.elapsed() >= self.status_interval;
         if !(force || due || confirmed > self.sent) {

@@ -1,0 +1,413 @@
+//! Running walhook in production: the systemd notify protocol, `/metrics` and `/readyz`, the graceful drain
+//! under load, the shipped unit, alert rules and dashboard. Process-wide state (the notify socket, the
+//! metrics recorder) means most of these run the real binary.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+use walhook::receiver::{Receiver, Reply};
+
+/// A free TCP port on loopback.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` on 127.0.0.1:port: (status code, body); `None` while nothing listens.
+async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let code = response.get(9..12)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_string();
+    Some((code, body))
+}
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!(
+            "walhook-{tag}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn sigterm(child: &std::process::Child) {
+    // SAFETY: kill(2) with the pid of a child we own
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+}
+
+fn env_with(pg: &Pg, more: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env = pg.env();
+    env.retain(|(k, _)| !more.iter().any(|(m, _)| m == k));
+    env.extend(more.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_status_watchdog_then_stopping_in_order() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    add_endpoint(&client, &rx.url("/x"), &["*"]).await;
+    let dir = TempDir::new("notify");
+    let socket_path = dir.0.join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    // read continuously, as systemd does: a datagram socket's queue is short and a full one drops messages
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (log, done) = (log.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(n) = socket.recv(&mut buf) {
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    log.lock().unwrap().push(text);
+                }
+            }
+        })
+    };
+    let env = env_with(
+        &pg,
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            // systemd sets these with WatchdogSec=; the daemon pings at half the period
+            ("WATCHDOG_USEC", "400000"),
+            ("WALHOOK_HEALTH__INTERVAL", "100ms"),
+        ],
+    );
+    let mut child = spawn_binary(&["run"], &env);
+
+    let has = |m: &[String], what: &str| m.iter().any(|s| s.lines().any(|l| l == what));
+    eventually(
+        "READY=1, two WATCHDOG=1 and a streaming STATUS=",
+        || async {
+            let m = log.lock().unwrap();
+            has(&m, "READY=1")
+                && m.iter().filter(|s| s.contains("WATCHDOG=1")).count() >= 2
+                && m.iter().any(|s| s.contains("STATUS=streaming; lag"))
+        },
+    )
+    .await;
+    publish(&client, "order.created", "{}").await;
+    wait_succeeded(&client, 1).await;
+    sigterm(&child);
+    eventually("STOPPING=1", || async {
+        has(&log.lock().unwrap(), "STOPPING=1")
+    })
+    .await;
+    let status = tokio::task::block_in_place(|| child.wait()).unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    reader.join().unwrap();
+    let messages = log.lock().unwrap().clone();
+
+    // only STATUS= lines come before READY=1, which comes once; no "streaming" status follows STOPPING=1
+    let ready = messages.iter().position(|m| m.contains("READY=1")).unwrap();
+    assert!(
+        messages[..ready]
+            .iter()
+            .all(|m| m.lines().all(|l| l.starts_with("STATUS="))),
+        "{messages:?}"
+    );
+    assert_eq!(messages.iter().filter(|m| m.contains("READY=1")).count(), 1);
+    let stopping = messages
+        .iter()
+        .position(|m| m.contains("STOPPING=1"))
+        .unwrap();
+    let watchdog = messages
+        .iter()
+        .position(|m| m.contains("WATCHDOG=1"))
+        .unwrap();
+    assert!(ready < watchdog && watchdog < stopping, "{messages:?}");
+    let status_line = messages
+        .iter()
+        .find(|m| m.contains("STATUS=streaming; lag"))
+        .unwrap();
+    assert!(status_line.contains("requests in flight"), "{status_line}");
+    assert!(
+        messages[stopping..]
+            .iter()
+            .all(|m| !m.contains("STATUS=streaming")),
+        "{messages:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_readyz_and_healthz_on_http_listen() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    rx.set_responder(|r, _| match r.path.as_str() {
+        "/fail" => Reply::Status(500),
+        _ => Reply::Status(200),
+    });
+    // many endpoints: the number of series must not grow with them
+    for i in 0..40 {
+        add_endpoint(&client, &rx.url(&format!("/ok{i}")), &["order.*"]).await;
+    }
+    add_endpoint(&client, &rx.url("/fail"), &["order.*"]).await;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let env = env_with(
+        &pg,
+        &[
+            ("WALHOOK_HTTP__LISTEN", listen.as_str()),
+            ("WALHOOK_HEALTH__INTERVAL", "100ms"),
+            ("WALHOOK_DELIVERY__RETRY_SCHEDULE", ""),
+        ],
+    );
+    let mut child = spawn_binary(&["run"], &env);
+    wait_streaming(&client).await;
+    eventually("/readyz answers 200 once streaming", || async {
+        matches!(http_get(port, "/readyz").await, Some((200, _)))
+    })
+    .await;
+    assert_eq!(http_get(port, "/healthz").await.unwrap().0, 200);
+    for i in 0..5 {
+        publish(&client, "order.created", &format!("{{\"i\": {i}}}")).await;
+    }
+    eventually("every delivery is final", || async {
+        count(
+            &client,
+            "select count(*) from walhook.deliveries where status in ('succeeded', 'dead')",
+        )
+        .await
+            == 5 * 41
+    })
+    .await;
+    let until = Instant::now() + DEADLINE;
+    let text = loop {
+        // the sampler reads the dead count from SQL every health.interval
+        let text = http_get(port, "/metrics").await.unwrap().1;
+        if text.lines().any(|l| l == "walhook_dead_deliveries 5") {
+            break text;
+        }
+        assert!(Instant::now() < until, "dead count never sampled:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for needle in [
+        "walhook_events_received_total 5",
+        "walhook_deliveries_total{outcome=\"delivered\"} 200",
+        "walhook_deliveries_total{outcome=\"dead\"} 5",
+        "walhook_attempt_duration_seconds_bucket{le=\"+Inf\"} 205",
+        "walhook_delivery_latency_seconds_bucket{le=\"+Inf\"} 200",
+        "walhook_requests_in_flight 0",
+        "walhook_pending_deliveries 0",
+        "walhook_streaming 1",
+        "walhook_slot_lost 0",
+        "walhook_replication_lag_seconds ",
+        "walhook_replication_lag_bytes ",
+        "walhook_slot_retained_wal_bytes ",
+        "# TYPE walhook_delivery_latency_seconds histogram",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(needle)),
+            "{needle:?} missing from\n{text}"
+        );
+    }
+    // bounded cardinality: no label carries an endpoint or event identity
+    let series = text.lines().filter(|l| !l.starts_with('#')).count();
+    assert!(series < 120, "{series} series:\n{text}");
+    assert!(!text.contains("endpoint"), "{text}");
+    assert!(!text.contains("127.0.0.1"), "{text}");
+
+    sigterm(&child);
+    let status = tokio::task::block_in_place(|| child.wait()).unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_under_load_loses_nothing_confirms_the_slot_and_exits_in_time() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    // slow answers keep many attempts in flight when the signal arrives
+    rx.set_responder(|_, _| Reply::Delay(Duration::from_millis(400), 200));
+    add_endpoint(&client, &rx.url("/slow"), &["*"]).await;
+    let drain_timeout = Duration::from_secs(20);
+    let env = env_with(&pg, &[("WALHOOK_SHUTDOWN__DRAIN_TIMEOUT", "20s")]);
+    let mut child = spawn_binary(&["run"], &env);
+    wait_streaming(&client).await;
+
+    // a writer commits events throughout, before and after the signal
+    let writer = {
+        let client = pg.client().await;
+        tokio::spawn(async move {
+            for i in 0..400 {
+                publish(&client, "order.created", &format!("{{\"i\": {i}}}")).await;
+            }
+        })
+    };
+    assert!(rx.wait_until(DEADLINE, |r| r.len() >= 40).await);
+    let signalled = Instant::now();
+    sigterm(&child);
+    let status = tokio::task::block_in_place(|| child.wait()).unwrap();
+    let took = signalled.elapsed();
+    assert!(status.success(), "exit status {status:?}");
+    // generous slack on a loaded machine, but well under "the timeout fired and then some"
+    assert!(
+        took < drain_timeout + Duration::from_secs(10),
+        "drain took {took:?}"
+    );
+    writer.await.unwrap();
+
+    // every request that reached the receiver has its outcome recorded
+    let answered = rx.distinct_ids("/slow");
+    let recorded = count(
+        &client,
+        "select count(*) from walhook.deliveries where status = 'succeeded'",
+    )
+    .await;
+    assert!(
+        recorded >= answered.len() as i64,
+        "recorded {recorded} < answered {}",
+        answered.len()
+    );
+    assert!(recorded > 0);
+    // the slot was confirmed up to what is recorded: what it still holds is exactly the unrecorded rest
+    eventually("the walsender has let go of the slot", || async {
+        count(
+            &client,
+            "select count(*) from pg_replication_slots where slot_name = 'walhook' and active",
+        )
+        .await
+            == 0
+    })
+    .await;
+    let still_in_slot = count(
+        &client,
+        "select count(*) from pg_logical_slot_peek_binary_changes('walhook', null, null,
+           'proto_version', '1', 'publication_names', 'walhook') where get_byte(data, 0) = ascii('I')",
+    )
+    .await;
+    let unrecorded = count(
+        &client,
+        "select count(*) from walhook.outbox o
+          where not exists (select 1 from walhook.deliveries d where d.event_id = o.id)",
+    )
+    .await;
+    assert_eq!(
+        still_in_slot, unrecorded,
+        "slot holds only unrecorded events"
+    );
+
+    // and a restart delivers the rest, each event once
+    let mut child = spawn_binary(&["run"], &env);
+    wait_succeeded(&client, 400).await;
+    assert_eq!(rx.distinct_ids("/slow").len(), 400);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn the_systemd_unit_is_hardened_and_outlasts_the_drain() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/walhook.service"
+    ))
+    .unwrap();
+    let value = |key: &str| -> Vec<String> {
+        unit.lines()
+            .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(str::to_string)
+            .collect()
+    };
+    let one = |key: &str| value(key).pop().unwrap_or_else(|| panic!("{key} missing"));
+    assert_eq!(one("Type"), "notify");
+    assert_eq!(one("Restart"), "on-failure");
+    assert_eq!(one("DynamicUser"), "yes");
+    assert_eq!(one("NoNewPrivileges"), "yes");
+    assert_eq!(one("ProtectSystem"), "strict");
+    assert_eq!(one("PrivateTmp"), "yes");
+    assert_eq!(one("CapabilityBoundingSet"), "");
+    assert!(one("RestrictAddressFamilies").contains("AF_UNIX"));
+    assert!(one("EnvironmentFile").starts_with("/etc/walhook/"));
+    assert!(one("ExecStart").ends_with(" run"));
+    let stop = humantime::parse_duration(&one("TimeoutStopSec")).unwrap();
+    let drain = walhook::config::Config::default().shutdown.drain_timeout;
+    assert!(stop > drain, "TimeoutStopSec {stop:?} <= drain {drain:?}");
+    assert!(drain > walhook::config::Config::default().delivery.timeout);
+    humantime::parse_duration(&one("WatchdogSec")).unwrap();
+}
+
+#[test]
+fn alert_rules_and_dashboard_parse_and_name_real_metrics() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let metrics_rs = std::fs::read_to_string(format!("{root}/src/metrics.rs")).unwrap();
+    let known = |expr: &str| {
+        // every walhook_* name used in an expression is defined in src/metrics.rs
+        expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("walhook_"))
+            .map(|w| {
+                w.trim_end_matches("_bucket")
+                    .trim_end_matches("_count")
+                    .trim_end_matches("_sum")
+            })
+            .all(|w| metrics_rs.contains(&format!("\"{w}\"")))
+    };
+
+    let alerts: serde_json::Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(format!("{root}/config/prometheus-alerts.yml")).unwrap(),
+    )
+    .expect("alert rules are YAML");
+    let rules: Vec<&serde_json::Value> = alerts["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .collect();
+    let names: Vec<&str> = rules.iter().map(|r| r["alert"].as_str().unwrap()).collect();
+    for want in [
+        "WalhookSlotRetainingWal",
+        "WalhookDeadDeliveriesRising",
+        "WalhookNotStreaming",
+        "WalhookReplicationLag",
+    ] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    for rule in &rules {
+        let expr = rule["expr"].as_str().unwrap();
+        assert!(known(expr), "unknown metric in {expr}");
+        assert!(rule["annotations"]["summary"].is_string(), "{rule}");
+    }
+
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{root}/config/grafana-dashboard.json")).unwrap(),
+    )
+    .expect("dashboard is JSON");
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(panels.len() >= 6);
+    for panel in panels {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            assert!(known(expr), "unknown metric in {expr}");
+        }
+    }
+}
