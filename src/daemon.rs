@@ -22,7 +22,7 @@ use crate::health::Health;
 use crate::monitor::Monitor;
 use crate::record;
 use crate::scheduler::Scheduler;
-use crate::source::replication::{Pipeline, ReplicationSource, SourceError};
+use crate::source::replication::{Pipeline, ReplicationSource, SlotKeeper, SourceError};
 use crate::store::Store;
 
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +223,20 @@ pub async fn run(
         h.abort();
     }
     result.map_err(RunError::from)
+}
+
+/// `walhook recover-slot`: see [`SlotKeeper::recover`].
+pub async fn recover_slot(
+    config: Config,
+    since: Option<std::time::SystemTime>,
+) -> Result<crate::source::replication::Recovery, RunError> {
+    let db = config.database_url()?;
+    let keeper = SlotKeeper {
+        db,
+        slot: config.replication.slot.clone(),
+        publication: config.replication.publication.clone(),
+    };
+    Ok(keeper.recover(since).await?)
 }
 
 /// Keeps the endpoint cache in step with `walhook.endpoints`.

@@ -42,5 +42,6 @@ pub mod scheduler;
 pub mod schema;
 pub mod sign;
 pub mod source;
+pub mod status;
 pub mod store;
 pub mod systemd;

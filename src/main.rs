@@ -32,6 +32,15 @@ enum Command {
     Demo,
     /// Validate the configuration and exit (non-zero with the offending key).
     CheckConfig,
+    /// One-screen summary: slot, lag, retained WAL, backlog, per-endpoint counts of the last hour.
+    Status,
+    /// After the slot was dropped or invalidated: re-create it and queue the outbox rows without deliveries.
+    /// Stop every walhook instance first.
+    RecoverSlot {
+        /// Only outbox rows created at or after this: an RFC 3339 time or a duration ago ("36h").
+        #[arg(long, value_name = "TIME|DURATION")]
+        since: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -85,6 +94,31 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             })
         }
+        Command::Status => {
+            init_logs("warn", config.log.format);
+            runtime.block_on(async {
+                let db = config.database_url()?;
+                let status = walhook::status::read(&db, &config.replication.slot).await?;
+                print!("{}", status.render());
+                Ok(())
+            })
+        }
+        Command::RecoverSlot { since } => {
+            init_logs(&config.log.level, config.log.format);
+            let since = since.as_deref().map(parse_since).transpose()?;
+            runtime.block_on(async {
+                use walhook::source::replication::Recovery;
+                let slot = config.replication.slot.clone();
+                match walhook::daemon::recover_slot(config, since).await? {
+                    Recovery::Healthy => println!("replication slot {slot:?} is healthy: nothing to recover"),
+                    Recovery::Recreated { queued } => println!(
+                        "replication slot {slot:?} re-created; {queued} deliveries queued for outbox rows \
+                         without deliveries; start walhook to send them"
+                    ),
+                }
+                Ok(())
+            })
+        }
         Command::Demo => unreachable!("handled above"),
     }
 }
@@ -109,6 +143,19 @@ async fn signals(stop: CancellationToken, abort: CancellationToken) {
         tracing::info!("signal received: {what}");
         token.cancel();
     }
+}
+
+/// `--since`: RFC 3339 (`2026-11-29T20:00:00Z`) or a duration ago (`36h`).
+fn parse_since(text: &str) -> anyhow::Result<std::time::SystemTime> {
+    if let Ok(at) = humantime::parse_rfc3339_weak(text) {
+        return Ok(at);
+    }
+    let ago = humantime::parse_duration(text).with_context(|| {
+        format!(
+            "--since {text:?}: expected a time like 2026-11-29T20:00:00Z or a duration like 36h"
+        )
+    })?;
+    Ok(std::time::SystemTime::now() - ago)
 }
 
 fn init_logs(level: &str, format: LogFormat) {

@@ -8,7 +8,10 @@
 use tokio_postgres::Client;
 
 /// The migrations, in order: (version, name, SQL).
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "core", include_str!("../sql/001_core.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "core", include_str!("../sql/001_core.sql")),
+    (4, "ops", include_str!("../sql/004_ops.sql")),
+];
 
 /// Advisory lock key taken while migrating ("walhook" in ASCII).
 const MIGRATION_LOCK: i64 = 0x77_616c_686f_6f6b;

@@ -96,6 +96,36 @@ pub struct ReplicationSource {
     pub health: Arc<Health>,
 }
 
+/// The slot as found at start.
+enum SlotState {
+    /// Present and usable; `recorded` when `walhook.slots` lists it.
+    Healthy { recorded: bool },
+    /// Present but invalidated: the WAL it needs is gone.
+    Lost,
+    /// Absent although walhook created it (at `created_at`).
+    Dropped { created_at: String },
+    /// Absent and never created: a first start.
+    Missing,
+}
+
+/// Which outbox rows a new slot's snapshot hands to the scheduler.
+#[derive(Clone, Copy)]
+enum Backfill {
+    /// First start: every row without a delivery.
+    BeforeSlot,
+    /// `recover-slot`: rows without a delivery for an endpoint that existed when they were written.
+    Recovery { since: Option<SystemTime> },
+}
+
+/// What `walhook recover-slot` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// The slot exists and is usable: nothing was changed.
+    Healthy,
+    /// The slot was (dropped and) created again; `queued` deliveries were queued.
+    Recreated { queued: u64 },
+}
+
 /// Column positions of `walhook.outbox` in the relation message.
 #[derive(Clone, Copy, Debug)]
 struct OutboxColumns {
@@ -106,13 +136,154 @@ struct OutboxColumns {
     created_at: usize,
 }
 
-impl ReplicationSource {
+/// The publication and the slot: created on first start, checked on every (re)connect, re-created by
+/// `walhook recover-slot`.
+pub struct SlotKeeper {
+    pub db: tokio_postgres::Config,
+    pub slot: String,
+    pub publication: String,
+}
+
+impl SlotKeeper {
     /// Makes sure the publication and the slot exist. Fails with a clear message when the database cannot
     /// do logical replication or the role may not.
     pub async fn prepare(&self) -> Result<(), SourceError> {
         let client = store::connect_client(&self.db)
             .await
             .map_err(|e| SourceError::Transient(e.to_string()))?;
+        self.prepare_publication(&client).await?;
+        match self.slot_state(&client).await? {
+            SlotState::Healthy { recorded: true } => Ok(()),
+            SlotState::Healthy { recorded: false } => {
+                // a slot from before walhook kept this record, or created by hand: adopt it
+                store::record_slot(&client, &self.slot, false).await?;
+                Ok(())
+            }
+            SlotState::Lost => Err(SourceError::Fatal(format!(
+                "replication slot {:?} was invalidated (wal_status = lost): PostgreSQL removed WAL it still \
+                 needed, most likely because max_slot_wal_keep_size was exceeded while walhook was stopped \
+                 or behind, so events committed since its confirmed position cannot be streamed any more. \
+                 To recover: stop every walhook instance, run `walhook recover-slot` (it re-creates the slot \
+                 and queues the outbox rows that have no deliveries yet), then start walhook again",
+                self.slot
+            ))),
+            SlotState::Dropped { created_at } => Err(SourceError::Fatal(format!(
+                "replication slot {:?} does not exist, but walhook created it on {created_at}: it was \
+                 dropped, so events committed since its confirmed position were never streamed. To recover: \
+                 stop every walhook instance, run `walhook recover-slot` (it re-creates the slot and queues \
+                 the outbox rows that have no deliveries yet), then start walhook again",
+                self.slot
+            ))),
+            SlotState::Missing => {
+                let mut client = client;
+                self.create_slot(&mut client, Backfill::BeforeSlot).await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// What `walhook.slots` and `pg_replication_slots` say about the slot.
+    async fn slot_state(&self, client: &tokio_postgres::Client) -> Result<SlotState, SourceError> {
+        let (slot, recorded) =
+            store::slot_state(client, &self.slot)
+                .await
+                .map_err(|e| match e {
+                    StoreError::NotMigrated => SourceError::Fatal(
+                        "walhook.slots does not exist: run `walhook migrate` to upgrade the schema"
+                            .into(),
+                    ),
+                    e => SourceError::from(e),
+                })?;
+        Ok(match (slot, recorded) {
+            (Some(status), _) if status.wal_status.as_deref() == Some("lost") => SlotState::Lost,
+            (Some(_), recorded) => SlotState::Healthy {
+                recorded: recorded.is_some(),
+            },
+            (None, Some(created_at)) => SlotState::Dropped { created_at },
+            (None, None) => SlotState::Missing,
+        })
+    }
+
+    /// Creates the slot with an exported snapshot and, under that snapshot, queues the outbox rows the slot
+    /// will never stream; records the slot in `walhook.slots`. Returns the deliveries queued.
+    async fn create_slot(
+        &self,
+        client: &mut tokio_postgres::Client,
+        backfill: Backfill,
+    ) -> Result<u64, SourceError> {
+        let mut conn = self.connect().await?;
+        let (lsn, snapshot) = match conn.create_logical_slot_exporting(&self.slot).await {
+            Ok(created) => created,
+            // another instance created it at the same moment and does the backfill
+            Err(e) if e.code() == Some("42710") => return Ok(0),
+            Err(e) => return Err(classify_wal(e, self.user())),
+        };
+        tracing::info!(slot = %self.slot, %lsn, "created replication slot");
+        // the snapshot lives as long as the replication connection stays idle: `conn` is dropped after this
+        let n = match backfill {
+            Backfill::BeforeSlot => store::backfill_before_slot(client, &snapshot).await?,
+            Backfill::Recovery { since } => {
+                store::backfill_recovery(client, &snapshot, since).await?
+            }
+        };
+        drop(conn);
+        store::record_slot(
+            client,
+            &self.slot,
+            matches!(backfill, Backfill::Recovery { .. }),
+        )
+        .await?;
+        if n > 0 {
+            tracing::info!(
+                deliveries = n,
+                "queued deliveries for events the slot will not stream"
+            );
+        }
+        Ok(n)
+    }
+
+    /// `walhook recover-slot`: drops a lost slot (or notices a dropped one), creates it afresh and queues, as
+    /// pending deliveries due now, every committed outbox row (created at or after `since`) that has no
+    /// delivery yet for an enabled, matching endpoint that already existed when the row was written.
+    /// Refuses while a walhook instance holds the slot.
+    pub async fn recover(&self, since: Option<SystemTime>) -> Result<Recovery, SourceError> {
+        let mut client = store::connect_client(&self.db)
+            .await
+            .map_err(|e| SourceError::Transient(e.to_string()))?;
+        self.prepare_publication(&client).await?;
+        if let Some(pid) = store::slot_active_pid(&client, &self.slot).await? {
+            return Err(SourceError::Fatal(format!(
+                "replication slot {:?} is in use by process {pid}: stop every walhook instance first",
+                self.slot
+            )));
+        }
+        match self.slot_state(&client).await? {
+            SlotState::Healthy { recorded } => {
+                if !recorded {
+                    store::record_slot(&client, &self.slot, false).await?;
+                }
+                return Ok(Recovery::Healthy);
+            }
+            SlotState::Lost => {
+                client
+                    .execute("select pg_drop_replication_slot($1)", &[&self.slot])
+                    .await
+                    .map_err(StoreError::from)?;
+                tracing::info!(slot = %self.slot, "dropped the invalidated slot");
+            }
+            SlotState::Dropped { .. } | SlotState::Missing => {}
+        }
+        let queued = self
+            .create_slot(&mut client, Backfill::Recovery { since })
+            .await?;
+        Ok(Recovery::Recreated { queued })
+    }
+
+    /// Creates the publication of `walhook.outbox` (inserts only) if it is missing.
+    async fn prepare_publication(
+        &self,
+        client: &tokio_postgres::Client,
+    ) -> Result<(), SourceError> {
         let exists = client
             .query_opt(
                 "select 1 from pg_publication where pubname = $1",
@@ -144,32 +315,6 @@ impl ReplicationSource {
                 }
             }
         }
-        let mut conn = self.connect().await?;
-        let rows = conn
-            .simple_query(&format!(
-                "select database from pg_replication_slots where slot_name = {}",
-                quote_literal(&self.slot)
-            ))
-            .await?;
-        if rows.is_empty() {
-            match conn.create_logical_slot_exporting(&self.slot).await {
-                Ok((lsn, snapshot)) => {
-                    tracing::info!(slot = %self.slot, %lsn, "created replication slot");
-                    // rows committed before the slot existed are never streamed: hand them to the scheduler
-                    let mut client = client;
-                    let n = store::backfill_before_slot(&mut client, &snapshot).await?;
-                    if n > 0 {
-                        tracing::info!(
-                            deliveries = n,
-                            "queued deliveries for events committed before the slot"
-                        );
-                    }
-                }
-                Err(e) if e.code() == Some("42710") => {}
-                Err(e) => return Err(classify_wal(e, self.user())),
-            }
-        }
-        drop(conn);
         Ok(())
     }
 
@@ -181,6 +326,25 @@ impl ReplicationSource {
         WalConnection::connect(&self.db)
             .await
             .map_err(|e| classify_wal(e, self.user()))
+    }
+}
+
+impl ReplicationSource {
+    /// Makes sure the publication and the slot exist and are usable; see [`SlotKeeper::prepare`].
+    pub async fn prepare(&self) -> Result<(), SourceError> {
+        self.keeper().prepare().await
+    }
+
+    fn keeper(&self) -> SlotKeeper {
+        SlotKeeper {
+            db: self.db.clone(),
+            slot: self.slot.clone(),
+            publication: self.publication.clone(),
+        }
+    }
+
+    async fn connect(&self) -> Result<WalConnection, SourceError> {
+        self.keeper().connect().await
     }
 
     /// Streams until `stop` fires, reconnecting after transient failures. Returns a fatal error.
@@ -523,8 +687,4 @@ impl Session {
 
 fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }

@@ -411,3 +411,204 @@ fn alert_rules_and_dashboard_parse_and_name_real_metrics() {
         }
     }
 }
+
+/// Runs the real binary to completion: (success, stdout, stderr).
+fn run_binary(args: &[&str], env: &[(String, String)]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walhook"))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run walhook");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn walhook_status_summarises_slot_backlog_and_endpoints() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    rx.set_responder(|r, _| match r.path.as_str() {
+        "/fail" => Reply::Status(500),
+        _ => Reply::Status(200),
+    });
+    let (ok, _) = add_endpoint(&client, &rx.url("/ok"), &["*"]).await;
+    let (failing, _) = add_endpoint(&client, &rx.url("/fail"), &["order.*"]).await;
+    client
+        .batch_execute(&format!(
+            "update walhook.endpoints set url = 'http://user:hunter2@127.0.0.1:{}/fail?token=hunter2'
+              where id = {failing}",
+            rx.port()
+        ))
+        .await
+        .unwrap();
+    let daemon = Daemon::start(pg.config_with(|f| f.merge(("delivery.retry_schedule", ""))));
+    wait_streaming(&client).await;
+    for _ in 0..3 {
+        publish(&client, "order.created", "{}").await;
+    }
+    publish(&client, "user.created", "{}").await;
+    eventually("all deliveries final", || async {
+        count(
+            &client,
+            "select count(*) from walhook.deliveries where status in ('succeeded', 'dead')",
+        )
+        .await
+            == 7
+    })
+    .await;
+
+    let env = pg.env();
+    let (success, out, err) = tokio::task::block_in_place(|| run_binary(&["status"], &env));
+    assert!(success, "{err}");
+    assert!(
+        out.contains("slot       walhook: streaming to walsender pid"),
+        "{out}"
+    );
+    assert!(
+        out.contains("backlog    0 pending (0 due now), 3 dead"),
+        "{out}"
+    );
+    assert!(out.contains("WAL kept   "), "{out}");
+    let line = |id: i64| {
+        out.lines()
+            .find(|l| l.trim_start().starts_with(&format!("{id} ")))
+            .unwrap_or_else(|| panic!("no line for endpoint {id} in\n{out}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(line(ok)[2..5], ["4", "0", "0"], "{out}");
+    let failing_line = line(failing);
+    assert_eq!(failing_line[2..5], ["0", "0", "3"], "{out}");
+    assert!(failing_line.join(" ").contains("HTTP 500"), "{out}");
+    assert!(!out.contains("hunter2"), "{out}");
+    daemon.stop().await;
+
+    let (success, out, _) = tokio::task::block_in_place(|| run_binary(&["status"], &env));
+    assert!(success);
+    assert!(out.contains("NOT STREAMING"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_slot_stops_walhook_with_the_steps_and_recover_slot_fills_the_gap() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    add_endpoint(&client, &rx.url("/x"), &["*"]).await;
+    let daemon = Daemon::start(pg.config());
+    wait_streaming(&client).await;
+    publish(&client, "order.created", "{\"before\": true}").await;
+    wait_succeeded(&client, 1).await;
+    daemon.stop().await;
+
+    // while walhook is down: events are committed and the slot is dropped; they were never streamed
+    for i in 0..3 {
+        publish(&client, "order.created", &format!("{{\"gap\": {i}}}")).await;
+    }
+    client
+        .batch_execute("select pg_drop_replication_slot('walhook')")
+        .await
+        .unwrap();
+    // an endpoint added after those events does not get them on recovery
+    let late = Receiver::start().await.unwrap();
+    add_endpoint(&client, &late.url("/late"), &["*"]).await;
+
+    let err = Daemon::start(pg.config()).result().await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("does not exist, but walhook created it"),
+        "{text}"
+    );
+    assert!(text.contains("walhook recover-slot"), "{text}");
+
+    let env = pg.env();
+    let (success, out, err) = tokio::task::block_in_place(|| run_binary(&["recover-slot"], &env));
+    assert!(success, "{err}");
+    assert!(out.contains("3 deliveries queued"), "{out}");
+    // running it again finds a healthy slot and changes nothing
+    let (success, out, _) = tokio::task::block_in_place(|| run_binary(&["recover-slot"], &env));
+    assert!(success);
+    assert!(out.contains("healthy"), "{out}");
+
+    let daemon = Daemon::start(pg.config());
+    wait_succeeded(&client, 4).await;
+    let after = publish(&client, "order.created", "{\"after\": true}").await;
+    eventually("the event after recovery reaches both endpoints", || async {
+        count(
+            &client,
+            &format!("select count(*) from walhook.deliveries where event_id = {after} and status = 'succeeded'"),
+        )
+        .await
+            == 2
+    })
+    .await;
+    assert_eq!(rx.distinct_ids("/x").len(), 5, "each event once");
+    assert_eq!(rx.count(), 5, "nothing sent twice");
+    assert_eq!(late.distinct_ids("/late").len(), 1, "only the event after");
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidated_slot_is_reported_and_recovered() {
+    let pg = Pg::start_with(walhook::cluster::ClusterOptions {
+        extra_settings: vec![
+            ("max_slot_wal_keep_size".into(), "1MB".into()),
+            ("max_wal_size".into(), "32MB".into()),
+            ("min_wal_size".into(), "32MB".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    add_endpoint(&client, &rx.url("/x"), &["*"]).await;
+    let daemon = Daemon::start(pg.config());
+    wait_streaming(&client).await;
+    publish(&client, "order.created", "{}").await;
+    wait_succeeded(&client, 1).await;
+    daemon.stop().await;
+
+    // walhook is down while the database writes far more WAL than the slot may keep
+    publish(&client, "order.created", "{\"while_down\": 1}").await;
+    publish(&client, "order.created", "{\"while_down\": 2}").await;
+    client
+        .batch_execute("create table filler (x text)")
+        .await
+        .unwrap();
+    eventually("the slot is invalidated", || async {
+        client
+            .batch_execute(
+                "insert into filler select repeat('x', 200) from generate_series(1, 20000);
+                 select pg_switch_wal(); checkpoint;",
+            )
+            .await
+            .unwrap();
+        count(
+            &client,
+            "select count(*) from pg_replication_slots where slot_name = 'walhook' and wal_status = 'lost'",
+        )
+        .await
+            == 1
+    })
+    .await;
+
+    let err = Daemon::start(pg.config()).result().await.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("invalidated (wal_status = lost)"), "{text}");
+    assert!(text.contains("max_slot_wal_keep_size"), "{text}");
+    assert!(text.contains("walhook recover-slot"), "{text}");
+
+    let env = pg.env();
+    let (success, out, err) = tokio::task::block_in_place(|| run_binary(&["recover-slot"], &env));
+    assert!(success, "{err}");
+    assert!(out.contains("2 deliveries queued"), "{out}");
+    let daemon = Daemon::start(pg.config());
+    wait_succeeded(&client, 3).await;
+    assert_eq!(rx.count(), 3);
+    daemon.stop().await;
+}
