@@ -21,6 +21,7 @@ use crate::fanout::EndpointCache;
 use crate::health::Health;
 use crate::monitor::Monitor;
 use crate::record;
+use crate::retention::Retention;
 use crate::scheduler::Scheduler;
 use crate::source::replication::{Pipeline, ReplicationSource, SlotKeeper, SourceError};
 use crate::store::Store;
@@ -182,6 +183,16 @@ pub async fn run(
         }
         .run(workers.clone()),
     );
+    let retention_handle = config.retention.enabled.then(|| {
+        tokio::spawn(
+            Retention {
+                db: db.clone(),
+                config: config.retention.clone(),
+                prune_outbox: config.source == SourceKind::Replication,
+            }
+            .run(workers.clone()),
+        )
+    });
     let scheduler_handle = tokio::spawn(
         Scheduler {
             db: db.clone(),
@@ -214,6 +225,9 @@ pub async fn run(
     let _ = scheduler_handle.await;
     let _ = refresher_handle.await;
     let _ = monitor_handle.await;
+    if let Some(h) = retention_handle {
+        let _ = h.await;
+    }
     let _ = notifier_handle.await;
     drop(dispatcher);
     drop(recorder);

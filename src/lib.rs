@@ -38,6 +38,7 @@ pub mod monitor;
 pub mod pgoutput;
 pub mod receiver;
 pub mod record;
+pub mod retention;
 pub mod scheduler;
 pub mod schema;
 pub mod sign;

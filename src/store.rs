@@ -633,3 +633,92 @@ pub async fn endpoint_status(client: &Client) -> Result<Vec<EndpointStatus>, Sto
         })
         .collect())
 }
+
+/// One retention batch over deliveries, walking the primary key from `after`: succeeded rows last updated
+/// before `now - succeeded`, dead ones before `now - dead`, and their attempts, in one short transaction.
+/// The conditions are repeated in the DELETE so that a row changed meanwhile (redelivered) is re-checked
+/// and kept. Returns (last id looked at, deliveries deleted, attempts deleted, done): done once the batch is
+/// empty or reaches rows younger than the shorter retention (ids grow with creation time).
+const PRUNE_DELIVERIES: &str = "
+with batch as (
+  select id, created_at from walhook.deliveries where id > $1 order by id limit $2
+), gone as (
+  delete from walhook.deliveries d using batch b
+   where d.id = b.id
+     and ((d.status = 'succeeded' and d.updated_at < now() - make_interval(secs => $3))
+       or (d.status = 'dead' and d.updated_at < now() - make_interval(secs => $4)))
+  returning d.id
+), attempts_gone as (
+  delete from walhook.attempts a using gone where a.delivery_id = gone.id returning 1
+)
+select (select max(id) from batch), (select count(*) from gone), (select count(*) from attempts_gone),
+       coalesce((select max(created_at) from batch) >= now() - make_interval(secs => least($3, $4)), true)";
+
+/// One retention batch over the outbox (replication source): rows older than `now - outbox` with no
+/// pending delivery. Deleting a row never loses its event: the slot streams inserts from the WAL, and a
+/// pending or dead delivery keeps its own copy of the event (backfilled ones have none, hence the check).
+const PRUNE_OUTBOX: &str = "
+with batch as (
+  select id, created_at from walhook.outbox where id > $1 order by id limit $2
+), gone as (
+  delete from walhook.outbox o using batch b
+   where o.id = b.id and o.created_at < now() - make_interval(secs => $3)
+     and not exists (select 1 from walhook.deliveries d where d.event_id = o.id and d.status = 'pending')
+  returning o.id
+)
+select (select max(id) from batch), (select count(*) from gone),
+       coalesce((select max(created_at) from batch) >= now() - make_interval(secs => $3), true)";
+
+/// What one retention batch did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Resume after this id; `None` when the batch was empty.
+    pub last_id: Option<i64>,
+    pub rows: i64,
+    pub attempts: i64,
+    /// No later row can be old enough yet.
+    pub done: bool,
+}
+
+pub async fn prune_deliveries(
+    client: &Client,
+    after: i64,
+    limit: i64,
+    succeeded: Duration,
+    dead: Duration,
+) -> Result<Pruned, StoreError> {
+    let r = client
+        .query_one(
+            PRUNE_DELIVERIES,
+            &[
+                &after,
+                &limit,
+                &succeeded.as_secs_f64(),
+                &dead.as_secs_f64(),
+            ],
+        )
+        .await?;
+    Ok(Pruned {
+        last_id: r.get(0),
+        rows: r.get(1),
+        attempts: r.get(2),
+        done: r.get(3),
+    })
+}
+
+pub async fn prune_outbox(
+    client: &Client,
+    after: i64,
+    limit: i64,
+    older_than: Duration,
+) -> Result<Pruned, StoreError> {
+    let r = client
+        .query_one(PRUNE_OUTBOX, &[&after, &limit, &older_than.as_secs_f64()])
+        .await?;
+    Ok(Pruned {
+        last_id: r.get(0),
+        rows: r.get(1),
+        attempts: 0,
+        done: r.get(2),
+    })
+}

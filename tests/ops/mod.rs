@@ -301,6 +301,11 @@ async fn drain_under_load_loses_nothing_confirms_the_slot_and_exits_in_time() {
             == 0
     })
     .await;
+    // the test cluster commits asynchronously: flush the WAL so that decoding sees every commit
+    client
+        .batch_execute("begin; set local synchronous_commit = on; select txid_current(); commit;")
+        .await
+        .unwrap();
     let still_in_slot = count(
         &client,
         "select count(*) from pg_logical_slot_peek_binary_changes('walhook', null, null,
@@ -510,6 +515,15 @@ async fn a_dropped_slot_stops_walhook_with_the_steps_and_recover_slot_fills_the_
     for i in 0..3 {
         publish(&client, "order.created", &format!("{{\"gap\": {i}}}")).await;
     }
+    eventually("the walsender has let go of the slot", || async {
+        count(
+            &client,
+            "select count(*) from pg_replication_slots where slot_name = 'walhook' and active",
+        )
+        .await
+            == 0
+    })
+    .await;
     client
         .batch_execute("select pg_drop_replication_slot('walhook')")
         .await
@@ -610,5 +624,105 @@ async fn an_invalidated_slot_is_reported_and_recovered() {
     let daemon = Daemon::start(pg.config());
     wait_succeeded(&client, 3).await;
     assert_eq!(rx.count(), 3);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_removes_old_final_rows_in_batches_and_keeps_the_rest() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    // history written directly: (outbox age, [(delivery status, age of its last update)])
+    client
+        .batch_execute(
+            "create function pg_temp.event(age interval, statuses text[], ages interval[]) returns bigint
+             language plpgsql as $$
+             declare
+               eid bigint;
+               did bigint;
+             begin
+               insert into walhook.outbox (event_type, payload, created_at)
+                 values ('order.created', '{}', now() - age) returning id into eid;
+               for i in 1 .. coalesce(array_length(statuses, 1), 0) loop
+                 insert into walhook.deliveries (event_id, endpoint_id, webhook_id, status, created_at, updated_at)
+                   values (eid, i, gen_random_uuid(), statuses[i], now() - age, now() - ages[i])
+                   returning id into did;
+                 insert into walhook.attempts (delivery_id, attempt, attempted_at, duration_ms)
+                   values (did, 1, now() - ages[i], 5), (did, 2, now() - ages[i], 5);
+               end loop;
+               return eid;
+             end $$;
+             create table pg_temp.expect (event_id bigint, outbox_kept boolean, deliveries_kept int);
+             insert into expect values
+               (pg_temp.event('10 days', '{succeeded,succeeded}', '{9 days,8 days}'), false, 0),
+               (pg_temp.event('10 days', '{succeeded,dead}', '{9 days,9 days}'), false, 1),
+               (pg_temp.event('40 days', '{dead}', '{31 days}'), false, 0),
+               (pg_temp.event('10 days', '{succeeded,pending}', '{9 days,9 days}'), true, 1),
+               (pg_temp.event('10 days', '{}', '{}'), false, 0),
+               (pg_temp.event('10 days', '{succeeded}', '{1 day}'), false, 1),
+               (pg_temp.event('2 days', '{succeeded}', '{2 days}'), true, 1),
+               (pg_temp.event('1 hour', '{}', '{}'), true, 0);",
+        )
+        .await
+        .unwrap();
+    // the daemon's retention task, with tiny batches so that a pass takes several
+    let daemon = Daemon::start(pg.config_with(|f| {
+        f.merge(("retention.interval", "100ms"))
+            .merge(("retention.batch_size", 2))
+    }));
+    eventually("retention removes what is old and final", || async {
+        count(
+            &client,
+            "select count(*) from pg_temp.expect x
+              where exists (select 1 from walhook.outbox o where o.id = x.event_id) <> x.outbox_kept
+                 or (select count(*) from walhook.deliveries d where d.event_id = x.event_id)
+                    <> x.deliveries_kept",
+        )
+        .await
+            == 0
+    })
+    .await;
+    // attempts went with their deliveries, and only with them
+    assert_eq!(
+        count(
+            &client,
+            "select count(*) from walhook.attempts a
+              where not exists (select 1 from walhook.deliveries d where d.id = a.delivery_id)"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(&client, "select count(*) from walhook.attempts").await,
+        2 * count(&client, "select count(*) from walhook.deliveries").await
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_row_deleted_in_its_own_transaction_is_still_delivered() {
+    let pg = Pg::start().await;
+    let mut client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    add_endpoint(&client, &rx.url("/x"), &["*"]).await;
+    let daemon = Daemon::start(pg.config());
+    wait_streaming(&client).await;
+    // the application keeps its outbox empty: insert and delete in the same transaction
+    let tx = client.transaction().await.unwrap();
+    tx.batch_execute(
+        "insert into walhook.outbox (event_type, payload) values ('order.created', '{\"ephemeral\": true}');
+         delete from walhook.outbox where id = lastval();",
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        count(&client, "select count(*) from walhook.outbox").await,
+        0
+    );
+    wait_succeeded(&client, 1).await;
+    let received = rx.received();
+    assert_eq!(received.len(), 1);
+    let body: serde_json::Value = serde_json::from_slice(&received[0].body).unwrap();
+    assert_eq!(body["data"]["ephemeral"], true);
     daemon.stop().await;
 }
