@@ -303,6 +303,8 @@ pub struct LogConfig {
     /// A `tracing` EnvFilter directive such as `info` or `walhook=debug,info`.
     pub level: String,
     pub format: LogFormat,
+    /// Log each attempt's payload at debug level (off: payloads may hold personal data).
+    pub payloads: bool,
 }
 
 impl Default for LogConfig {
@@ -310,6 +312,7 @@ impl Default for LogConfig {
         LogConfig {
             level: "info".into(),
             format: LogFormat::Text,
+            payloads: false,
         }
     }
 }

@@ -96,13 +96,16 @@ pub async fn run(
         config.record.batch_size,
         config.record.flush_interval,
     );
-    let dispatcher = Arc::new(Dispatcher::new(
-        client,
-        recorder.clone(),
-        retry,
-        config.delivery.concurrency,
-        config.delivery.max_in_flight_per_endpoint,
-    ));
+    let dispatcher = Arc::new(
+        Dispatcher::new(
+            client,
+            recorder.clone(),
+            retry,
+            config.delivery.concurrency,
+            config.delivery.max_in_flight_per_endpoint,
+        )
+        .with_payload_logging(config.log.payloads),
+    );
     let endpoints = Arc::new(EndpointCache::default());
 
     // the first endpoint load happens before streaming, so no event is matched against an empty cache

@@ -59,7 +59,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     if let Command::Demo = cli.command {
-        init_logs("warn", LogFormat::Text);
+        init_logs("warn", LogFormat::Text, false);
         return runtime.block_on(walhook::demo::run());
     }
     let config = Config::load(cli.config.as_deref())?;
@@ -69,7 +69,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Migrate => {
-            init_logs(&config.log.level, config.log.format);
+            init_logs(&config.log.level, config.log.format, config.log.payloads);
             runtime.block_on(async {
                 let db = config.database_url()?;
                 let mut client = walhook::store::connect_client(&db)
@@ -85,7 +85,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Run => {
-            init_logs(&config.log.level, config.log.format);
+            init_logs(&config.log.level, config.log.format, config.log.payloads);
             runtime.block_on(async {
                 let stop = CancellationToken::new();
                 let abort = CancellationToken::new();
@@ -95,7 +95,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Status => {
-            init_logs("warn", config.log.format);
+            init_logs("warn", config.log.format, false);
             runtime.block_on(async {
                 let db = config.database_url()?;
                 let status = walhook::status::read(&db, &config.replication.slot).await?;
@@ -104,7 +104,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::RecoverSlot { since } => {
-            init_logs(&config.log.level, config.log.format);
+            init_logs(&config.log.level, config.log.format, config.log.payloads);
             let since = since.as_deref().map(parse_since).transpose()?;
             runtime.block_on(async {
                 use walhook::source::replication::Recovery;
@@ -158,9 +158,14 @@ fn parse_since(text: &str) -> anyhow::Result<std::time::SystemTime> {
     Ok(std::time::SystemTime::now() - ago)
 }
 
-fn init_logs(level: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+fn init_logs(level: &str, format: LogFormat, payloads: bool) {
+    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| level.to_string());
+    let mut filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // tokio-postgres logs statement parameters (payloads) at debug: only with log.payloads, or when named
+    if !payloads && !directives.contains("tokio_postgres") {
+        filter = filter.add_directive("tokio_postgres=info".parse().expect("a valid directive"));
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

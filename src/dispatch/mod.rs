@@ -46,6 +46,8 @@ pub struct Dispatcher {
     per_endpoint: usize,
     /// HTTP requests in flight (all endpoints).
     in_flight: AtomicUsize,
+    /// `log.payloads`: payloads at debug level, for troubleshooting only.
+    log_payloads: bool,
 }
 
 impl Dispatcher {
@@ -63,7 +65,15 @@ impl Dispatcher {
             concurrency: Arc::new(Semaphore::new(concurrency.max(1))),
             per_endpoint: per_endpoint.max(1),
             in_flight: AtomicUsize::new(0),
+            log_payloads: false,
         }
+    }
+
+    /// Logs every attempt's payload at debug level (`log.payloads`); off by default, payloads may be
+    /// personal data.
+    pub fn with_payload_logging(mut self, on: bool) -> Dispatcher {
+        self.log_payloads = on;
+        self
     }
 
     /// HTTP requests in flight right now.
@@ -197,6 +207,8 @@ impl Dispatcher {
             Decision::Dead { .. } | Decision::Gone => (Status::Dead, None, "dead"),
         };
         metrics::counter!(crate::metrics::DELIVERIES, "outcome" => outcome).increment(1);
+        // one line per failed attempt, with what an operator greps for; never the payload or the secret
+        // (the error is the client's own text or "HTTP <code>", never the response body)
         if let Some(error) = &error {
             tracing::info!(
                 endpoint_id = endpoint.id,
@@ -205,7 +217,16 @@ impl Dispatcher {
                 status = status_code,
                 attempt = attempt_no,
                 next = outcome,
-                "delivery attempt failed: {error}"
+                error = %error,
+                "delivery attempt failed"
+            );
+        }
+        if self.log_payloads {
+            tracing::debug!(
+                endpoint_id = endpoint.id,
+                event_id = event.id,
+                payload = event.payload(),
+                "delivery payload (log.payloads = true)"
             );
         }
         RecordRow {

@@ -726,3 +726,92 @@ async fn an_outbox_row_deleted_in_its_own_transaction_is_still_delivered() {
     assert_eq!(body["data"]["ephemeral"], true);
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_give_one_line_per_failed_attempt_without_secrets_or_payloads() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    rx.set_responder(|_, _| Reply::Status(503));
+    let (endpoint, secret) = add_endpoint(&client, &rx.url("/down?token=hunter2"), &["*"]).await;
+    let run = |payloads: &str, level: &str| {
+        let env = env_with(
+            &pg,
+            &[
+                ("WALHOOK_LOG__FORMAT", "json"),
+                ("WALHOOK_LOG__PAYLOADS", payloads),
+                ("WALHOOK_DELIVERY__RETRY_SCHEDULE", ""),
+            ],
+        );
+        std::process::Command::new(env!("CARGO_BIN_EXE_walhook"))
+            .arg("run")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("RUST_LOG", level)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let finish = |child: std::process::Child| {
+        sigterm(&child);
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stderr).unwrap()
+    };
+
+    let child = run("false", "debug");
+    wait_streaming(&client).await;
+    let event = publish(&client, "order.created", "{\"card\": \"PAYLOAD-MARKER\"}").await;
+    eventually("the delivery is dead", || async {
+        count(
+            &client,
+            "select count(*) from walhook.deliveries where status = 'dead'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    let logs = tokio::task::block_in_place(|| finish(child));
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let failed: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["fields"]["message"] == "delivery attempt failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{logs}");
+    let f = &failed[0]["fields"];
+    assert_eq!(f["endpoint_id"], endpoint);
+    assert_eq!(f["event_id"], event);
+    assert_eq!(f["status"], 503);
+    assert_eq!(f["error"], "HTTP 503");
+    assert_eq!(f["next"], "dead");
+    assert_eq!(failed[0]["level"], "INFO");
+    for secret_or_payload in ["PAYLOAD-MARKER", "hunter2", secret.as_str(), "whsec_"] {
+        assert!(
+            !logs.contains(secret_or_payload),
+            "{secret_or_payload} logged:\n{logs}"
+        );
+    }
+
+    // opted in, at debug level: the payload appears, the secret still does not
+    let child = run("true", "walhook=debug");
+    wait_streaming(&client).await;
+    publish(&client, "order.created", "{\"card\": \"OPTED-IN\"}").await;
+    eventually("the second delivery is dead", || async {
+        count(
+            &client,
+            "select count(*) from walhook.deliveries where status = 'dead'",
+        )
+        .await
+            == 2
+    })
+    .await;
+    let logs = tokio::task::block_in_place(|| finish(child));
+    assert!(logs.contains("OPTED-IN"), "{logs}");
+    assert!(
+        !logs.contains(secret.as_str()) && !logs.contains("hunter2"),
+        "{logs}"
+    );
+}
