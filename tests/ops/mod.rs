@@ -815,3 +815,47 @@ async fn json_logs_give_one_line_per_failed_attempt_without_secrets_or_payloads(
         "{logs}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_wal_stays_bounded_while_only_another_database_is_written() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    add_endpoint(&client, &rx.url("/x"), &["*"]).await;
+    let daemon =
+        Daemon::start(pg.config_with(|f| f.merge(("replication.status_interval", "200ms"))));
+    wait_streaming(&client).await;
+    publish(&client, "order.created", "{}").await;
+    wait_succeeded(&client, 1).await;
+
+    // the outbox is idle; another database of the cluster writes ~30 MiB of WAL
+    let other_url = pg.cluster.create_database("other").await.unwrap();
+    let other = walhook::store::connect_client(&other_url.parse().unwrap())
+        .await
+        .unwrap();
+    other
+        .batch_execute("create table busy (x text)")
+        .await
+        .unwrap();
+    for _ in 0..6 {
+        other
+            .batch_execute(
+                "insert into busy select repeat('x', 500) from generate_series(1, 10000)",
+            )
+            .await
+            .unwrap();
+    }
+    // a checkpoint logs the running transactions, which lets the slot move its restart position
+    eventually("the slot retains less than 4 MiB of WAL", || async {
+        client.batch_execute("checkpoint").await.unwrap();
+        count(
+            &client,
+            "select (pg_current_wal_lsn() - restart_lsn)::int8 from pg_replication_slots
+              where slot_name = 'walhook'",
+        )
+        .await
+            < 4 << 20
+    })
+    .await;
+    daemon.stop().await;
+}
