@@ -1317,6 +1317,11 @@ mod tests {
                 ("[http]\nlisten = \"localhost:80\"", "http.listen: invalid listen address \"localhost:80\""),
                 ("[log]\nlevel = \"walhook=loud\"", "log.level: invalid filter \"walhook=loud\""),
                 ("delivery = 5", "delivery: expected a table of keys, found signed int `5`"),
+                ("[shutdown]\ndrain_timeout = \"0s\"", "shutdown.drain_timeout: must be greater than zero"),
+                ("[health]\nmax_lag = \"0s\"", "health.max_lag: must be greater than zero"),
+                ("[retention]\nbatch_size = 0", "retention.batch_size: 0 is out of range; expected 1 to 100000"),
+                ("[retention]\noutbox = \"30days\"", "retention.outbox: 30days is longer than retention.succeeded (7days)"),
+                ("[retention]\ndead = \"forever\"", "retention.dead: invalid duration \"forever\""),
             ];
             for (file, want) in cases {
                 let e = err_in(jail, Some(file));

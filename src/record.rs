@@ -77,7 +77,12 @@ impl RecorderTask {
             if let Some(first) = carry.take() {
                 batch.push(first);
             } else {
-                match self.rx.recv().await {
+                // hanging attempts hold senders open: an abort must not wait for them
+                let next = tokio::select! {
+                    o = self.rx.recv() => o,
+                    _ = abort.cancelled() => None,
+                };
+                match next {
                     Some(o) => batch.push(o),
                     None => return,
                 }

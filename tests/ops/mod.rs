@@ -54,6 +54,36 @@ impl Drop for TempDir {
     }
 }
 
+/// The real binary as a child process, killed if the test ends (or panics) while it runs.
+struct Running(std::process::Child);
+
+impl Running {
+    fn spawn(args: &[&str], env: &[(String, String)]) -> Running {
+        Running(spawn_binary(args, env))
+    }
+}
+
+impl std::ops::Deref for Running {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // a no-op once the child has been waited for
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn sigterm(child: &std::process::Child) {
     // SAFETY: kill(2) with the pid of a child we own
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -102,7 +132,7 @@ async fn systemd_hears_ready_status_watchdog_then_stopping_in_order() {
             ("WALHOOK_HEALTH__INTERVAL", "100ms"),
         ],
     );
-    let mut child = spawn_binary(&["run"], &env);
+    let mut child = Running::spawn(&["run"], &env);
 
     let has = |m: &[String], what: &str| m.iter().any(|s| s.lines().any(|l| l == what));
     eventually(
@@ -183,7 +213,7 @@ async fn metrics_readyz_and_healthz_on_http_listen() {
             ("WALHOOK_DELIVERY__RETRY_SCHEDULE", ""),
         ],
     );
-    let mut child = spawn_binary(&["run"], &env);
+    let mut child = Running::spawn(&["run"], &env);
     wait_streaming(&client).await;
     eventually("/readyz answers 200 once streaming", || async {
         matches!(http_get(port, "/readyz").await, Some((200, _)))
@@ -253,7 +283,7 @@ async fn drain_under_load_loses_nothing_confirms_the_slot_and_exits_in_time() {
     add_endpoint(&client, &rx.url("/slow"), &["*"]).await;
     let drain_timeout = Duration::from_secs(20);
     let env = env_with(&pg, &[("WALHOOK_SHUTDOWN__DRAIN_TIMEOUT", "20s")]);
-    let mut child = spawn_binary(&["run"], &env);
+    let mut child = Running::spawn(&["run"], &env);
     wait_streaming(&client).await;
 
     // a writer commits events throughout, before and after the signal
@@ -291,7 +321,7 @@ async fn drain_under_load_loses_nothing_confirms_the_slot_and_exits_in_time() {
         answered.len()
     );
     assert!(recorded > 0);
-    // the slot was confirmed up to what is recorded: what it still holds is exactly the unrecorded rest
+    // the slot was confirmed up to what is recorded: what it still holds is the unrecorded rest ...
     eventually("the walsender has let go of the slot", || async {
         count(
             &client,
@@ -318,13 +348,15 @@ async fn drain_under_load_loses_nothing_confirms_the_slot_and_exits_in_time() {
           where not exists (select 1 from walhook.deliveries d where d.event_id = o.id)",
     )
     .await;
-    assert_eq!(
-        still_in_slot, unrecorded,
-        "slot holds only unrecorded events"
+    // ... plus, at most, the one-event transaction whose Commit had not been read when the drain began
+    // (dispatched and recorded, but not confirmable)
+    assert!(
+        (unrecorded..=unrecorded + 1).contains(&still_in_slot),
+        "slot holds {still_in_slot} events, {unrecorded} are unrecorded"
     );
 
     // and a restart delivers the rest, each event once
-    let mut child = spawn_binary(&["run"], &env);
+    let mut child = Running::spawn(&["run"], &env);
     wait_succeeded(&client, 400).await;
     assert_eq!(rx.distinct_ids("/slow").len(), 400);
     child.kill().unwrap();
@@ -858,4 +890,77 @@ async fn retained_wal_stays_bounded_while_only_another_database_is_written() {
     })
     .await;
     daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_or_the_drain_timeout_aborts_and_nothing_is_lost() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    // requests hang until the receiver is told otherwise; the attempt timeout is far away
+    rx.set_responder(|_, _| Reply::Hang);
+    add_endpoint(&client, &rx.url("/hang"), &["*"]).await;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let env = env_with(
+        &pg,
+        &[
+            ("WALHOOK_DELIVERY__TIMEOUT", "120s"),
+            ("WALHOOK_SHUTDOWN__DRAIN_TIMEOUT", "120s"),
+            ("WALHOOK_HTTP__LISTEN", listen.as_str()),
+        ],
+    );
+
+    // a second signal ends a drain that would otherwise wait for the hanging requests
+    let mut child = Running::spawn(&["run"], &env);
+    wait_streaming(&client).await;
+    for i in 0..5 {
+        publish(&client, "order.created", &format!("{{\"i\": {i}}}")).await;
+    }
+    assert!(rx.wait_until(DEADLINE, |r| r.len() >= 5).await);
+    sigterm(&child);
+    eventually("/readyz reports the drain", || async {
+        matches!(http_get(port, "/readyz").await, Some((503, body)) if body.contains("draining"))
+    })
+    .await;
+    let signalled = Instant::now();
+    sigterm(&child);
+    let status = tokio::task::block_in_place(|| child.wait()).unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(60),
+        "the second signal did not abort"
+    );
+
+    // the drain timeout alone does the same
+    let env = env_with(
+        &pg,
+        &[
+            ("WALHOOK_DELIVERY__TIMEOUT", "120s"),
+            ("WALHOOK_SHUTDOWN__DRAIN_TIMEOUT", "1s"),
+        ],
+    );
+    let before = rx.count();
+    let mut child = Running::spawn(&["run"], &env);
+    // the events are replayed from the slot and hang again
+    assert!(rx.wait_until(DEADLINE, |r| r.len() >= before + 5).await);
+    let signalled = Instant::now();
+    sigterm(&child);
+    let status = tokio::task::block_in_place(|| child.wait()).unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(60),
+        "the drain timeout did not abort"
+    );
+
+    // nothing was recorded or confirmed: the next run delivers every event
+    assert_eq!(
+        count(&client, "select count(*) from walhook.deliveries").await,
+        0
+    );
+    rx.set_responder(|_, _| Reply::Status(200));
+    let mut child = Running::spawn(&["run"], &pg.env());
+    wait_succeeded(&client, 5).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
