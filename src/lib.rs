@@ -20,6 +20,7 @@
 //! - [`store`]: every SQL statement the daemon runs.
 //! - [`daemon`]: `walhook run`, wiring and graceful drain; [`health`]: health state and `/healthz`,
 //!   `/readyz`, `/metrics`; [`monitor`]: samples slot and backlog from SQL; [`systemd`]: the notify protocol.
+//! - [`retention`]: batched cleanup of old deliveries, attempts and outbox rows; [`status`]: `walhook status`.
 //! - [`demo`], [`cluster`], [`receiver`]: the self-contained demo, a throwaway PostgreSQL cluster and a
 //!   loopback webhook receiver (also used by the tests and benchmarks).
 //! - [`lsn`], [`metrics`]: WAL positions; metric names.
