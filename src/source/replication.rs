@@ -408,6 +408,7 @@ impl ReplicationSource {
             tracker: Tracker::new(start),
             relations: HashMap::new(),
             txn: None,
+            committed_at: None,
             replay_max,
             replay: Vec::new(),
             sent: start,
@@ -429,6 +430,8 @@ struct Session {
     tracker: Arc<Tracker>,
     relations: HashMap<u32, Option<OutboxColumns>>,
     txn: Option<u64>,
+    /// Commit time of the transaction being read (from its Begin), for the latency metric.
+    committed_at: Option<SystemTime>,
     replay_max: i64,
     /// Replayed events awaiting the duplicate check, with their transaction and budget permit.
     replay: Vec<(Event, u64, OwnedSemaphorePermit)>,
@@ -502,6 +505,7 @@ impl Session {
                 let committed_at = u64::try_from(commit_time_us + PG_EPOCH_OFFSET_US)
                     .map_or(UNIX_EPOCH, |us| UNIX_EPOCH + Duration::from_micros(us));
                 self.txn = Some(self.tracker.begin_at(committed_at));
+                self.committed_at = Some(committed_at);
             }
             Message::Commit { end_lsn, .. } => {
                 if let Some(txn) = self.txn.take() {
@@ -540,7 +544,8 @@ impl Session {
                             .into(),
                     ));
                 };
-                let event = Event::new(id, uid, event_type, created_at, payload);
+                let mut event = Event::new(id, uid, event_type, created_at, payload);
+                event.committed_at = self.committed_at;
                 metrics::counter!(crate::metrics::EVENTS_RECEIVED).increment(1);
                 let Some(txn) = self.txn else {
                     return Err(SourceError::Transient("insert outside a transaction".into()));

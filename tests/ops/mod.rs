@@ -331,11 +331,23 @@ async fn drain_under_load_loses_nothing_confirms_the_slot_and_exits_in_time() {
             == 0
     })
     .await;
-    // the test cluster commits asynchronously: flush the WAL so that decoding sees every commit
-    client
-        .batch_execute("begin; set local synchronous_commit = on; select txid_current(); commit;")
+    // the test cluster commits asynchronously and decoding reads only flushed WAL: wait for the WAL writer
+    let written: String = client
+        .query_one("select pg_current_wal_lsn()::text", &[])
         .await
-        .unwrap();
+        .unwrap()
+        .get(0);
+    eventually("the WAL is flushed", || async {
+        client
+            .query_one(
+                "select pg_current_wal_flush_lsn() >= $1::text::pg_lsn",
+                &[&written],
+            )
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    })
+    .await;
     let still_in_slot = count(
         &client,
         "select count(*) from pg_logical_slot_peek_binary_changes('walhook', null, null,
