@@ -178,7 +178,8 @@ pub async fn run(
     let monitor_handle = tokio::spawn(
         Monitor {
             db: db.clone(),
-            slot: config.replication.slot.clone(),
+            slot: (config.source == SourceKind::Replication)
+                .then(|| config.replication.slot.clone()),
             interval: config.health.interval,
             health: health.clone(),
             dispatcher: dispatcher.clone(),

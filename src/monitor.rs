@@ -17,7 +17,8 @@ use crate::store;
 
 pub struct Monitor {
     pub db: tokio_postgres::Config,
-    pub slot: String,
+    /// The replication slot to watch; `None` for sources without one (only the backlog is sampled).
+    pub slot: Option<String>,
     pub interval: Duration,
     pub health: Arc<Health>,
     pub dispatcher: Arc<Dispatcher>,
@@ -42,21 +43,20 @@ impl Monitor {
                 client = store::connect_client(&self.db).await.ok();
             }
             if let Some(c) = &client {
-                match store::slot_sample(c, &self.slot).await {
+                match store::slot_sample(c, self.slot.as_deref().unwrap_or("")).await {
                     Ok(sample) => {
                         let gauge = |name: &'static str, v: Option<u64>| {
                             if let Some(v) = v {
                                 metrics::gauge!(name).set(v as f64);
                             }
                         };
-                        gauge(crate::metrics::LAG_BYTES, sample.lag_bytes);
-                        gauge(crate::metrics::RETAINED_WAL, sample.retained_bytes);
-                        let lost = sample.wal_status.as_deref().is_none_or(|s| s == "lost");
-                        metrics::gauge!(crate::metrics::SLOT_LOST).set(if lost {
-                            1.0
-                        } else {
-                            0.0
-                        });
+                        if self.slot.is_some() {
+                            gauge(crate::metrics::LAG_BYTES, sample.lag_bytes);
+                            gauge(crate::metrics::RETAINED_WAL, sample.retained_bytes);
+                            let lost = sample.wal_status.as_deref().is_none_or(|s| s == "lost");
+                            let lost = if lost { 1.0 } else { 0.0 };
+                            metrics::gauge!(crate::metrics::SLOT_LOST).set(lost);
+                        }
                         metrics::gauge!(crate::metrics::PENDING).set(sample.pending as f64);
                         metrics::gauge!(crate::metrics::DEAD).set(sample.dead as f64);
                         self.health.set_sample(sample);
