@@ -41,6 +41,9 @@ pub struct Config {
     pub endpoints: EndpointsConfig,
     pub http: HttpConfig,
     pub log: LogConfig,
+    pub health: HealthConfig,
+    pub shutdown: ShutdownConfig,
+    pub retention: RetentionConfig,
 }
 
 /// Where committed outbox rows come from.
@@ -269,10 +272,82 @@ impl Default for HttpConfig {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// How often the slot position, retained WAL and backlog are sampled from PostgreSQL.
+    #[serde(with = "duration")]
+    pub interval: Duration,
+    /// `/readyz` fails while the oldest unconfirmed transaction is older than this.
+    #[serde(with = "duration")]
+    pub max_lag: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            interval: Duration::from_secs(5),
+            max_lag: Duration::from_secs(5 * 60),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// Longest wait, after SIGTERM/SIGINT, for in-flight attempts to finish and be recorded.
+    #[serde(with = "duration")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_timeout: Duration::from_secs(40),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    pub enabled: bool,
+    /// Succeeded deliveries (and their attempts) are deleted this long after their last update.
+    #[serde(with = "duration")]
+    pub succeeded: Duration,
+    /// Dead deliveries (and their attempts) likewise.
+    #[serde(with = "duration")]
+    pub dead: Duration,
+    /// Outbox rows older than this whose deliveries are all final (or that have none).
+    #[serde(with = "duration")]
+    pub outbox: Duration,
+    /// Pause between cleanup passes.
+    #[serde(with = "duration")]
+    pub interval: Duration,
+    /// Rows deleted per statement (each its own short transaction).
+    pub batch_size: usize,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        let day = 24 * 3600;
+        RetentionConfig {
+            enabled: true,
+            succeeded: Duration::from_secs(7 * day),
+            dead: Duration::from_secs(30 * day),
+            outbox: Duration::from_secs(7 * day),
+            interval: Duration::from_secs(60),
+            batch_size: 1000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// A `tracing` EnvFilter directive such as `info` or `walhook=debug,info`.
     pub level: String,
     pub format: LogFormat,
+    /// Log each attempt's payload at debug level (off: payloads may hold personal data).
+    pub payloads: bool,
 }
 
 impl Default for LogConfig {
@@ -280,6 +355,7 @@ impl Default for LogConfig {
         LogConfig {
             level: "info".into(),
             format: LogFormat::Text,
+            payloads: false,
         }
     }
 }
@@ -468,6 +544,28 @@ impl Config {
             "endpoints.refresh_interval",
             self.endpoints.refresh_interval,
         )?;
+        positive("health.interval", self.health.interval)?;
+        positive("health.max_lag", self.health.max_lag)?;
+        positive("shutdown.drain_timeout", self.shutdown.drain_timeout)?;
+        let r = &self.retention;
+        positive("retention.succeeded", r.succeeded)?;
+        positive("retention.dead", r.dead)?;
+        positive("retention.outbox", r.outbox)?;
+        positive("retention.interval", r.interval)?;
+        if !(1..=100_000).contains(&r.batch_size) {
+            let message = format!("{} is out of range; expected 1 to 100000", r.batch_size);
+            return Err(invalid("retention.batch_size", message));
+        }
+        // An outbox row that outlived its succeeded deliveries would look undelivered to `recover-slot`.
+        if r.outbox > r.succeeded {
+            let message = format!(
+                "{} is longer than retention.succeeded ({}); outbox rows must not outlive their \
+                 deliveries' records",
+                humantime::format_duration(r.outbox),
+                humantime::format_duration(r.succeeded)
+            );
+            return Err(invalid("retention.outbox", message));
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             let level = &self.log.level;
             let message = format!(
@@ -1277,6 +1375,11 @@ mod tests {
                 ("[http]\nlisten = \"localhost:80\"", "http.listen: invalid listen address \"localhost:80\""),
                 ("[log]\nlevel = \"walhook=loud\"", "log.level: invalid filter \"walhook=loud\""),
                 ("delivery = 5", "delivery: expected a table of keys, found signed int `5`"),
+                ("[shutdown]\ndrain_timeout = \"0s\"", "shutdown.drain_timeout: must be greater than zero"),
+                ("[health]\nmax_lag = \"0s\"", "health.max_lag: must be greater than zero"),
+                ("[retention]\nbatch_size = 0", "retention.batch_size: 0 is out of range; expected 1 to 100000"),
+                ("[retention]\noutbox = \"30days\"", "retention.outbox: 30days is longer than retention.succeeded (7days)"),
+                ("[retention]\ndead = \"forever\"", "retention.dead: invalid duration \"forever\""),
             ];
             for (file, want) in cases {
                 let e = err_in(jail, Some(file));

@@ -1,10 +1,10 @@
 //! `walhook run`: wires source → fan-out → dispatch → record, plus the retry scheduler, the endpoint cache
 //! refresher and the health endpoint, under one cancellation token.
 //!
-//! Shutdown order matters for "ack after record": the source stops reading first; in-flight attempts finish
-//! (bounded by `delivery.timeout`) and their outcomes are recorded; only then does the recorder stop. A
-//! second signal aborts at once; whatever was not confirmed is replayed by the slot on the next start (or,
-//! with the notify source, claimed again once its lease lapses).
+//! Shutdown order matters for "ack after record": the source and the scheduler stop taking work first;
+//! in-flight attempts finish and their outcomes are recorded; the source confirms the recorded position; only
+//! then does the recorder stop. `shutdown.drain_timeout` bounds all of it, and a second signal aborts at
+//! once; whatever was not confirmed is replayed by the slot on the next start (or, with the notify source, claimed again once its lease lapses).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,10 +20,14 @@ use crate::dispatch::retry::RetryPolicy;
 use crate::dispatch::{DispatchSettings, Dispatcher};
 use crate::endpoint_state::EndpointStateWriter;
 use crate::fanout::EndpointCache;
+use crate::health::Health;
+use crate::monitor::Monitor;
 use crate::record;
+use crate::retention::Retention;
 use crate::scheduler::Scheduler;
 use crate::source::notify::NotifySource;
 use crate::source::replication::ReplicationSource;
+use crate::source::replication::SlotKeeper;
 use crate::source::{Pipeline, SourceError};
 use crate::store::Store;
 
@@ -71,7 +75,8 @@ pub async fn run(
     abort: CancellationToken,
 ) -> Result<(), RunError> {
     let db = config.database_url()?;
-    crate::metrics::describe();
+    let metrics = crate::metrics::install();
+    let health = Health::new(config.health.max_lag);
 
     let allowed = config
         .delivery
@@ -129,12 +134,10 @@ pub async fn run(
         wake.clone(),
     );
     let (disable_tx, disable_rx) = tokio::sync::mpsc::unbounded_channel();
-    let dispatcher = Arc::new(Dispatcher::new(
-        client,
-        recorder.clone(),
-        settings,
-        disable_tx,
-    ));
+    let dispatcher = Arc::new(
+        Dispatcher::new(client, recorder.clone(), settings, disable_tx)
+            .with_payload_logging(config.log.payloads),
+    );
     tokio::spawn(Dispatcher::sweep(Arc::downgrade(&dispatcher)));
     let endpoints = Arc::new(EndpointCache::default());
 
@@ -152,6 +155,7 @@ pub async fn run(
             publication: config.replication.publication.clone(),
             status_interval: config.replication.status_interval,
             pipeline,
+            health: health.clone(),
         }),
         SourceKind::Notify => Source::Notify(NotifySource {
             db: db.clone(),
@@ -163,6 +167,10 @@ pub async fn run(
         }),
     };
     source.prepare().await?;
+    if config.source == SourceKind::Notify {
+        // polling has no stream to wait for: ready once prepared
+        health.set_streaming(true);
+    }
     let mut refresher = EndpointRefresher {
         db: db.clone(),
         cache: endpoints.clone(),
@@ -178,6 +186,14 @@ pub async fn run(
         }
     }
 
+    let listener = match config.http.listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Listen { addr, source })?,
+        ),
+        None => None,
+    };
     let workers = CancellationToken::new();
     let recorder_handle = tokio::spawn(recorder_task.run(abort.clone()));
     let refresh_interval = config.endpoints.refresh_interval;
@@ -194,6 +210,52 @@ pub async fn run(
         }
         .run(workers.clone()),
     );
+    // the drain starts with the first signal: no new claims, not ready, systemd told; the timeout aborts
+    let drain_timer = tokio::spawn({
+        let (stop, abort, health) = (stop.clone(), abort.clone(), health.clone());
+        let timeout = config.shutdown.drain_timeout;
+        async move {
+            stop.cancelled().await;
+            health.set_draining();
+            crate::systemd::stopping();
+            tokio::select! {
+                _ = tokio::time::sleep(timeout) => {
+                    tracing::warn!(
+                        "drain did not finish within shutdown.drain_timeout ({}); aborting: what was not \
+                         recorded is replayed from the slot on the next start",
+                        humantime::format_duration(timeout)
+                    );
+                    abort.cancel();
+                }
+                _ = abort.cancelled() => {}
+            }
+        }
+    });
+    // the scheduler stops claiming at the first signal, or when the source ends for any other reason
+    let claims = stop.child_token();
+    let notifier_handle = tokio::spawn(crate::systemd::run(health.clone(), workers.clone()));
+    let monitor_handle = tokio::spawn(
+        Monitor {
+            db: db.clone(),
+            slot: (config.source == SourceKind::Replication)
+                .then(|| config.replication.slot.clone()),
+            interval: config.health.interval,
+            health: health.clone(),
+            dispatcher: dispatcher.clone(),
+            metrics: metrics.clone(),
+        }
+        .run(workers.clone()),
+    );
+    let retention_handle = config.retention.enabled.then(|| {
+        tokio::spawn(
+            Retention {
+                db: db.clone(),
+                config: config.retention.clone(),
+                prune_outbox: config.source == SourceKind::Replication,
+            }
+            .run(workers.clone()),
+        )
+    });
     let scheduler_handle = tokio::spawn(
         Scheduler {
             wake,
@@ -205,20 +267,16 @@ pub async fn run(
             dispatcher: dispatcher.clone(),
             recorder: recorder.clone(),
         }
-        .run(workers.clone()),
+        .run(claims.clone()),
     );
-    let health_handle = match config.http.listen {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| RunError::Listen { addr, source })?;
-            Some(tokio::spawn(crate::health::serve(
-                listener,
-                workers.clone(),
-            )))
-        }
-        None => None,
-    };
+    let health_handle = listener.map(|listener| {
+        tokio::spawn(crate::health::serve(
+            listener,
+            health.clone(),
+            metrics,
+            workers.clone(),
+        ))
+    });
 
     tracing::info!("walhook running");
     let result = tokio::select! {
@@ -226,19 +284,40 @@ pub async fn run(
         _ = abort.cancelled() => Ok(()),
     };
     // drain: no new work; in-flight attempts finish and are recorded, then the recorder ends
+    claims.cancel();
     workers.cancel();
     let _ = scheduler_handle.await;
     let _ = refresher_handle.await;
     let _ = state_handle.await;
     // queued jobs are parked (recorded as pending) rather than sent during the drain
     dispatcher.park_queued();
+    let _ = monitor_handle.await;
+    if let Some(h) = retention_handle {
+        let _ = h.await;
+    }
+    let _ = notifier_handle.await;
     drop(dispatcher);
     drop(recorder);
     let _ = recorder_handle.await;
+    drain_timer.abort();
     if let Some(h) = health_handle {
         h.abort();
     }
     result.map_err(RunError::from)
+}
+
+/// `walhook recover-slot`: see [`SlotKeeper::recover`].
+pub async fn recover_slot(
+    config: Config,
+    since: Option<std::time::SystemTime>,
+) -> Result<crate::source::replication::Recovery, RunError> {
+    let db = config.database_url()?;
+    let keeper = SlotKeeper {
+        db,
+        slot: config.replication.slot.clone(),
+        publication: config.replication.publication.clone(),
+    };
+    Ok(keeper.recover(since).await?)
 }
 
 /// Keeps the endpoint cache in step with `walhook.endpoints`.

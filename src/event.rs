@@ -4,6 +4,8 @@
 //! SQL) already delivers, with no JSON parse and re-encode: jsonb's text output is valid JSON. Every endpoint
 //! and every retry sends these same bytes, so the body, and with it the signed content, is stable.
 
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
 use bytes::Bytes;
 
 use crate::lsn::Lsn;
@@ -20,6 +22,9 @@ pub struct Event {
     pub created_at: String,
     /// The envelope, byte for byte as sent.
     pub body: Bytes,
+    /// The transaction's commit time when the source knows it (replication's Begin message); for the
+    /// commit-to-delivery latency metric only.
+    pub committed_at: Option<SystemTime>,
     payload_start: usize,
     /// `walhook.outbox.ordering_key`: ordered endpoints get events of one key in commit order.
     pub ordering_key: Option<String>,
@@ -50,6 +55,7 @@ impl Event {
             event_type: event_type.to_string(),
             created_at: created_at.to_string(),
             body: Bytes::from(body),
+            committed_at: None,
             payload_start,
             ordering_key: None,
             commit_lsn: None,
@@ -61,6 +67,12 @@ impl Event {
         self.ordering_key = key;
         self.commit_lsn = commit_lsn;
         self
+    }
+
+    /// When the event came to be: its commit time if known, else the row's `created_at`.
+    pub fn committed_or_created(&self) -> Option<SystemTime> {
+        self.committed_at
+            .or_else(|| parse_pg_timestamp(&self.created_at))
     }
 
     /// The payload JSON text, as stored in the outbox.
@@ -95,6 +107,43 @@ pub fn rfc3339(pg: &str) -> String {
         }
     }
     out
+}
+
+/// PostgreSQL's ISO timestamptz text (`2026-11-29 20:18:59.123456+00`, also `+05:30`) as a `SystemTime`;
+/// `None` for anything else (BC dates, infinity), which only costs a latency sample.
+fn parse_pg_timestamp(pg: &str) -> Option<SystemTime> {
+    let num = |s: &str| -> Option<i64> {
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    let (date, rest) = pg.split_once(' ')?;
+    let mut d = date.splitn(3, '-');
+    let (y, m, day) = (num(d.next()?)?, num(d.next()?)?, num(d.next()?)?);
+    let at = rest.rfind(['+', '-'])?;
+    let (time, offset) = rest.split_at(at);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let mut t = hms.splitn(3, ':');
+    let (h, mi, sec) = (num(t.next()?)?, num(t.next()?)?, num(t.next()?)?);
+    let sign = if offset.starts_with('-') { -1 } else { 1 };
+    let (oh, om) = offset[1..].split_once(':').unwrap_or((&offset[1..], "0"));
+    let offset_secs = sign * (num(oh)? * 3600 + num(om)? * 60);
+    // days from civil (Howard Hinnant's algorithm), proleptic Gregorian
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset_secs;
+    let micros = match frac.len() {
+        0 => 0,
+        n if n <= 6 => num(frac)? * 10i64.pow(6 - n as u32),
+        _ => return None,
+    };
+    let secs = u64::try_from(secs).ok()?;
+    Some(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(micros as u64))
 }
 
 fn push_json_string(out: &mut String, s: &str) {
@@ -132,6 +181,33 @@ mod tests {
         assert_eq!(e.payload(), r#"{"id": 42, "note": "é"}"#);
         let v: serde_json::Value = serde_json::from_slice(&e.body).unwrap();
         assert_eq!(v["data"]["id"], 42);
+    }
+
+    #[test]
+    fn timestamps_parse_to_system_time() {
+        let at = |s: &str| {
+            parse_pg_timestamp(s).map(|t| t.duration_since(UNIX_EPOCH).unwrap().as_micros())
+        };
+        assert_eq!(at("1970-01-01 00:00:00+00"), Some(0));
+        assert_eq!(at("2026-11-29 20:18:59.5+00"), Some(1_795_983_539_500_000));
+        assert_eq!(at("2026-11-29 21:18:59.5+01"), Some(1_795_983_539_500_000));
+        assert_eq!(
+            at("2026-11-29 15:48:59.5-04:30"),
+            Some(1_795_983_539_500_000)
+        );
+        assert_eq!(
+            at("2024-02-29 00:00:00.000001+00"),
+            Some(1_709_164_800_000_001)
+        );
+        for bad in [
+            "",
+            "infinity",
+            "2026-11-29",
+            "2026-11-29 20:18:59",
+            "x-1-1 00:00:00+00",
+        ] {
+            assert_eq!(at(bad), None, "{bad}");
+        }
     }
 
     #[test]

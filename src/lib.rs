@@ -20,7 +20,9 @@
 //! - [`record`]: batched writes of outcomes, releasing acknowledgements once durable.
 //! - [`scheduler`]: claims due retries with `FOR UPDATE SKIP LOCKED` leases.
 //! - [`store`]: every SQL statement the daemon runs.
-//! - [`daemon`]: `walhook run`, wiring and graceful drain; [`health`]: `/healthz`.
+//! - [`daemon`]: `walhook run`, wiring and graceful drain; [`health`]: health state and `/healthz`,
+//!   `/readyz`, `/metrics`; [`monitor`]: samples slot and backlog from SQL; [`systemd`]: the notify protocol.
+//! - [`retention`]: batched cleanup of old deliveries, attempts and outbox rows; [`status`]: `walhook status`.
 //! - [`demo`], [`cluster`], [`receiver`]: the self-contained demo, a throwaway PostgreSQL cluster and a
 //!   loopback webhook receiver (also used by the tests and benchmarks).
 //! - [`bench`]: `walhook bench`, throughput, latency and cost of the relay on this machine.
@@ -38,11 +40,15 @@ pub mod fanout;
 pub mod health;
 pub mod lsn;
 pub mod metrics;
+pub mod monitor;
 pub mod pgoutput;
 pub mod receiver;
 pub mod record;
+pub mod retention;
 pub mod scheduler;
 pub mod schema;
 pub mod sign;
 pub mod source;
+pub mod status;
 pub mod store;
+pub mod systemd;

@@ -38,6 +38,15 @@ enum Command {
     Demo,
     /// Validate the configuration and exit (non-zero with the offending key).
     CheckConfig,
+    /// One-screen summary: slot, lag, retained WAL, backlog, per-endpoint counts of the last hour.
+    Status,
+    /// After the slot was dropped or invalidated: re-create it and queue the outbox rows without deliveries.
+    /// Stop every walhook instance first.
+    RecoverSlot {
+        /// Only outbox rows created at or after this: an RFC 3339 time or a duration ago ("36h").
+        #[arg(long, value_name = "TIME|DURATION")]
+        since: Option<String>,
+    },
     /// Print a new ed25519 key pair for asymmetric (v1a) signing: the whsk_ key goes into
     /// walhook.endpoints.signing_key, the whpk_ key to the receiver.
     Keygen,
@@ -103,11 +112,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     if let Command::Demo = cli.command {
-        init_logs("warn", LogFormat::Text);
+        init_logs("warn", LogFormat::Text, false);
         return runtime.block_on(walhook::demo::run());
     }
     if let Command::Bench(args) = cli.command {
-        init_logs("warn", LogFormat::Text);
+        init_logs("warn", LogFormat::Text, false);
         return bench(&runtime, args);
     }
     let config = Config::load(cli.config.as_deref())?;
@@ -117,7 +126,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Migrate => {
-            init_logs(&config.log.level, config.log.format);
+            init_logs(&config.log.level, config.log.format, config.log.payloads);
             runtime.block_on(async {
                 let db = config.database_url()?;
                 let mut client = walhook::store::connect_client(&db)
@@ -133,12 +142,37 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Run => {
-            init_logs(&config.log.level, config.log.format);
+            init_logs(&config.log.level, config.log.format, config.log.payloads);
             runtime.block_on(async {
                 let stop = CancellationToken::new();
                 let abort = CancellationToken::new();
                 tokio::spawn(signals(stop.clone(), abort.clone()));
                 walhook::daemon::run(config, stop, abort).await?;
+                Ok(())
+            })
+        }
+        Command::Status => {
+            init_logs("warn", config.log.format, false);
+            runtime.block_on(async {
+                let db = config.database_url()?;
+                let status = walhook::status::read(&db, &config.replication.slot).await?;
+                print!("{}", status.render());
+                Ok(())
+            })
+        }
+        Command::RecoverSlot { since } => {
+            init_logs(&config.log.level, config.log.format, config.log.payloads);
+            let since = since.as_deref().map(parse_since).transpose()?;
+            runtime.block_on(async {
+                use walhook::source::replication::Recovery;
+                let slot = config.replication.slot.clone();
+                match walhook::daemon::recover_slot(config, since).await? {
+                    Recovery::Healthy => println!("replication slot {slot:?} is healthy: nothing to recover"),
+                    Recovery::Recreated { queued } => println!(
+                        "replication slot {slot:?} re-created; {queued} deliveries queued for outbox rows \
+                         without deliveries; start walhook to send them"
+                    ),
+                }
                 Ok(())
             })
         }
@@ -188,9 +222,27 @@ async fn signals(stop: CancellationToken, abort: CancellationToken) {
     }
 }
 
-fn init_logs(level: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+/// `--since`: RFC 3339 (`2026-11-29T20:00:00Z`) or a duration ago (`36h`).
+fn parse_since(text: &str) -> anyhow::Result<std::time::SystemTime> {
+    if let Ok(at) = humantime::parse_rfc3339_weak(text) {
+        return Ok(at);
+    }
+    let ago = humantime::parse_duration(text).with_context(|| {
+        format!(
+            "--since {text:?}: expected a time like 2026-11-29T20:00:00Z or a duration like 36h"
+        )
+    })?;
+    Ok(std::time::SystemTime::now() - ago)
+}
+
+fn init_logs(level: &str, format: LogFormat, payloads: bool) {
+    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| level.to_string());
+    let mut filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // tokio-postgres logs statement parameters (payloads) at debug: only with log.payloads, or when named
+    if !payloads && !directives.contains("tokio_postgres") {
+        filter = filter.add_directive("tokio_postgres=info".parse().expect("a valid directive"));
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

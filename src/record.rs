@@ -81,9 +81,10 @@ impl RecorderTask {
             if let Some(first) = carry.take() {
                 batch.push(first);
             } else {
+                // hanging attempts hold senders open: an abort must not wait for them
                 let next = tokio::select! {
                     o = self.rx.recv() => o,
-                    _ = abort.cancelled() => return,
+                    _ = abort.cancelled() => None,
                 };
                 match next {
                     Some(o) => batch.push(o),

@@ -12,6 +12,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "core", include_str!("../sql/001_core.sql")),
     (2, "notify", include_str!("../sql/002_notify.sql")),
     (3, "policies", include_str!("../sql/003_policies.sql")),
+    (4, "ops", include_str!("../sql/004_ops.sql")),
 ];
 
 /// Advisory lock key taken while migrating ("walhook" in ASCII).

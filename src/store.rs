@@ -810,3 +810,343 @@ impl OutboxQueue {
         Ok(())
     }
 }
+
+// ---- operations: sampling, status, retention, slot bookkeeping ----
+
+/// Slot position, retained WAL and backlog in one statement, for the periodic sampler. The counts use the
+/// partial indexes on pending and dead deliveries; with no slot the slot columns are null.
+const SLOT_SAMPLE: &str = "
+select (pg_current_wal_lsn() - s.confirmed_flush_lsn)::int8,
+       (pg_current_wal_lsn() - s.restart_lsn)::int8,
+       s.wal_status,
+       (select count(*) from walhook.deliveries where status = 'pending'),
+       (select count(*) from walhook.deliveries where status = 'dead')
+  from (select 1) one left join pg_replication_slots s on s.slot_name = $1";
+
+pub async fn slot_sample(
+    client: &Client,
+    slot: &str,
+) -> Result<crate::health::SlotSample, StoreError> {
+    let row = client.query_one(SLOT_SAMPLE, &[&slot]).await?;
+    let bytes = |i: usize| row.get::<_, Option<i64>>(i).map(|v| v.max(0) as u64);
+    Ok(crate::health::SlotSample {
+        lag_bytes: bytes(0),
+        retained_bytes: bytes(1),
+        wal_status: row.get(2),
+        pending: row.get(3),
+        dead: row.get(4),
+    })
+}
+
+/// A slot row of `pg_replication_slots`.
+#[derive(Clone, Debug)]
+pub struct SlotRow {
+    pub wal_status: Option<String>,
+}
+
+/// The slot as the server lists it, and when walhook recorded creating it (text, for messages); `None`s
+/// when absent. Fails with `NotMigrated` before `walhook.slots` exists.
+pub async fn slot_state(
+    client: &Client,
+    slot: &str,
+) -> Result<(Option<SlotRow>, Option<String>), StoreError> {
+    let row = client
+        .query_one(
+            "select to_regclass('walhook.slots') is not null,
+                    (select wal_status from pg_replication_slots where slot_name = $1),
+                    exists (select 1 from pg_replication_slots where slot_name = $1)",
+            &[&slot],
+        )
+        .await?;
+    if !row.get::<_, bool>(0) {
+        return Err(StoreError::NotMigrated);
+    }
+    let slot_row = row.get::<_, bool>(2).then(|| SlotRow {
+        wal_status: row.get(1),
+    });
+    let recorded = client
+        .query_opt(
+            "select to_char(created_at, 'YYYY-MM-DD HH24:MI:SS TZ') from walhook.slots where slot_name = $1",
+            &[&slot],
+        )
+        .await?
+        .map(|r| r.get(0));
+    Ok((slot_row, recorded))
+}
+
+/// The pid of the walsender holding the slot, if any.
+pub async fn slot_active_pid(client: &Client, slot: &str) -> Result<Option<i32>, StoreError> {
+    Ok(client
+        .query_opt(
+            "select active_pid from pg_replication_slots where slot_name = $1",
+            &[&slot],
+        )
+        .await?
+        .and_then(|r| r.get(0)))
+}
+
+/// Notes that walhook owns this slot (`recovered` after `walhook recover-slot`).
+pub async fn record_slot(client: &Client, slot: &str, recovered: bool) -> Result<(), StoreError> {
+    client
+        .execute(
+            "insert into walhook.slots (slot_name, recovered_at) values ($1, case when $2 then now() end)
+             on conflict (slot_name) do update
+               set recovered_at = coalesce(excluded.recovered_at, walhook.slots.recovered_at)",
+            &[&slot, &recovered],
+        )
+        .await?;
+    Ok(())
+}
+
+/// `recover-slot`'s backfill, under the new slot's exported snapshot: every committed outbox row (created at
+/// or after `since`) without a delivery for an enabled, matching endpoint that already existed when the row
+/// was written. The per-pair check also completes events that were recorded for some endpoints only; the
+/// endpoint's age keeps an endpoint added later from receiving history it never subscribed to.
+pub async fn backfill_recovery(
+    client: &mut Client,
+    snapshot: &str,
+    since: Option<SystemTime>,
+) -> Result<u64, StoreError> {
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await?;
+    tx.batch_execute(&format!(
+        "set transaction snapshot '{}'",
+        snapshot.replace('\'', "''")
+    ))
+    .await?;
+    let n = tx
+        .execute(
+            "insert into walhook.deliveries (event_id, endpoint_id, webhook_id, status, next_attempt_at)
+             select o.id, e.id, o.uid, 'pending', now()
+               from walhook.outbox o
+               join walhook.endpoints e on e.enabled and e.created_at <= o.created_at
+                                       and walhook.matches(o.event_type, e.event_types)
+              where o.created_at >= coalesce($1::timestamptz, '-infinity')
+                and not exists (select 1 from walhook.deliveries d
+                                 where d.event_id = o.id and d.endpoint_id = e.id)
+             on conflict (event_id, endpoint_id) do nothing",
+            &[&since],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(n)
+}
+
+/// The slot as `walhook status` shows it.
+#[derive(Clone, Debug, Default)]
+pub struct SlotStatus {
+    pub active_pid: Option<i32>,
+    pub client_addr: Option<String>,
+    pub wal_status: Option<String>,
+    pub confirmed: Option<String>,
+    pub lag_bytes: Option<i64>,
+    pub retained_bytes: Option<i64>,
+    /// `safe_wal_size`: WAL that may still be written before the slot is invalidated (null: no limit).
+    pub safe_bytes: Option<i64>,
+    /// The walsender's `replay_lag` in seconds (null when caught up or idle).
+    pub replay_lag: Option<f64>,
+}
+
+/// Backlog and per-endpoint numbers for `walhook status`.
+#[derive(Clone, Debug, Default)]
+pub struct Backlog {
+    pub pending: i64,
+    pub due: i64,
+    pub dead: i64,
+    /// Age in seconds of the oldest pending delivery.
+    pub oldest_pending: Option<f64>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct EndpointStatus {
+    pub id: i64,
+    pub url: String,
+    pub enabled: bool,
+    /// Succeeded and dead in the last hour, pending now.
+    pub succeeded: i64,
+    pub pending: i64,
+    pub dead: i64,
+    pub last_error: Option<String>,
+    /// Seconds since the last error.
+    pub last_error_age: Option<f64>,
+}
+
+pub async fn slot_status(client: &Client, slot: &str) -> Result<Option<SlotStatus>, StoreError> {
+    let row = client
+        .query_opt(
+            "select s.active_pid, host(r.client_addr), s.wal_status, s.confirmed_flush_lsn::text,
+                    (pg_current_wal_lsn() - s.confirmed_flush_lsn)::int8,
+                    (pg_current_wal_lsn() - s.restart_lsn)::int8,
+                    s.safe_wal_size, extract(epoch from r.replay_lag)::float8
+               from pg_replication_slots s left join pg_stat_replication r on r.pid = s.active_pid
+              where s.slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row.map(|r| SlotStatus {
+        active_pid: r.get(0),
+        client_addr: r.get(1),
+        wal_status: r.get(2),
+        confirmed: r.get(3),
+        lag_bytes: r.get(4),
+        retained_bytes: r.get(5),
+        safe_bytes: r.get(6),
+        replay_lag: r.get(7),
+    }))
+}
+
+pub async fn backlog(client: &Client) -> Result<Backlog, StoreError> {
+    let r = client
+        .query_one(
+            "select count(*), count(*) filter (where next_attempt_at <= now()),
+                    extract(epoch from now() - min(created_at))::float8,
+                    (select count(*) from walhook.deliveries where status = 'dead')
+               from walhook.deliveries where status = 'pending'",
+            &[],
+        )
+        .await?;
+    Ok(Backlog {
+        pending: r.get(0),
+        due: r.get(1),
+        oldest_pending: r.get(2),
+        dead: r.get(3),
+    })
+}
+
+/// Per endpoint: succeeded and dead deliveries updated in the last hour, pending ones now, and the most
+/// recent error of the last hour. One pass over the recent and pending deliveries.
+pub async fn endpoint_status(client: &Client) -> Result<Vec<EndpointStatus>, StoreError> {
+    let rows = client
+        .query(
+            "with recent as (
+               select endpoint_id, status, last_error, last_attempt_at
+                 from walhook.deliveries
+                where status = 'pending' or updated_at > now() - interval '1 hour'
+             ), counts as (
+               select endpoint_id,
+                      count(*) filter (where status = 'succeeded') as succeeded,
+                      count(*) filter (where status = 'pending') as pending,
+                      count(*) filter (where status = 'dead') as dead
+                 from recent group by endpoint_id
+             ), errors as (
+               select distinct on (endpoint_id) endpoint_id, last_error,
+                      extract(epoch from now() - last_attempt_at)::float8 as age
+                 from recent
+                where last_error is not null and last_attempt_at > now() - interval '1 hour'
+                order by endpoint_id, last_attempt_at desc
+             )
+             select e.id, e.url, e.enabled, coalesce(c.succeeded, 0), coalesce(c.pending, 0),
+                    coalesce(c.dead, 0), x.last_error, x.age
+               from walhook.endpoints e
+               left join counts c on c.endpoint_id = e.id
+               left join errors x on x.endpoint_id = e.id
+              order by coalesce(c.dead, 0) desc, coalesce(c.pending, 0) desc, e.id",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| EndpointStatus {
+            id: r.get(0),
+            url: r.get(1),
+            enabled: r.get(2),
+            succeeded: r.get(3),
+            pending: r.get(4),
+            dead: r.get(5),
+            last_error: r.get(6),
+            last_error_age: r.get(7),
+        })
+        .collect())
+}
+
+/// One retention batch over deliveries, walking the primary key from `after`: succeeded rows last updated
+/// before `now - succeeded`, dead ones before `now - dead`, and their attempts, in one short transaction.
+/// The conditions are repeated in the DELETE so that a row changed meanwhile (redelivered) is re-checked
+/// and kept. Returns (last id looked at, deliveries deleted, attempts deleted, done): done once the batch is
+/// empty or reaches rows younger than the shorter retention (ids grow with creation time).
+const PRUNE_DELIVERIES: &str = "
+with batch as (
+  select id, created_at from walhook.deliveries where id > $1 order by id limit $2
+), gone as (
+  delete from walhook.deliveries d using batch b
+   where d.id = b.id
+     and ((d.status = 'succeeded' and d.updated_at < now() - make_interval(secs => $3))
+       or (d.status = 'dead' and d.updated_at < now() - make_interval(secs => $4)))
+  returning d.id
+), attempts_gone as (
+  delete from walhook.attempts a using gone where a.delivery_id = gone.id returning 1
+)
+select (select max(id) from batch), (select count(*) from gone), (select count(*) from attempts_gone),
+       coalesce((select max(created_at) from batch) >= now() - make_interval(secs => least($3, $4)), true)";
+
+/// One retention batch over the outbox (replication source): rows older than `now - outbox` with no
+/// pending delivery. Deleting a row never loses its event: the slot streams inserts from the WAL, and a
+/// pending or dead delivery keeps its own copy of the event (backfilled ones have none, hence the check).
+const PRUNE_OUTBOX: &str = "
+with batch as (
+  select id, created_at from walhook.outbox where id > $1 order by id limit $2
+), gone as (
+  delete from walhook.outbox o using batch b
+   where o.id = b.id and o.created_at < now() - make_interval(secs => $3)
+     and not exists (select 1 from walhook.deliveries d where d.event_id = o.id and d.status = 'pending')
+  returning o.id
+)
+select (select max(id) from batch), (select count(*) from gone),
+       coalesce((select max(created_at) from batch) >= now() - make_interval(secs => $3), true)";
+
+/// What one retention batch did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Resume after this id; `None` when the batch was empty.
+    pub last_id: Option<i64>,
+    pub rows: i64,
+    pub attempts: i64,
+    /// No later row can be old enough yet.
+    pub done: bool,
+}
+
+pub async fn prune_deliveries(
+    client: &Client,
+    after: i64,
+    limit: i64,
+    succeeded: Duration,
+    dead: Duration,
+) -> Result<Pruned, StoreError> {
+    let r = client
+        .query_one(
+            PRUNE_DELIVERIES,
+            &[
+                &after,
+                &limit,
+                &succeeded.as_secs_f64(),
+                &dead.as_secs_f64(),
+            ],
+        )
+        .await?;
+    Ok(Pruned {
+        last_id: r.get(0),
+        rows: r.get(1),
+        attempts: r.get(2),
+        done: r.get(3),
+    })
+}
+
+pub async fn prune_outbox(
+    client: &Client,
+    after: i64,
+    limit: i64,
+    older_than: Duration,
+) -> Result<Pruned, StoreError> {
+    let r = client
+        .query_one(PRUNE_OUTBOX, &[&after, &limit, &older_than.as_secs_f64()])
+        .await?;
+    Ok(Pruned {
+        last_id: r.get(0),
+        rows: r.get(1),
+        attempts: 0,
+        done: r.get(2),
+    })
+}

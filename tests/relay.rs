@@ -1,6 +1,7 @@
 //! End-to-end tests of the relay: a real PostgreSQL cluster per test, real HTTP receivers on loopback, the
 //! real daemon (in-process, or the real binary as a child process for crash tests).
 
+mod ops;
 mod support;
 
 use std::collections::HashSet;

@@ -19,7 +19,7 @@ pub mod retry;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -83,6 +83,10 @@ pub struct Dispatcher {
     disable: mpsc::UnboundedSender<Disable>,
     /// Endpoints with jobs queued in memory, for the sweeper.
     waiting: std::sync::Mutex<HashMap<i64, Arc<Endpoint>>>,
+    /// HTTP requests in flight (all endpoints).
+    in_flight: AtomicUsize,
+    /// `log.payloads`: payloads at debug level, for troubleshooting only.
+    log_payloads: bool,
 }
 
 /// What an endpoint's limits say about one more request.
@@ -109,7 +113,21 @@ impl Dispatcher {
             concurrency,
             disable,
             waiting: Default::default(),
+            in_flight: AtomicUsize::new(0),
+            log_payloads: false,
         }
+    }
+
+    /// Logs every attempt's payload at debug level (`log.payloads`); off by default, payloads may be
+    /// personal data.
+    pub fn with_payload_logging(mut self, on: bool) -> Dispatcher {
+        self.log_payloads = on;
+        self
+    }
+
+    /// HTTP requests in flight right now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
     }
 
     fn max_in_flight(&self, endpoint: &Endpoint) -> usize {
@@ -212,7 +230,11 @@ impl Dispatcher {
                 .acquire_owned()
                 .await
                 .expect("semaphore is never closed");
+            this.in_flight.fetch_add(1, Ordering::Relaxed);
+            metrics::gauge!(crate::metrics::IN_FLIGHT).increment(1.0);
             let row = this.attempt(&job, admission).await;
+            metrics::gauge!(crate::metrics::IN_FLIGHT).decrement(1.0);
+            this.in_flight.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
             job.endpoint.rt.in_flight.fetch_sub(1, Ordering::AcqRel);
             let endpoint = job.endpoint.clone();
@@ -411,7 +433,14 @@ impl Dispatcher {
             rand::random::<f64>(),
         );
         let (status, next_attempt_at, outcome) = match &decision {
-            Decision::Delivered => (Status::Succeeded, None, "delivered"),
+            Decision::Delivered => {
+                let since = event.committed_or_created().and_then(|t| t.elapsed().ok());
+                if let Some(latency) = since {
+                    metrics::histogram!(crate::metrics::DELIVERY_LATENCY)
+                        .record(latency.as_secs_f64());
+                }
+                (Status::Succeeded, None, "delivered")
+            }
             Decision::Retry { after } => {
                 (Status::Pending, Some(SystemTime::now() + *after), "retry")
             }
@@ -429,6 +458,8 @@ impl Dispatcher {
             }
         };
         metrics::counter!(crate::metrics::DELIVERIES, "outcome" => outcome).increment(1);
+        // one line per failed attempt, with what an operator greps for; never the payload or the secret
+        // (the error is the client's own text or "HTTP <code>", never the response body)
         if let Some(error) = &error {
             tracing::info!(
                 endpoint_id = endpoint.id,
@@ -437,7 +468,16 @@ impl Dispatcher {
                 status = status_code,
                 attempt = attempt_no,
                 next = outcome,
-                "delivery attempt failed: {error}"
+                error = %error,
+                "delivery attempt failed"
+            );
+        }
+        if self.log_payloads {
+            tracing::debug!(
+                endpoint_id = endpoint.id,
+                event_id = event.id,
+                payload = event.payload(),
+                "delivery payload (log.payloads = true)"
             );
         }
         RecordRow {

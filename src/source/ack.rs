@@ -13,6 +13,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 
@@ -24,6 +25,8 @@ struct Txn {
     end: Option<Lsn>,
     /// Deliveries (and pending duplicate checks) not yet recorded.
     remaining: usize,
+    /// Commit time, when the source knows it (for the lag metric).
+    committed_at: Option<SystemTime>,
 }
 
 #[derive(Debug, Default)]
@@ -51,12 +54,33 @@ impl Tracker {
 
     /// A transaction begins; returns its sequence number.
     pub fn begin(&self) -> u64 {
+        self.push(None)
+    }
+
+    /// A transaction committed at `committed_at` begins (pgoutput's Begin carries the commit time).
+    pub fn begin_at(&self, committed_at: SystemTime) -> u64 {
+        self.push(Some(committed_at))
+    }
+
+    fn push(&self, committed_at: Option<SystemTime>) -> u64 {
         let mut inner = self.lock();
         inner.txns.push_back(Txn {
             end: None,
             remaining: 0,
+            committed_at,
         });
         inner.first + inner.txns.len() as u64 - 1
+    }
+
+    /// Commit time of the oldest transaction not yet confirmable: how far behind the relay is.
+    pub fn oldest_commit(&self) -> Option<SystemTime> {
+        self.lock().txns.front().and_then(|t| t.committed_at)
+    }
+
+    /// True when every transaction whose Commit arrived is confirmable: what is left (at most the one being
+    /// read) cannot be confirmed anyway. The drain waits for this before its last status update.
+    pub fn settled(&self) -> bool {
+        self.lock().txns.iter().all(|t| t.end.is_none())
     }
 
     /// `n` more deliveries of transaction `seq` must be recorded before it can be confirmed.
@@ -247,6 +271,24 @@ mod tests {
         assert_eq!(t.confirmed(), Lsn(90));
         assert!(!t.follow_if_idle(Lsn(80)));
         assert_eq!(t.confirmed(), Lsn(90));
+    }
+
+    #[test]
+    fn settled_ignores_the_transaction_being_read() {
+        let t = Tracker::new(Lsn(0));
+        assert!(t.settled());
+        let a = t.begin_at(SystemTime::UNIX_EPOCH);
+        t.add(a, 1);
+        assert!(t.settled(), "no commit yet: nothing to wait for");
+        assert_eq!(t.oldest_commit(), Some(SystemTime::UNIX_EPOCH));
+        t.commit(a, Lsn(10));
+        assert!(!t.settled());
+        let b = t.begin();
+        t.add(b, 1);
+        t.done(a);
+        assert!(t.settled());
+        assert_eq!(t.confirmed(), Lsn(10));
+        assert_eq!(t.oldest_commit(), None);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +19,7 @@ use super::ack::{AckTarget, Tracker};
 use super::walconn::{WalConnection, WalError, WalMessage, WalStream};
 use super::{Pipeline, SourceError};
 use crate::event::Event;
+use crate::health::Health;
 use crate::lsn::Lsn;
 use crate::pgoutput::{self, Datum, Message};
 use crate::store::{self, Store, StoreError};
@@ -27,6 +28,8 @@ use crate::store::{self, Store, StoreError};
 const REPLAY_CHECK_BATCH: usize = 512;
 /// How often a position that advanced is reported (at most).
 const CONFIRM_EVERY: Duration = Duration::from_millis(50);
+/// Microseconds between the Unix epoch and the PostgreSQL epoch (2000-01-01 00:00 UTC).
+const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
 impl From<WalError> for SourceError {
     fn from(e: WalError) -> Self {
@@ -61,6 +64,37 @@ pub struct ReplicationSource {
     pub publication: String,
     pub status_interval: Duration,
     pub pipeline: Arc<Pipeline>,
+    pub health: Arc<Health>,
+}
+
+/// The slot as found at start.
+enum SlotState {
+    /// Present and usable; `recorded` when `walhook.slots` lists it.
+    Healthy { recorded: bool },
+    /// Present but invalidated: the WAL it needs is gone.
+    Lost,
+    /// Absent although walhook created it (at `created_at`).
+    Dropped { created_at: String },
+    /// Absent and never created: a first start.
+    Missing,
+}
+
+/// Which outbox rows a new slot's snapshot hands to the scheduler.
+#[derive(Clone, Copy)]
+enum Backfill {
+    /// First start: every row without a delivery.
+    BeforeSlot,
+    /// `recover-slot`: rows without a delivery for an endpoint that existed when they were written.
+    Recovery { since: Option<SystemTime> },
+}
+
+/// What `walhook recover-slot` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// The slot exists and is usable: nothing was changed.
+    Healthy,
+    /// The slot was (dropped and) created again; `queued` deliveries were queued.
+    Recreated { queued: u64 },
 }
 
 /// Column positions of `walhook.outbox` in the relation message.
@@ -74,7 +108,15 @@ struct OutboxColumns {
     ordering_key: Option<usize>,
 }
 
-impl ReplicationSource {
+/// The publication and the slot: created on first start, checked on every (re)connect, re-created by
+/// `walhook recover-slot`.
+pub struct SlotKeeper {
+    pub db: tokio_postgres::Config,
+    pub slot: String,
+    pub publication: String,
+}
+
+impl SlotKeeper {
     /// Makes sure the publication and the slot exist. Fails with a clear message when the database cannot
     /// do logical replication or the role may not.
     pub async fn prepare(&self) -> Result<(), SourceError> {
@@ -83,6 +125,139 @@ impl ReplicationSource {
             .map_err(|e| SourceError::Transient(e.to_string()))?;
         // the backfill below must not fail after the slot exists: it would never run again
         store::check_schema(&client).await?;
+        self.prepare_publication(&client).await?;
+        match self.slot_state(&client).await? {
+            SlotState::Healthy { recorded: true } => Ok(()),
+            SlotState::Healthy { recorded: false } => {
+                // a slot from before walhook kept this record, or created by hand: adopt it
+                store::record_slot(&client, &self.slot, false).await?;
+                Ok(())
+            }
+            SlotState::Lost => Err(SourceError::Fatal(format!(
+                "replication slot {:?} was invalidated (wal_status = lost): PostgreSQL removed WAL it still \
+                 needed, most likely because max_slot_wal_keep_size was exceeded while walhook was stopped \
+                 or behind, so events committed since its confirmed position cannot be streamed any more. \
+                 To recover: stop every walhook instance, run `walhook recover-slot` (it re-creates the slot \
+                 and queues the outbox rows that have no deliveries yet), then start walhook again",
+                self.slot
+            ))),
+            SlotState::Dropped { created_at } => Err(SourceError::Fatal(format!(
+                "replication slot {:?} does not exist, but walhook created it on {created_at}: it was \
+                 dropped, so events committed since its confirmed position were never streamed. To recover: \
+                 stop every walhook instance, run `walhook recover-slot` (it re-creates the slot and queues \
+                 the outbox rows that have no deliveries yet), then start walhook again",
+                self.slot
+            ))),
+            SlotState::Missing => {
+                let mut client = client;
+                self.create_slot(&mut client, Backfill::BeforeSlot).await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// What `walhook.slots` and `pg_replication_slots` say about the slot.
+    async fn slot_state(&self, client: &tokio_postgres::Client) -> Result<SlotState, SourceError> {
+        let (slot, recorded) =
+            store::slot_state(client, &self.slot)
+                .await
+                .map_err(|e| match e {
+                    StoreError::NotMigrated => SourceError::Fatal(
+                        "walhook.slots does not exist: run `walhook migrate` to upgrade the schema"
+                            .into(),
+                    ),
+                    e => SourceError::from(e),
+                })?;
+        Ok(match (slot, recorded) {
+            (Some(status), _) if status.wal_status.as_deref() == Some("lost") => SlotState::Lost,
+            (Some(_), recorded) => SlotState::Healthy {
+                recorded: recorded.is_some(),
+            },
+            (None, Some(created_at)) => SlotState::Dropped { created_at },
+            (None, None) => SlotState::Missing,
+        })
+    }
+
+    /// Creates the slot with an exported snapshot and, under that snapshot, queues the outbox rows the slot
+    /// will never stream; records the slot in `walhook.slots`. Returns the deliveries queued.
+    async fn create_slot(
+        &self,
+        client: &mut tokio_postgres::Client,
+        backfill: Backfill,
+    ) -> Result<u64, SourceError> {
+        let mut conn = self.connect().await?;
+        let (lsn, snapshot) = match conn.create_logical_slot_exporting(&self.slot).await {
+            Ok(created) => created,
+            // another instance created it at the same moment and does the backfill
+            Err(e) if e.code() == Some("42710") => return Ok(0),
+            Err(e) => return Err(classify_wal(e, self.user())),
+        };
+        tracing::info!(slot = %self.slot, %lsn, "created replication slot");
+        // the snapshot lives as long as the replication connection stays idle: `conn` is dropped after this
+        let n = match backfill {
+            Backfill::BeforeSlot => store::backfill_before_slot(client, &snapshot).await?,
+            Backfill::Recovery { since } => {
+                store::backfill_recovery(client, &snapshot, since).await?
+            }
+        };
+        drop(conn);
+        store::record_slot(
+            client,
+            &self.slot,
+            matches!(backfill, Backfill::Recovery { .. }),
+        )
+        .await?;
+        if n > 0 {
+            tracing::info!(
+                deliveries = n,
+                "queued deliveries for events the slot will not stream"
+            );
+        }
+        Ok(n)
+    }
+
+    /// `walhook recover-slot`: drops a lost slot (or notices a dropped one), creates it afresh and queues, as
+    /// pending deliveries due now, every committed outbox row (created at or after `since`) that has no
+    /// delivery yet for an enabled, matching endpoint that already existed when the row was written.
+    /// Refuses while a walhook instance holds the slot.
+    pub async fn recover(&self, since: Option<SystemTime>) -> Result<Recovery, SourceError> {
+        let mut client = store::connect_client(&self.db)
+            .await
+            .map_err(|e| SourceError::Transient(e.to_string()))?;
+        self.prepare_publication(&client).await?;
+        if let Some(pid) = store::slot_active_pid(&client, &self.slot).await? {
+            return Err(SourceError::Fatal(format!(
+                "replication slot {:?} is in use by process {pid}: stop every walhook instance first",
+                self.slot
+            )));
+        }
+        match self.slot_state(&client).await? {
+            SlotState::Healthy { recorded } => {
+                if !recorded {
+                    store::record_slot(&client, &self.slot, false).await?;
+                }
+                return Ok(Recovery::Healthy);
+            }
+            SlotState::Lost => {
+                client
+                    .execute("select pg_drop_replication_slot($1)", &[&self.slot])
+                    .await
+                    .map_err(StoreError::from)?;
+                tracing::info!(slot = %self.slot, "dropped the invalidated slot");
+            }
+            SlotState::Dropped { .. } | SlotState::Missing => {}
+        }
+        let queued = self
+            .create_slot(&mut client, Backfill::Recovery { since })
+            .await?;
+        Ok(Recovery::Recreated { queued })
+    }
+
+    /// Creates the publication of `walhook.outbox` (inserts only) if it is missing.
+    async fn prepare_publication(
+        &self,
+        client: &tokio_postgres::Client,
+    ) -> Result<(), SourceError> {
         let exists = client
             .query_opt(
                 "select 1 from pg_publication where pubname = $1",
@@ -114,32 +289,6 @@ impl ReplicationSource {
                 }
             }
         }
-        let mut conn = self.connect().await?;
-        let rows = conn
-            .simple_query(&format!(
-                "select database from pg_replication_slots where slot_name = {}",
-                quote_literal(&self.slot)
-            ))
-            .await?;
-        if rows.is_empty() {
-            match conn.create_logical_slot_exporting(&self.slot).await {
-                Ok((lsn, snapshot)) => {
-                    tracing::info!(slot = %self.slot, %lsn, "created replication slot");
-                    // rows committed before the slot existed are never streamed: hand them to the scheduler
-                    let mut client = client;
-                    let n = store::backfill_before_slot(&mut client, &snapshot).await?;
-                    if n > 0 {
-                        tracing::info!(
-                            deliveries = n,
-                            "queued deliveries for events committed before the slot"
-                        );
-                    }
-                }
-                Err(e) if e.code() == Some("42710") => {}
-                Err(e) => return Err(classify_wal(e, self.user())),
-            }
-        }
-        drop(conn);
         Ok(())
     }
 
@@ -151,6 +300,25 @@ impl ReplicationSource {
         WalConnection::connect(&self.db)
             .await
             .map_err(|e| classify_wal(e, self.user()))
+    }
+}
+
+impl ReplicationSource {
+    /// Makes sure the publication and the slot exist and are usable; see [`SlotKeeper::prepare`].
+    pub async fn prepare(&self) -> Result<(), SourceError> {
+        self.keeper().prepare().await
+    }
+
+    fn keeper(&self) -> SlotKeeper {
+        SlotKeeper {
+            db: self.db.clone(),
+            slot: self.slot.clone(),
+            publication: self.publication.clone(),
+        }
+    }
+
+    async fn connect(&self) -> Result<WalConnection, SourceError> {
+        self.keeper().connect().await
     }
 
     /// Streams until `stop` fires, reconnecting after transient failures. Returns a fatal error.
@@ -206,6 +374,7 @@ impl ReplicationSource {
             .start_replication(&self.slot, &self.publication, Lsn::INVALID, &options)
             .await?;
         tracing::info!(slot = %self.slot, %start, "streaming");
+        self.health.set_streaming(true);
         let mut session = Session {
             stream,
             store,
@@ -214,13 +383,17 @@ impl ReplicationSource {
             relations: HashMap::new(),
             txn: None,
             commit_lsn: Lsn::INVALID,
+            committed_at: None,
             replay_max,
             replay: Vec::new(),
             sent: start,
             sent_at: tokio::time::Instant::now(),
             status_interval: self.status_interval,
+            health: self.health.clone(),
         };
-        session.run(stop).await
+        let result = session.run(stop).await;
+        self.health.set_streaming(false);
+        result
     }
 }
 
@@ -234,6 +407,8 @@ struct Session {
     txn: Option<u64>,
     /// The commit position of the current transaction (from Begin): orders events of one ordering key.
     commit_lsn: Lsn,
+    /// Commit time of the transaction being read (from its Begin), for the latency metric.
+    committed_at: Option<SystemTime>,
     replay_max: i64,
     /// Replayed events awaiting the duplicate check, with their transaction and budget permit.
     replay: Vec<(Event, u64, OwnedSemaphorePermit)>,
@@ -241,6 +416,7 @@ struct Session {
     sent: Lsn,
     sent_at: tokio::time::Instant,
     status_interval: Duration,
+    health: Arc<Health>,
 }
 
 impl Session {
@@ -260,10 +436,7 @@ impl Session {
             }
             tokio::select! {
                 biased;
-                _ = stop.cancelled() => {
-                    self.report(false).await?;
-                    return Ok(());
-                }
+                _ = stop.cancelled() => return self.drain().await,
                 message = self.stream.next_message() => self.handle(message?).await?,
                 _ = tick.tick() => {
                     // A fast shutdown terminates ordinary sessions but waits for walsenders to see every
@@ -311,8 +484,11 @@ impl Session {
     async fn decode(&mut self, data: &[u8]) -> Result<(), SourceError> {
         let message = pgoutput::decode(data).map_err(|e| SourceError::Transient(e.to_string()))?;
         match message {
-            Message::Begin { final_lsn, .. } => {
-                self.txn = Some(self.tracker.begin());
+            Message::Begin { final_lsn, commit_time_us, .. } => {
+                let committed_at = u64::try_from(commit_time_us + PG_EPOCH_OFFSET_US)
+                    .map_or(UNIX_EPOCH, |us| UNIX_EPOCH + Duration::from_micros(us));
+                self.txn = Some(self.tracker.begin_at(committed_at));
+                self.committed_at = Some(committed_at);
                 self.commit_lsn = final_lsn;
             }
             Message::Commit { end_lsn, .. } => {
@@ -354,8 +530,9 @@ impl Session {
                     ));
                 };
                 let ordering_key = cols.ordering_key.and_then(text).map(str::to_string);
-                let event = Event::new(id, uid, event_type, created_at, payload)
+                let mut event = Event::new(id, uid, event_type, created_at, payload)
                     .with_ordering(ordering_key, Some(self.commit_lsn));
+                event.committed_at = self.committed_at;
                 metrics::counter!(crate::metrics::EVENTS_RECEIVED).increment(1);
                 let Some(txn) = self.txn else {
                     return Err(SourceError::Transient("insert outside a transaction".into()));
@@ -380,6 +557,33 @@ impl Session {
             }
             _ => {}
         }
+        Ok(())
+    }
+
+    /// The drain: reads nothing more, waits until every transaction read to its Commit has its deliveries
+    /// recorded (in-flight attempts finish; `shutdown.drain_timeout` bounds this from outside), then confirms
+    /// that position, so the next start replays nothing that was recorded. A transaction cut off mid-read is
+    /// not confirmed: its events are recorded if dispatched, and replayed (without resending) next time.
+    async fn drain(&mut self) -> Result<(), SourceError> {
+        if !self.replay.is_empty() {
+            self.check_replay().await?;
+        }
+        let mut tick = tokio::time::interval(CONFIRM_EVERY);
+        while !self.tracker.settled() {
+            tokio::select! {
+                _ = self.tracker.advanced.notified() => {}
+                _ = tick.tick() => {
+                    if self.store.is_closed() {
+                        return Err(SourceError::Transient(
+                            "lost the database connection while draining".into(),
+                        ));
+                    }
+                    self.report(false).await?
+                }
+            }
+        }
+        self.report(true).await?;
+        tracing::info!(confirmed = %self.sent, "drained: slot position confirmed");
         Ok(())
     }
 
@@ -437,6 +641,12 @@ impl Session {
     /// Sends a standby status update when the confirmed position advanced, when asked, or every
     /// `status_interval` (asking for a reply then, so an idle stream's keepalive lets us follow the server).
     async fn report(&mut self, force: bool) -> Result<(), SourceError> {
+        let lag = self
+            .tracker
+            .oldest_commit()
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .unwrap_or_default();
+        self.health.set_lag(lag);
         let confirmed = self.tracker.confirmed();
         let due = self.sent_at.elapsed() >= self.status_interval;
         if !(force || due || confirmed > self.sent) {
@@ -454,8 +664,4 @@ impl Session {
 
 fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
