@@ -51,6 +51,7 @@ impl EndpointStateWriter {
             let s = store.as_ref().expect("connected above");
             let now = SystemTime::now();
             let mut rows = Vec::new();
+            let mut by_state = [("closed", 0u32), ("open", 0), ("half_open", 0)];
             for e in self.endpoints.snapshot().iter() {
                 let breaker =
                     e.rt.limits
@@ -59,6 +60,9 @@ impl EndpointStateWriter {
                         .breaker
                         .state()
                         .as_str();
+                if let Some(slot) = by_state.iter_mut().find(|s| s.0 == breaker) {
+                    slot.1 += 1;
+                }
                 let consecutive =
                     e.rt.limits
                         .lock()
@@ -98,6 +102,9 @@ impl EndpointStateWriter {
                     successes_1h: ok as i64,
                     failures_1h: failed as i64,
                 });
+            }
+            for (state, n) in by_state {
+                metrics::gauge!(crate::metrics::BREAKERS, "state" => state).set(n as f64);
             }
             let mut failed = false;
             if !rows.is_empty() {

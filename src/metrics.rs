@@ -27,6 +27,7 @@ pub const RECORD_ROWS: &str = "walhook_record_rows_total";
 pub const PARKED: &str = "walhook_deliveries_parked_total";
 pub const RECONNECTS: &str = "walhook_source_reconnects_total";
 pub const RETENTION_DELETED: &str = "walhook_retention_deleted_rows_total";
+pub const BREAKERS: &str = "walhook_circuit_breakers";
 
 /// Histogram buckets (seconds): HTTP attempts are bounded by `delivery.timeout`; commit-to-delivery latency
 /// spans from milliseconds (streamed) to a day (the last retries of the default schedule).
@@ -80,6 +81,10 @@ pub fn describe() {
         "time from the event's commit to its successful delivery"
     );
     describe_gauge!(IN_FLIGHT, "HTTP requests in flight");
+    describe_gauge!(
+        BREAKERS,
+        "circuit breakers by state (closed, open, half_open), one per enabled destination"
+    );
     describe_gauge!(PENDING, "deliveries waiting for a retry (sampled from SQL)");
     describe_gauge!(DEAD, "deliveries that gave up (sampled from SQL)");
     describe_gauge!(

@@ -120,6 +120,8 @@ impl Status {
             let mut url = display_url(&e.url);
             if !e.enabled {
                 url.push_str(" (disabled)");
+            } else if e.breaker != "closed" && !e.breaker.is_empty() {
+                url.push_str(&format!(" (breaker {})", e.breaker.replace('_', "-")));
             }
             let error = match (&e.last_error, e.last_error_age) {
                 (Some(err), Some(a)) => format!("{}, {} ago", shorten(err, 48), age(a)),

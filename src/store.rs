@@ -972,6 +972,8 @@ pub struct EndpointStatus {
     pub last_error: Option<String>,
     /// Seconds since the last error.
     pub last_error_age: Option<f64>,
+    /// The circuit breaker as the daemon last wrote it (`walhook.endpoint_state`).
+    pub breaker: String,
 }
 
 pub async fn slot_status(client: &Client, slot: &str) -> Result<Option<SlotStatus>, StoreError> {
@@ -1039,10 +1041,11 @@ pub async fn endpoint_status(client: &Client) -> Result<Vec<EndpointStatus>, Sto
                 order by endpoint_id, last_attempt_at desc
              )
              select e.id, e.url, e.enabled, coalesce(c.succeeded, 0), coalesce(c.pending, 0),
-                    coalesce(c.dead, 0), x.last_error, x.age
+                    coalesce(c.dead, 0), x.last_error, x.age, coalesce(st.breaker, 'closed')
                from walhook.endpoints e
                left join counts c on c.endpoint_id = e.id
                left join errors x on x.endpoint_id = e.id
+               left join walhook.endpoint_state st on st.endpoint_id = e.id
               order by coalesce(c.dead, 0) desc, coalesce(c.pending, 0) desc, e.id",
             &[],
         )
@@ -1058,6 +1061,7 @@ pub async fn endpoint_status(client: &Client) -> Result<Vec<EndpointStatus>, Sto
             dead: r.get(5),
             last_error: r.get(6),
             last_error_age: r.get(7),
+            breaker: r.get(8),
         })
         .collect())
 }
