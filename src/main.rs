@@ -240,7 +240,8 @@ fn init_logs(level: &str, format: LogFormat, payloads: bool) {
     let mut filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     // tokio-postgres logs statement parameters (payloads) at debug: only with log.payloads, or when named
-    if !payloads && !directives.contains("tokio_postgres") {
+    let verbose = directives.contains("debug") || directives.contains("trace");
+    if !payloads && verbose && !directives.contains("tokio_postgres") {
         filter = filter.add_directive("tokio_postgres=info".parse().expect("a valid directive"));
     }
     let builder = tracing_subscriber::fmt()

@@ -40,17 +40,21 @@ impl Scheduler {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut backlog = false;
         let mut round = 0usize;
+        let mut hungry: std::collections::HashSet<i64> = Default::default();
         loop {
             // with a backlog (the last claim filled the budget or an endpoint's share), claim again soon:
             // as soon as half the budget is free, or after a short pause for endpoints to make room
             let half = (self.batch_size / 2).max(1) as u32;
-            tokio::select! {
+            let ticked = tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(BACKLOG_PAUSE), if backlog => {}
-                Ok(p) = budget.clone().acquire_many_owned(half), if backlog => drop(p),
-            }
+                _ = tick.tick() => true,
+                _ = self.wake.notified() => true,
+                _ = tokio::time::sleep(BACKLOG_PAUSE), if backlog => false,
+                Ok(p) = budget.clone().acquire_many_owned(half), if backlog => {
+                    drop(p);
+                    false
+                }
+            };
             let room = budget.available_permits();
             if room == 0 {
                 continue;
@@ -82,8 +86,18 @@ impl Scheduler {
             }
             round = round.wrapping_add(1);
             let (ids, caps): (Vec<i64>, Vec<i32>) = open.into_iter().unzip();
+            let ordered = ticked || snapshot.iter().any(|e| e.policy.ordered);
+            if ids.is_empty() && !ordered {
+                // every endpoint with claimed work is still busy with it: nothing to ask the database
+                continue;
+            }
+            // ordered keys exist only where an endpoint is (or was) ordered: check them then, and at every tick
             let result = async {
-                let mut c = s.claim_ordered(room as i64, self.lease, &skip).await?;
+                let mut c = if ordered {
+                    s.claim_ordered(room as i64, self.lease, &skip).await?
+                } else {
+                    Vec::new()
+                };
                 let rest = room - c.len();
                 if rest > 0 && !ids.is_empty() {
                     c.extend(s.claim_due(rest as i64, self.lease, &ids, &caps).await?);
@@ -101,10 +115,17 @@ impl Scheduler {
                     continue;
                 }
             };
-            backlog = claimed.len() == room
-                || ids.iter().zip(&caps).any(|(id, cap)| {
-                    claimed.iter().filter(|c| c.endpoint_id == *id).count() >= *cap as usize
-                });
+            // an endpoint whose share was filled probably has more due: stay in backlog mode until a claim
+            // for it comes back short (while it is busy with what was claimed, it is skipped, not forgotten)
+            for (id, cap) in ids.iter().zip(&caps) {
+                if claimed.iter().filter(|c| c.endpoint_id == *id).count() >= *cap as usize {
+                    hungry.insert(*id);
+                } else {
+                    hungry.remove(id);
+                }
+            }
+            hungry.retain(|id| snapshot.iter().any(|e| e.id == *id));
+            backlog = claimed.len() == room || !hungry.is_empty();
             for c in claimed {
                 let Some(endpoint) = self.endpoints.get(c.endpoint_id) else {
                     // disabled or deleted since the claim; the lease lapses and the row waits
