@@ -24,13 +24,7 @@ pub struct Status {
 /// Reads the summary from the database.
 pub async fn read(config: &tokio_postgres::Config, slot: &str) -> Result<Status, StoreError> {
     let client = store::connect_client(config).await?;
-    let migrated: bool = client
-        .query_one("select to_regclass('walhook.deliveries') is not null", &[])
-        .await?
-        .get(0);
-    if !migrated {
-        return Err(StoreError::NotMigrated);
-    }
+    store::check_schema(&client).await?;
     Ok(Status {
         slot_name: slot.to_string(),
         slot: store::slot_status(&client, slot).await?,

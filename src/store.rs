@@ -208,9 +208,11 @@ const DUE_ORDERED: &str = "
    limit $1
      for update of d skip locked";
 
-/// Fans out, as pending deliveries due now, every committed outbox row that has no delivery yet, as seen by
-/// the snapshot exported when the slot was created: exactly the rows the slot will never stream.
-pub async fn backfill_before_slot(client: &mut Client, snapshot: &str) -> Result<u64, StoreError> {
+/// A repeatable-read transaction that sees exactly what the exported `snapshot` saw.
+async fn snapshot_transaction<'a>(
+    client: &'a mut Client,
+    snapshot: &str,
+) -> Result<tokio_postgres::Transaction<'a>, StoreError> {
     let tx = client
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
@@ -221,6 +223,13 @@ pub async fn backfill_before_slot(client: &mut Client, snapshot: &str) -> Result
         snapshot.replace('\'', "''")
     ))
     .await?;
+    Ok(tx)
+}
+
+/// Fans out, as pending deliveries due now, every committed outbox row that has no delivery yet, as seen by
+/// the snapshot exported when the slot was created: exactly the rows the slot will never stream.
+pub async fn backfill_before_slot(client: &mut Client, snapshot: &str) -> Result<u64, StoreError> {
+    let tx = snapshot_transaction(client, snapshot).await?;
     let n = tx
         .execute(
             "insert into walhook.deliveries (event_id, endpoint_id, webhook_id, status, next_attempt_at)
@@ -907,16 +916,7 @@ pub async fn backfill_recovery(
     snapshot: &str,
     since: Option<SystemTime>,
 ) -> Result<u64, StoreError> {
-    let tx = client
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .start()
-        .await?;
-    tx.batch_execute(&format!(
-        "set transaction snapshot '{}'",
-        snapshot.replace('\'', "''")
-    ))
-    .await?;
+    let tx = snapshot_transaction(client, snapshot).await?;
     let n = tx
         .execute(
             "insert into walhook.deliveries (event_id, endpoint_id, webhook_id, status, next_attempt_at)
