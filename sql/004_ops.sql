@@ -7,7 +7,10 @@ create table walhook.slots (
   slot_name text primary key,
   created_at timestamptz not null default now(),
   -- set by `walhook recover-slot`
-  recovered_at timestamptz
+  recovered_at timestamptz,
+  -- false from just before the slot is created until the rows committed before it are queued: a slot whose
+  -- backfill never finished is dropped and created again, so those rows are not missed
+  backfilled boolean not null default true
 );
 
 -- Dead deliveries are few; this serves the dead count sampled for metrics, `walhook status` and the

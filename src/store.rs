@@ -900,11 +900,38 @@ pub async fn record_slot(client: &Client, slot: &str, recovered: bool) -> Result
         .execute(
             "insert into walhook.slots (slot_name, recovered_at) values ($1, case when $2 then now() end)
              on conflict (slot_name) do update
-               set recovered_at = coalesce(excluded.recovered_at, walhook.slots.recovered_at)",
+               set recovered_at = coalesce(excluded.recovered_at, walhook.slots.recovered_at),
+                   backfilled = true",
             &[&slot, &recovered],
         )
         .await?;
     Ok(())
+}
+
+/// Marks the slot as about to be created, its backfill not done yet (see `walhook.slots.backfilled`).
+pub async fn mark_slot_backfill_pending(client: &Client, slot: &str) -> Result<(), StoreError> {
+    client
+        .execute(
+            // not once the slot exists: another instance created it and owns its backfill
+            "insert into walhook.slots (slot_name, backfilled)
+             select $1::text, false
+              where not exists (select 1 from pg_replication_slots where slot_name = $1::text)
+             on conflict (slot_name) do update set backfilled = false",
+            &[&slot],
+        )
+        .await?;
+    Ok(())
+}
+
+/// True when a slot was being created and the rows committed before it were never queued.
+pub async fn slot_backfill_pending(client: &Client, slot: &str) -> Result<bool, StoreError> {
+    let row = client
+        .query_opt(
+            "select not backfilled from walhook.slots where slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row.is_some_and(|r| r.get(0)))
 }
 
 /// `recover-slot`'s backfill, under the new slot's exported snapshot: every committed outbox row (created at

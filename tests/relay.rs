@@ -2073,3 +2073,38 @@ async fn a_notify_backlog_is_claimed_within_the_in_flight_budget() {
     assert_eq!(rx.distinct_ids("/bulk").len(), 2000);
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_whose_backfill_never_finished_is_created_again() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    add_endpoint(&client, &rx.url("/gap"), &["*"]).await;
+    for i in 0..10 {
+        publish(&client, "order.created", &format!("{{\"i\": {i}}}")).await;
+    }
+    // as if an earlier start created the slot and died before queuing the rows committed before it
+    client
+        .batch_execute(
+            "select pg_create_logical_replication_slot('walhook', 'pgoutput');
+             insert into walhook.slots (slot_name, backfilled) values ('walhook', false);",
+        )
+        .await
+        .unwrap();
+    for i in 10..15 {
+        publish(&client, "order.created", &format!("{{\"i\": {i}}}")).await;
+    }
+    let daemon = Daemon::start(pg.config());
+    wait_streaming(&client).await;
+    wait_succeeded(&client, 15).await;
+    assert_eq!(rx.distinct_ids("/gap").len(), 15);
+    assert_eq!(
+        count(
+            &client,
+            "select count(*) from walhook.slots where backfilled"
+        )
+        .await,
+        1
+    );
+    daemon.stop().await;
+}

@@ -126,6 +126,21 @@ impl SlotKeeper {
         // the backfill below must not fail after the slot exists: it would never run again
         store::check_schema(&client).await?;
         self.prepare_publication(&client).await?;
+        if store::slot_backfill_pending(&client, &self.slot).await? {
+            // an earlier start created the slot but never queued the rows committed before it: nothing was
+            // streamed from it yet, so start over with a new slot and snapshot
+            tracing::warn!(slot = %self.slot, "the slot's backfill did not finish: creating the slot again");
+            client
+                .execute(
+                    "select pg_drop_replication_slot(slot_name) from pg_replication_slots where slot_name = $1",
+                    &[&self.slot],
+                )
+                .await
+                .map_err(StoreError::from)?;
+            let mut client = client;
+            self.create_slot(&mut client, Backfill::BeforeSlot).await?;
+            return Ok(());
+        }
         match self.slot_state(&client).await? {
             SlotState::Healthy { recorded: true } => Ok(()),
             SlotState::Healthy { recorded: false } => {
@@ -186,6 +201,7 @@ impl SlotKeeper {
         backfill: Backfill,
     ) -> Result<u64, SourceError> {
         let mut conn = self.connect().await?;
+        store::mark_slot_backfill_pending(client, &self.slot).await?;
         let (lsn, snapshot) = match conn.create_logical_slot_exporting(&self.slot).await {
             Ok(created) => created,
             // another instance created it at the same moment and does the backfill
