@@ -66,6 +66,9 @@ pub struct ReplicationConfig {
     pub publication: String,
     #[serde(with = "duration")]
     pub status_interval: Duration,
+    /// How often an instance standing by (another one streams the slot) tries to take the slot over.
+    #[serde(with = "duration")]
+    pub standby_interval: Duration,
 }
 
 impl Default for ReplicationConfig {
@@ -74,6 +77,7 @@ impl Default for ReplicationConfig {
             slot: "walhook".into(),
             publication: "walhook".into(),
             status_interval: Duration::from_secs(10),
+            standby_interval: Duration::from_secs(1),
         }
     }
 }
@@ -81,8 +85,14 @@ impl Default for ReplicationConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NotifyConfig {
+    /// The wait between polls while rows keep coming, while the listener is down, or without the trigger.
     #[serde(with = "duration")]
     pub poll_interval: Duration,
+    /// How far an idle poller backs off while notifications can wake it (never below `poll_interval`).
+    #[serde(with = "duration")]
+    pub max_poll_interval: Duration,
+    /// Whether the `outbox_wake` trigger (a `NOTIFY` per inserting statement) exists; `false` drops it.
+    pub wake_trigger: bool,
     pub batch_size: usize,
     /// How long a claimed row stays a daemon's without renewal (renewed every third of it while in flight).
     #[serde(with = "duration")]
@@ -92,7 +102,9 @@ pub struct NotifyConfig {
 impl Default for NotifyConfig {
     fn default() -> Self {
         NotifyConfig {
-            poll_interval: Duration::from_secs(1),
+            poll_interval: Duration::from_millis(250),
+            max_poll_interval: Duration::from_secs(5),
+            wake_trigger: true,
             batch_size: 500,
             lease: Duration::from_secs(30),
         }
@@ -468,7 +480,9 @@ impl Config {
         check_pg_name("replication.slot", &r.slot)?;
         check_pg_name("replication.publication", &r.publication)?;
         positive("replication.status_interval", r.status_interval)?;
+        positive("replication.standby_interval", r.standby_interval)?;
         positive("notify.poll_interval", self.notify.poll_interval)?;
+        positive("notify.max_poll_interval", self.notify.max_poll_interval)?;
         at_least_one("notify.batch_size", self.notify.batch_size)?;
         if self.notify.lease < Duration::from_secs(1) {
             return Err(invalid("notify.lease", "must be at least 1s"));

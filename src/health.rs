@@ -41,6 +41,8 @@ pub struct SlotSample {
 #[derive(Debug)]
 pub struct Health {
     streaming: watch::Sender<bool>,
+    /// Another instance streams the slot; this one dispatches retries and waits to take over.
+    standby: watch::Sender<bool>,
     /// Seconds (as f64 bits) since the oldest transaction read and not yet confirmed was committed.
     lag_seconds: AtomicU64,
     /// Set once the drain has begun: not ready any more.
@@ -53,6 +55,7 @@ impl Health {
     pub fn new(max_lag: Duration) -> Arc<Health> {
         Arc::new(Health {
             streaming: watch::Sender::new(false),
+            standby: watch::Sender::new(false),
             lag_seconds: AtomicU64::new(0f64.to_bits()),
             draining: AtomicBool::new(false),
             sample: Mutex::new(None),
@@ -73,6 +76,26 @@ impl Health {
     pub async fn wait_streaming(&self) {
         let mut rx = self.streaming.subscribe();
         let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// Another instance holds the slot (`true`) or this one has taken it over (`false`).
+    pub fn set_standby(&self, standby: bool) {
+        self.standby.send_replace(standby);
+        metrics::gauge!(crate::metrics::STANDBY).set(if standby { 1.0 } else { 0.0 });
+    }
+
+    pub fn is_standby(&self) -> bool {
+        *self.standby.borrow()
+    }
+
+    /// Resolves once this instance does its job: it streams, or it stands by for another that does.
+    pub async fn wait_working(&self) {
+        let mut streaming = self.streaming.subscribe();
+        let mut standby = self.standby.subscribe();
+        tokio::select! {
+            _ = streaming.wait_for(|s| *s) => {}
+            _ = standby.wait_for(|s| *s) => {}
+        }
     }
 
     pub fn set_lag(&self, lag: Duration) {
@@ -105,6 +128,10 @@ impl Health {
     pub fn readiness(&self) -> Result<(), String> {
         if self.is_draining() {
             return Err("draining".into());
+        }
+        if self.is_standby() {
+            // a standby is doing its job: retries, and taking over when the streaming instance goes
+            return Ok(());
         }
         if !self.is_streaming() {
             return Err("not streaming from the replication slot".into());
@@ -200,6 +227,15 @@ mod tests {
         h.set_lag(Duration::from_secs(11));
         assert!(h.readiness().unwrap_err().contains("health.max_lag"));
         h.set_lag(Duration::ZERO);
+        h.set_draining();
+        assert_eq!(h.readiness().unwrap_err(), "draining");
+    }
+
+    #[test]
+    fn a_standby_is_ready_until_it_drains() {
+        let h = Health::new(Duration::from_secs(10));
+        h.set_standby(true);
+        assert_eq!(h.readiness(), Ok(()));
         h.set_draining();
         assert_eq!(h.readiness().unwrap_err(), "draining");
     }

@@ -18,6 +18,7 @@ pub const IN_FLIGHT: &str = "walhook_requests_in_flight";
 pub const PENDING: &str = "walhook_pending_deliveries";
 pub const DEAD: &str = "walhook_dead_deliveries";
 pub const STREAMING: &str = "walhook_streaming";
+pub const STANDBY: &str = "walhook_standby";
 pub const LAG_BYTES: &str = "walhook_replication_lag_bytes";
 pub const LAG_SECONDS: &str = "walhook_replication_lag_seconds";
 pub const RETAINED_WAL: &str = "walhook_slot_retained_wal_bytes";
@@ -90,6 +91,10 @@ pub fn describe() {
     describe_gauge!(
         STREAMING,
         "1 while the replication stream is up, 0 otherwise"
+    );
+    describe_gauge!(
+        STANDBY,
+        "1 while another instance streams the slot and this one waits to take over"
     );
     describe_gauge!(
         LAG_BYTES,

@@ -5,9 +5,10 @@
 //! a lone event waits at most `record.flush_interval`). Only after the statement commits are the events'
 //! acknowledgements released, which is what lets the source confirm the slot position (ack after record).
 //! A failed write keeps its batch and retries on a new connection: nothing is acknowledged that is not
-//! durable.
+//! durable. Outbox rows of the notify source whose last delivery is in a batch are marked processed by the
+//! batch's own statement, so a row is never processed without its deliveries, nor recorded and left unmarked.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -136,10 +137,11 @@ impl RecorderTask {
 
     async fn write(&self, store: &mut Option<Store>, batch: &[Outcome], abort: &CancellationToken) {
         let rows: Vec<&RecordRow> = batch.iter().map(|o| &o.row).collect();
+        let processed = completed_rows(batch);
         let mut backoff = Duration::from_millis(100);
         loop {
             let result = match store {
-                Some(s) if !s.is_closed() => s.record(&rows).await,
+                Some(s) if !s.is_closed() => s.record(&rows, &processed).await,
                 _ => match Store::connect(&self.db).await {
                     Ok(s) => {
                         *store = Some(s);
@@ -171,4 +173,19 @@ impl RecorderTask {
             }
         }
     }
+}
+
+/// The notify source's outbox rows whose last outstanding delivery is in `batch`.
+fn completed_rows(batch: &[Outcome]) -> Vec<i64> {
+    let mut per_event: HashMap<*const EventAck, (&EventAck, usize)> = HashMap::new();
+    for ack in batch.iter().filter_map(|o| o.ack.as_deref()) {
+        per_event
+            .entry(ack as *const EventAck)
+            .or_insert((ack, 0))
+            .1 += 1;
+    }
+    per_event
+        .values()
+        .filter_map(|(ack, n)| ack.completes_row(*n))
+        .collect()
 }

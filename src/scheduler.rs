@@ -4,6 +4,10 @@
 //! work without double-sending, and a claimer that dies simply lets its lease lapse (the delivery is due
 //! again). The number of claimed jobs in flight is bounded by `scheduler.batch_size`; endpoints already at
 //! their in-flight limit are left out of the claim instead of being claimed and parked again.
+//!
+//! A lease always outlasts the attempt it covers: it is at least the longest request timeout of any endpoint
+//! plus `delivery.queue_wait` (the longest a claimed job waits in memory before it is parked) plus a margin,
+//! whatever `scheduler.lease` says, so no delivery is attempted by two instances at once while one is live.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -17,6 +21,8 @@ use crate::fanout::EndpointCache;
 use crate::record::{Outcome, Recorder};
 use crate::store::{AttemptRow, RecordRow, Status, Store};
 
+/// What a lease adds to the longest attempt: time to record its outcome.
+const LEASE_MARGIN: Duration = Duration::from_secs(5);
 /// Pause between claims while a backlog lasts.
 const BACKLOG_PAUSE: Duration = Duration::from_millis(10);
 
@@ -27,6 +33,11 @@ pub struct Scheduler {
     pub poll_interval: Duration,
     pub batch_size: usize,
     pub lease: Duration,
+    /// `delivery.timeout` plus `delivery.queue_wait`: how long a claimed job may take before its outcome,
+    /// for endpoints without a timeout of their own.
+    pub attempt_bound: Duration,
+    /// `delivery.queue_wait`, added to endpoints' own timeouts.
+    pub queue_wait: Duration,
     pub endpoints: Arc<EndpointCache>,
     pub dispatcher: Arc<Dispatcher>,
     pub recorder: Recorder,
@@ -86,6 +97,12 @@ impl Scheduler {
             }
             round = round.wrapping_add(1);
             let (ids, caps): (Vec<i64>, Vec<i32>) = open.into_iter().unzip();
+            let longest = snapshot
+                .iter()
+                .filter_map(|e| e.policy.timeout)
+                .map(|t| t + self.queue_wait)
+                .fold(self.attempt_bound, Duration::max);
+            let lease = self.lease.max(longest + LEASE_MARGIN);
             let ordered = ticked || snapshot.iter().any(|e| e.policy.ordered);
             if ids.is_empty() && !ordered {
                 // every endpoint with claimed work is still busy with it: nothing to ask the database
@@ -94,13 +111,13 @@ impl Scheduler {
             // ordered keys exist only where an endpoint is (or was) ordered: check them then, and at every tick
             let result = async {
                 let mut c = if ordered {
-                    s.claim_ordered(room as i64, self.lease, &skip).await?
+                    s.claim_ordered(room as i64, lease, &skip).await?
                 } else {
                     Vec::new()
                 };
                 let rest = room - c.len();
                 if rest > 0 && !ids.is_empty() {
-                    c.extend(s.claim_due(rest as i64, self.lease, &ids, &caps).await?);
+                    c.extend(s.claim_due(rest as i64, lease, &ids, &caps).await?);
                 }
                 Ok::<_, crate::store::StoreError>(c)
             }

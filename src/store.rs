@@ -138,6 +138,10 @@ with input as (
                             else coalesce(d.event_created_at, excluded.event_created_at) end,
     updated_at = now()
   returning d.id, d.event_id, d.endpoint_id, d.attempts
+), processed as (
+  -- notify source: outbox rows whose last delivery is in this batch, in the same transaction
+  update walhook.outbox set processed_at = now()
+   where id = any($17::bigint[]) and processed_at is null
 )
 insert into walhook.attempts (delivery_id, attempt, attempted_at, duration_ms, status_code, error, response_body)
 select u.id, u.attempts, i.attempted_at, i.duration_ms, i.status_code, i.error, i.response_body
@@ -428,7 +432,8 @@ impl Store {
     }
 
     /// Writes a batch of outcomes in one statement (and so one transaction).
-    pub async fn record(&self, rows: &[&RecordRow]) -> Result<(), StoreError> {
+    /// Writes `rows` and marks the outbox rows `processed` (notify source), all in one statement.
+    pub async fn record(&self, rows: &[&RecordRow], processed: &[i64]) -> Result<(), StoreError> {
         let n = rows.len();
         let mut event_id = Vec::with_capacity(n);
         let mut endpoint_id = Vec::with_capacity(n);
@@ -486,6 +491,7 @@ impl Store {
                     &created,
                     &key,
                     &lsn,
+                    &processed,
                 ],
             )
             .await?;
@@ -592,6 +598,7 @@ const CREATE_UNPROCESSED_INDEX: &str =
 const CREATE_WAKE_TRIGGER: &str =
     "create or replace trigger outbox_wake after insert on walhook.outbox \
      for each statement execute function walhook.outbox_wake()";
+const DROP_WAKE_TRIGGER: &str = "drop trigger if exists outbox_wake on walhook.outbox";
 
 /// Serialises installations by several daemons (session advisory lock, "notify" in ASCII).
 const INSTALL_LOCK: i64 = 0x6e6f_7469_6679;
@@ -627,6 +634,8 @@ update walhook.outbox set claimed_until = now() + make_interval(secs => $2::floa
 pub struct Installed {
     pub index: bool,
     pub trigger: bool,
+    /// `notify.wake_trigger = false` and the trigger was there.
+    pub trigger_dropped: bool,
 }
 
 /// Creates the unprocessed-rows index and the wake-up trigger when they are missing. Creating them needs
@@ -635,7 +644,10 @@ pub struct Installed {
 /// second daemon wait instead of racing the build, so an invalid index found under it is a leftover of an
 /// interrupted build and is rebuilt. The trigger takes a short lock that queues inserts, so it waits at most
 /// `lock_timeout` for transactions holding the table.
-pub async fn install_notify(config: &tokio_postgres::Config) -> Result<Installed, StoreError> {
+pub async fn install_notify(
+    config: &tokio_postgres::Config,
+    wake_trigger: bool,
+) -> Result<Installed, StoreError> {
     let client = connect_client(config).await?;
     // try-and-sleep rather than a blocking wait: a blocked statement would hold a snapshot that the other
     // daemon's concurrent index build has to wait for (a deadlock)
@@ -669,7 +681,15 @@ pub async fn install_notify(config: &tokio_postgres::Config) -> Result<Installed
             &[],
         )
         .await?;
-    if trigger.is_none() {
+    if trigger.is_some() && !wake_trigger {
+        client
+            .batch_execute(&format!(
+                "set lock_timeout = '5s'; {DROP_WAKE_TRIGGER}; reset lock_timeout"
+            ))
+            .await?;
+        installed.trigger_dropped = true;
+    }
+    if trigger.is_none() && wake_trigger {
         client
             .batch_execute(&format!(
                 "set lock_timeout = '5s'; {CREATE_WAKE_TRIGGER}; reset lock_timeout"
@@ -681,9 +701,14 @@ pub async fn install_notify(config: &tokio_postgres::Config) -> Result<Installed
     Ok(installed)
 }
 
-/// The SQL an owner of `walhook.outbox` can run to create what [`install_notify`] creates.
-pub fn notify_install_sql() -> String {
-    format!("{CREATE_UNPROCESSED_INDEX}; {CREATE_WAKE_TRIGGER};")
+/// The SQL an owner of `walhook.outbox` can run to create what [`install_notify`] creates (or, without
+/// `wake_trigger`, to drop the trigger).
+pub fn notify_install_sql(wake_trigger: bool) -> String {
+    if wake_trigger {
+        format!("{CREATE_UNPROCESSED_INDEX}; {CREATE_WAKE_TRIGGER};")
+    } else {
+        format!("{CREATE_UNPROCESSED_INDEX}; {DROP_WAKE_TRIGGER};")
+    }
 }
 
 /// Whether a logical replication slot of this name exists in this database (and so retains WAL).
@@ -708,6 +733,17 @@ const LISTENER_PING_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn listen_outbox(
     config: &tokio_postgres::Config,
     wake: &Notify,
+    listening: &std::sync::atomic::AtomicBool,
+) -> Result<(), StoreError> {
+    let result = listen_outbox_until_closed(config, wake, listening).await;
+    listening.store(false, std::sync::atomic::Ordering::Relaxed);
+    result
+}
+
+async fn listen_outbox_until_closed(
+    config: &tokio_postgres::Config,
+    wake: &Notify,
+    listening: &std::sync::atomic::AtomicBool,
 ) -> Result<(), StoreError> {
     let (client, mut connection) = session_config(config).connect(NoTls).await?;
     // the connection is driven here, not spawned, to see its asynchronous messages
@@ -725,6 +761,7 @@ pub async fn listen_outbox(
         client
             .batch_execute(&format!("listen {OUTBOX_CHANNEL}"))
             .await?;
+        listening.store(true, std::sync::atomic::Ordering::Relaxed);
         wake.notify_one();
         loop {
             tokio::time::sleep(LISTENER_PING).await;

@@ -31,6 +31,8 @@ pub fn status_line(health: &Health, in_flight: usize) -> String {
         "draining".to_string()
     } else if health.is_streaming() {
         format!("streaming; lag {:.1}s", health.lag().as_secs_f64())
+    } else if health.is_standby() {
+        "standby: another instance streams the slot".to_string()
     } else {
         "not streaming".to_string()
     };
@@ -59,13 +61,14 @@ pub fn stopping() {
     ]);
 }
 
-/// Sends `READY=1` once the source streams, then feeds the watchdog (if `WatchdogSec` is set) until `stop`.
+/// Sends `READY=1` once the source streams or stands by for another instance, then feeds the watchdog (if `WatchdogSec` is set) until `stop`.
 pub async fn run(health: Arc<Health>, stop: CancellationToken) {
     tokio::select! {
-        _ = health.wait_streaming() => {}
+        _ = health.wait_working() => {}
         _ = stop.cancelled() => return,
     }
-    send(&[NotifyState::Ready, NotifyState::Status("streaming")]);
+    let line = status_line(&health, 0);
+    send(&[NotifyState::Ready, NotifyState::Status(&line)]);
     let Some(period) = sd_notify::watchdog_enabled().map(|d| d / 2) else {
         return;
     };

@@ -2,6 +2,7 @@
 //! real daemon (in-process, or the real binary as a child process for crash tests).
 
 mod ops;
+mod scale;
 mod support;
 
 use std::collections::HashSet;

@@ -7,8 +7,10 @@
 //! after a reconnect, late completions of the previous session land on its own (dropped) tracker and confirm
 //! nothing.
 //!
-//! Notify: there is no position, only rows. An event's row joins [`Marks`] when its last delivery is recorded,
-//! and the notify source marks whatever has gathered there processed in one statement.
+//! Notify: there is no position, only rows. A row is marked processed by the very statement that records its
+//! last delivery ([`EventAck::completes_row`] tells the recorder which rows a batch completes), so "recorded"
+//! and "processed" commit together. A row that matched no endpoint has nothing to record: it joins [`Marks`]
+//! and the notify source marks those in one statement of their own.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -160,21 +162,35 @@ impl Tracker {
 /// Outbox rows (notify source) whose deliveries are all recorded, waiting to be marked processed.
 #[derive(Debug, Default)]
 pub struct Marks {
+    /// Rows to mark processed: they had no delivery to record.
     ready: Mutex<Vec<i64>>,
-    /// Woken when a row becomes ready.
+    /// Rows already marked processed along with their last delivery: only to be forgotten.
+    marked: Mutex<Vec<i64>>,
+    /// Woken when a row is ready or marked.
     pub wake: Notify,
 }
 
 impl Marks {
-    /// Every delivery of row `id` is durably recorded (or it had none).
+    /// Row `id` had no delivery to record: it may be marked processed.
     pub fn ready(&self, id: i64) {
         self.ready.lock().expect("never poisoned").push(id);
         self.wake.notify_one();
     }
 
-    /// The rows gathered since the last call.
+    /// Row `id` was marked processed by the statement that recorded its last delivery.
+    pub fn marked(&self, id: i64) {
+        self.marked.lock().expect("never poisoned").push(id);
+        self.wake.notify_one();
+    }
+
+    /// The rows to mark, gathered since the last call.
     pub fn take(&self) -> Vec<i64> {
         std::mem::take(&mut *self.ready.lock().expect("never poisoned"))
+    }
+
+    /// The rows marked since the last call.
+    pub fn take_marked(&self) -> Vec<i64> {
+        std::mem::take(&mut *self.marked.lock().expect("never poisoned"))
     }
 }
 
@@ -222,6 +238,16 @@ impl EventAck {
     }
 
     /// One delivery of this event is durably recorded.
+    /// The outbox row that a batch holding `n` of this event's deliveries completes: the recorder marks it
+    /// processed in the same statement. Only the recorder counts deliveries down, one batch at a time, so
+    /// this holds exactly when [`EventAck::recorded`], called `n` times after the write, reaches zero.
+    pub fn completes_row(&self, n: usize) -> Option<i64> {
+        match &self.target {
+            AckTarget::Row { id, .. } if self.remaining.load(Ordering::Acquire) == n => Some(*id),
+            _ => None,
+        }
+    }
+
     pub fn recorded(&self) {
         match &self.target {
             AckTarget::Txn { tracker, txn } => tracker.done(*txn),
@@ -230,7 +256,7 @@ impl EventAck {
                     self.remaining
                         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
                 if before == Ok(1) {
-                    marks.ready(*id);
+                    marks.marked(*id);
                 }
             }
         }
@@ -302,7 +328,7 @@ mod tests {
     }
 
     #[test]
-    fn a_row_is_ready_after_its_last_delivery_only() {
+    fn a_row_is_marked_with_its_last_delivery_only() {
         let budget = Arc::new(tokio::sync::Semaphore::new(2));
         let permit = || budget.clone().try_acquire_owned().unwrap();
         let marks = Arc::new(Marks::default());
@@ -318,11 +344,19 @@ mod tests {
             "a row without deliveries is ready at once"
         );
         assert_eq!(budget.available_permits(), 1);
+        assert_eq!(
+            ack.completes_row(1),
+            None,
+            "a batch with one of two deliveries"
+        );
+        assert_eq!(ack.completes_row(2), Some(7), "a batch with both");
         ack.recorded();
-        assert!(marks.take().is_empty());
+        assert!(marks.take_marked().is_empty());
+        assert_eq!(ack.completes_row(1), Some(7), "the batch with the last one");
         ack.recorded();
         ack.recorded(); // more reports than deliveries never mark twice
-        assert_eq!(marks.take(), vec![7]);
+        assert_eq!(marks.take_marked(), vec![7]);
+        assert!(marks.take().is_empty(), "marked by the recorder, not again");
         drop(ack);
         assert_eq!(budget.available_permits(), 2);
     }

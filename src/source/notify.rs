@@ -1,18 +1,25 @@
 //! The notify source: claims unprocessed `walhook.outbox` rows under a lease, for servers without logical
 //! replication (DESIGN.md, "source").
 //!
-//! Polling alone is correct: every `notify.poll_interval` the source claims the oldest committed rows that are
-//! neither processed nor leased, `FOR UPDATE SKIP LOCKED`, so several daemons share the work. A statement
-//! trigger's `NOTIFY` only wakes the poller early; notifications lost while the listener reconnects cost one
-//! poll interval at most. Rows commit out of id order, so there is no cursor: every claim looks at all
-//! unprocessed rows (through a partial index), and a rolled-back insert is never visible to it.
+//! Polling alone is correct: the source claims the oldest committed rows that are neither processed nor
+//! leased, `FOR UPDATE SKIP LOCKED`, so several daemons share the work. Rows commit out of id order, so there
+//! is no cursor: every claim looks at all unprocessed rows (through a partial index), and a rolled-back insert
+//! is never visible to it. A statement trigger's `NOTIFY` only wakes the poller early.
 //!
-//! A claimed row goes through the same fan-out as a streamed event and is marked processed, in batches, only
-//! once every delivery of it is recorded (ack after record). Leases of rows still in flight are renewed, so
+//! The interval adapts: `notify.poll_interval` while rows keep coming, then, while the listener is up and the
+//! trigger exists, doubling with every empty poll up to `notify.max_poll_interval`, so an idle outbox costs a
+//! few index probes a minute. Without a listener or without the trigger nothing would wake a backed-off
+//! poller, so it stays at `notify.poll_interval`. Rows whose lease lapsed (their daemon died) are found by the
+//! next poll.
+//!
+//! A claimed row goes through the same fan-out as a streamed event and is marked processed by the statement
+//! that records its last delivery (ack after record, in one transaction); rows that matched no endpoint are
+//! marked in batches of their own. Leases of rows still in flight are renewed, so
 //! they lapse only when their daemon is gone; whoever claims such a row again skips the endpoints it already
 //! has deliveries for. Duplicates are limited to what was in flight at a crash, as with the slot.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +34,9 @@ use crate::store::{self, OutboxQueue, StoreError};
 pub struct NotifySource {
     pub db: tokio_postgres::Config,
     pub poll_interval: Duration,
+    pub max_poll_interval: Duration,
+    /// `notify.wake_trigger`: create the `outbox_wake` trigger (or drop it when false).
+    pub wake_trigger: bool,
     pub batch_size: usize,
     pub lease: Duration,
     /// `replication.slot`: a slot of that name left behind by `source = "replication"` retains WAL forever.
@@ -51,12 +61,14 @@ impl NotifySource {
             );
         }
         drop(client);
-        let installed = store::install_notify(&self.db).await.map_err(|e| match e {
+        let installed = store::install_notify(&self.db, self.wake_trigger)
+            .await
+            .map_err(|e| match e {
             StoreError::Db(ref db) if db.code().is_some_and(|c| c.code() == "42501") => {
                 SourceError::Fatal(format!(
                     "cannot create the notify source's index and trigger on walhook.outbox ({e}); run as its \
                      owner: {}",
-                    store::notify_install_sql()
+                    store::notify_install_sql(self.wake_trigger)
                 ))
             }
             e => classify(e),
@@ -67,6 +79,12 @@ impl NotifySource {
         if installed.trigger {
             tracing::info!("created trigger outbox_wake on walhook.outbox");
         }
+        if installed.trigger_dropped {
+            tracing::info!(
+                "dropped trigger outbox_wake on walhook.outbox (notify.wake_trigger = false): new rows wait \
+                 up to notify.poll_interval"
+            );
+        }
         Ok(())
     }
 
@@ -74,7 +92,9 @@ impl NotifySource {
     /// marked (or until the caller drops this future). Returns a fatal error.
     pub async fn run(self, stop: CancellationToken) -> Result<(), SourceError> {
         let wake = Notify::new();
+        let listening = AtomicBool::new(false);
         let mut poller = Poller {
+            listening: &listening,
             marks: Arc::new(Marks::default()),
             held: HashSet::new(),
             unmarked: Vec::new(),
@@ -84,17 +104,17 @@ impl NotifySource {
         // the listener never ends by itself: it goes when the poller is done
         tokio::select! {
             r = poller.run(&stop, &wake) => r,
-            _ = listen(&self.db, &wake) => unreachable!("the listener loops forever"),
+            _ = listen(&self.db, &wake, &listening) => unreachable!("the listener loops forever"),
         }
     }
 }
 
 /// Keeps a `LISTEN` connection up, reconnecting with backoff, and wakes the poller on notifications.
-async fn listen(db: &tokio_postgres::Config, wake: &Notify) {
+async fn listen(db: &tokio_postgres::Config, wake: &Notify, listening: &AtomicBool) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = tokio::time::Instant::now();
-        match store::listen_outbox(db, wake).await {
+        match store::listen_outbox(db, wake, listening).await {
             Ok(()) => tracing::debug!("outbox listener connection ended, reconnecting"),
             Err(e) => tracing::warn!("outbox listener failed, reconnecting in {backoff:?}: {e}"),
         }
@@ -122,6 +142,8 @@ fn classify(e: StoreError) -> SourceError {
 
 struct Poller<'a> {
     source: &'a NotifySource,
+    /// The listener is subscribed: a notification would wake the poller.
+    listening: &'a AtomicBool,
     marks: Arc<Marks>,
     /// Rows claimed and not yet marked processed; their leases are renewed.
     held: HashSet<i64>,
@@ -133,8 +155,10 @@ struct Poller<'a> {
 impl Poller<'_> {
     async fn run(&mut self, stop: &CancellationToken, wake: &Notify) -> Result<(), SourceError> {
         let budget = self.source.pipeline.budget.clone();
-        let mut poll = tokio::time::interval(self.source.poll_interval);
-        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let shortest = self.source.poll_interval;
+        let longest = self.source.max_poll_interval.max(shortest);
+        let mut idle = shortest;
+        let mut next_poll = tokio::time::Instant::now() + idle;
         let mut renew =
             tokio::time::interval((self.source.lease / 3).max(Duration::from_millis(100)));
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -154,14 +178,26 @@ impl Poller<'_> {
                     _ = stop.cancelled(), if !draining => draining = true,
                     _ = self.marks.wake.notified() => {}
                     _ = wake.notified() => want = true,
-                    _ = poll.tick() => want = true,
+                    _ = tokio::time::sleep_until(next_poll) => want = true,
                     _ = renew.tick() => renew_due = true,
                     // the budget has room again (the permit goes straight back)
                     _ = budget.acquire(), if want && !draining => {}
                 }
             }
             match self.step(&mut want, &mut renew_due, draining).await {
-                Ok(()) => backoff = Duration::from_millis(100),
+                Ok(claimed) => {
+                    backoff = Duration::from_millis(100);
+                    if let Some(n) = claimed {
+                        let wakeable =
+                            self.source.wake_trigger && self.listening.load(Ordering::Relaxed);
+                        idle = if n > 0 || !wakeable {
+                            shortest
+                        } else {
+                            (idle * 2).min(longest)
+                        };
+                        next_poll = tokio::time::Instant::now() + idle;
+                    }
+                }
                 Err(SourceError::Fatal(m)) => return Err(SourceError::Fatal(m)),
                 Err(SourceError::Transient(m)) => {
                     self.queue = None;
@@ -178,13 +214,14 @@ impl Poller<'_> {
         }
     }
 
-    /// Marks what is ready, renews leases when due, then claims and fans out if rows are wanted.
+    /// Marks what is ready, renews leases when due, then claims and fans out if rows are wanted. Returns how
+    /// many rows it claimed, `None` when it did not claim.
     async fn step(
         &mut self,
         want: &mut bool,
         renew_due: &mut bool,
         draining: bool,
-    ) -> Result<(), SourceError> {
+    ) -> Result<Option<usize>, SourceError> {
         if self.queue.as_ref().is_none_or(|q| q.is_closed()) {
             self.queue = Some(
                 OutboxQueue::connect(&self.source.db)
@@ -194,6 +231,9 @@ impl Poller<'_> {
         }
         let queue = self.queue.as_ref().expect("connected above");
 
+        for id in self.marks.take_marked() {
+            self.held.remove(&id);
+        }
         self.unmarked.extend(self.marks.take());
         if !self.unmarked.is_empty() {
             queue
@@ -216,7 +256,7 @@ impl Poller<'_> {
         let budget = &self.source.pipeline.budget;
         let room = budget.available_permits().min(self.source.batch_size);
         if draining || !*want || room == 0 {
-            return Ok(());
+            return Ok(None);
         }
         let rows = queue
             .claim(room as i64, self.source.lease)
@@ -224,6 +264,7 @@ impl Poller<'_> {
             .map_err(classify)?;
         // a full batch means more rows may be waiting: claim again as soon as there is room
         *want = rows.len() == room;
+        let claimed = rows.len();
         metrics::counter!(crate::metrics::EVENTS_RECEIVED).increment(rows.len() as u64);
         for row in rows {
             let permit = budget
@@ -247,6 +288,6 @@ impl Poller<'_> {
                 .pipeline
                 .fan_out(event, &recorded, target, permit);
         }
-        Ok(())
+        Ok(Some(claimed))
     }
 }

@@ -7,6 +7,13 @@
 //! time us out. After a restart the slot replays what was not confirmed; events at or below the highest event
 //! id already recorded are checked against `walhook.deliveries` in batches and their recorded deliveries are
 //! not sent again.
+//!
+//! Several instances may run on one database; exactly one streams the slot. Leadership is a session-level
+//! advisory lock keyed by the slot's name, held on a plain SQL session for as long as the instance prepares
+//! and streams: the server releases it the moment that session ends (a crash, `kill -9`, a lost network), and
+//! a standby, trying every `replication.standby_interval`, takes the slot over. The lock rather than the slot's
+//! own `active` flag, because preparing (creating the slot, its backfill, re-creating it after an unfinished
+//! backfill) happens while no walsender holds the slot, and two instances must never do that at once.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -28,6 +35,10 @@ use crate::store::{self, Store, StoreError};
 const REPLAY_CHECK_BATCH: usize = 512;
 /// How often a position that advanced is reported (at most).
 const CONFIRM_EVERY: Duration = Duration::from_millis(50);
+/// How long the leadership session may take to answer its periodic ping.
+const LEADER_PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// Advisory-lock class of slot leadership ("whsl" in ASCII); the second key is `hashtext(slot)`.
+const LEADER_LOCK_CLASS: i32 = 0x7768_736c;
 /// Microseconds between the Unix epoch and the PostgreSQL epoch (2000-01-01 00:00 UTC).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
@@ -37,15 +48,16 @@ impl From<WalError> for SourceError {
     }
 }
 
+const WAL_LEVEL_FIX: &str = "logical replication is not available: wal_level is not \"logical\"; set \
+     wal_level = logical in postgresql.conf (or ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL, \
+     or use source = \"notify\"";
+
 /// Turns server errors whose cause is the user's setup into one clear message with the fix.
 fn classify_wal(e: WalError, user: &str) -> SourceError {
     match e.code() {
-        Some("55000") if e.to_string().contains("wal_level") => SourceError::Fatal(
-            "logical replication is not available: wal_level is not \"logical\"; set wal_level = logical in \
-             postgresql.conf (or ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL, or use \
-             source = \"notify\""
-                .into(),
-        ),
+        Some("55000") if e.to_string().contains("wal_level") => {
+            SourceError::Fatal(WAL_LEVEL_FIX.into())
+        }
         Some("42501") => SourceError::Fatal(format!(
             "role {user:?} may not use replication: run ALTER ROLE {user} REPLICATION as a superuser, or use \
              source = \"notify\" ({e})"
@@ -63,8 +75,12 @@ pub struct ReplicationSource {
     pub slot: String,
     pub publication: String,
     pub status_interval: Duration,
+    /// How often a standby tries to take the slot's leadership.
+    pub standby_interval: Duration,
     pub pipeline: Arc<Pipeline>,
     pub health: Arc<Health>,
+    /// The leadership session taken by [`ReplicationSource::prepare`], handed on to the first session.
+    pub prepared: std::sync::Mutex<Option<tokio_postgres::Client>>,
 }
 
 /// The slot as found at start.
@@ -171,6 +187,54 @@ impl SlotKeeper {
         }
     }
 
+    /// Tries once to take the slot's leadership on `client`'s session; it is held until that session ends.
+    async fn try_lead(&self, client: &tokio_postgres::Client) -> Result<bool, SourceError> {
+        Ok(client
+            .query_one(
+                "select pg_try_advisory_lock($1, hashtext($2))",
+                &[&LEADER_LOCK_CLASS, &self.slot],
+            )
+            .await
+            .map_err(StoreError::from)?
+            .get(0))
+    }
+
+    /// Who holds the slot's leadership, for the log: "process 123 (walhook) on 10.0.0.5".
+    async fn leader(&self, client: &tokio_postgres::Client) -> Option<String> {
+        let sql = format!(
+            "select a.pid, coalesce(nullif(a.application_name, ''), '?'), \
+                    coalesce(host(a.client_addr), 'a local socket') \
+               from pg_locks l join pg_stat_activity a on a.pid = l.pid \
+              where l.locktype = 'advisory' and l.granted and l.objsubid = 2 \
+                and l.classid = {LEADER_LOCK_CLASS}::bigint::oid \
+                and l.objid = (hashtext($1)::bigint & 4294967295)::oid \
+                and l.database = (select oid from pg_database where datname = current_database())"
+        );
+        let row = client.query_opt(&sql, &[&self.slot]).await.ok()??;
+        Some(format!(
+            "process {} ({}) on {}",
+            row.get::<_, i32>(0),
+            row.get::<_, String>(1),
+            row.get::<_, String>(2)
+        ))
+    }
+
+    /// What a standby checks at start, without touching the slot: the schema, `wal_level`, and that its role
+    /// may replicate, so a misconfigured instance fails now rather than when it takes over.
+    async fn check(&self, client: &tokio_postgres::Client) -> Result<(), SourceError> {
+        store::check_schema(client).await?;
+        let wal_level: String = client
+            .query_one("select current_setting('wal_level')", &[])
+            .await
+            .map_err(StoreError::from)?
+            .get(0);
+        if wal_level != "logical" {
+            return Err(SourceError::Fatal(WAL_LEVEL_FIX.into()));
+        }
+        drop(self.connect().await?);
+        Ok(())
+    }
+
     /// What `walhook.slots` and `pg_replication_slots` say about the slot.
     async fn slot_state(&self, client: &tokio_postgres::Client) -> Result<SlotState, SourceError> {
         let (slot, recorded) =
@@ -241,6 +305,17 @@ impl SlotKeeper {
             .await
             .map_err(|e| SourceError::Transient(e.to_string()))?;
         self.prepare_publication(&client).await?;
+        // holding the leadership keeps every instance started meanwhile standing by
+        if !self.try_lead(&client).await? {
+            let holder = self
+                .leader(&client)
+                .await
+                .unwrap_or_else(|| "another session".into());
+            return Err(SourceError::Fatal(format!(
+                "a walhook instance ({holder}) leads replication slot {:?}: stop every walhook instance first",
+                self.slot
+            )));
+        }
         if let Some(pid) = store::slot_active_pid(&client, &self.slot).await? {
             return Err(SourceError::Fatal(format!(
                 "replication slot {:?} is in use by process {pid}: stop every walhook instance first",
@@ -320,9 +395,63 @@ impl SlotKeeper {
 }
 
 impl ReplicationSource {
-    /// Makes sure the publication and the slot exist and are usable; see [`SlotKeeper::prepare`].
+    /// Makes sure the publication and the slot exist and are usable ([`SlotKeeper::prepare`]) when this
+    /// instance can lead the slot, and keeps the leadership for [`ReplicationSource::run`]. When another
+    /// instance leads, checks only what this one needs to take over.
     pub async fn prepare(&self) -> Result<(), SourceError> {
-        self.keeper().prepare().await
+        let keeper = self.keeper();
+        let client = store::connect_client(&self.db)
+            .await
+            .map_err(|e| SourceError::Transient(e.to_string()))?;
+        if !keeper.try_lead(&client).await? {
+            return keeper.check(&client).await;
+        }
+        keeper.prepare().await?;
+        *self.prepared.lock().expect("never poisoned") = Some(client);
+        Ok(())
+    }
+
+    /// Waits until this instance leads the slot, standing by meanwhile; `None` when `stop` fires first.
+    async fn lead(
+        &self,
+        stop: &CancellationToken,
+    ) -> Result<Option<tokio_postgres::Client>, SourceError> {
+        let prepared = self.prepared.lock().expect("never poisoned").take();
+        if let Some(client) = prepared.filter(|c| !c.is_closed()) {
+            return Ok(Some(client));
+        }
+        let keeper = self.keeper();
+        let client = store::connect_client(&self.db)
+            .await
+            .map_err(|e| SourceError::Transient(e.to_string()))?;
+        let mut stood_by = false;
+        loop {
+            if keeper.try_lead(&client).await? {
+                if stood_by {
+                    tracing::info!(slot = %self.slot, "taking the slot over");
+                }
+                self.health.set_standby(false);
+                return Ok(Some(client));
+            }
+            if !stood_by {
+                let holder = keeper
+                    .leader(&client)
+                    .await
+                    .unwrap_or_else(|| "another session".into());
+                tracing::info!(
+                    slot = %self.slot,
+                    "standing by: a walhook instance ({holder}) streams the slot; this one dispatches \
+                     retries and tries to take the slot over every {}",
+                    humantime::format_duration(self.standby_interval)
+                );
+                stood_by = true;
+                self.health.set_standby(true);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.standby_interval) => {}
+                _ = stop.cancelled() => return Ok(None),
+            }
+        }
     }
 
     fn keeper(&self) -> SlotKeeper {
@@ -342,8 +471,12 @@ impl ReplicationSource {
         let mut backoff = Duration::from_millis(100);
         loop {
             let started = tokio::time::Instant::now();
-            let result = match self.prepare().await {
-                Ok(()) => self.session(&stop).await,
+            let result = match self.lead(&stop).await {
+                Ok(None) => return Ok(()),
+                Ok(Some(leader)) => match self.keeper().prepare().await {
+                    Ok(()) => self.session(&stop, leader).await,
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e),
             };
             match result {
@@ -370,7 +503,12 @@ impl ReplicationSource {
         }
     }
 
-    async fn session(&self, stop: &CancellationToken) -> Result<(), SourceError> {
+    /// Streams while `leader` (the session holding the slot's leadership) lives.
+    async fn session(
+        &self,
+        stop: &CancellationToken,
+        leader: tokio_postgres::Client,
+    ) -> Result<(), SourceError> {
         let store = Store::connect(&self.db).await?;
         let replay_max = store.max_recorded_event_id().await?;
         let start: Lsn = store
@@ -394,6 +532,7 @@ impl ReplicationSource {
         let mut session = Session {
             stream,
             store,
+            leader,
             pipeline: self.pipeline.clone(),
             tracker: Tracker::new(start),
             relations: HashMap::new(),
@@ -417,6 +556,8 @@ impl ReplicationSource {
 struct Session {
     stream: WalStream,
     store: Store,
+    /// Holds the slot's leadership; if it ends, another instance may take over, so this one stops.
+    leader: tokio_postgres::Client,
     pipeline: Arc<Pipeline>,
     tracker: Arc<Tracker>,
     relations: HashMap<u32, Option<OutboxColumns>>,
@@ -458,7 +599,7 @@ impl Session {
                     // A fast shutdown terminates ordinary sessions but waits for walsenders to see every
                     // position confirmed, which cannot happen while the recorder is cut off: leave, and
                     // replay from the confirmed position once the server is back.
-                    if self.store.is_closed() {
+                    if self.lost_connection() {
                         return Err(SourceError::Transient(
                             "lost the database connection (is the server shutting down?)".into(),
                         ));
@@ -467,6 +608,11 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// The recorder's session or the leadership session ended (a server shutting down, a lost network).
+    fn lost_connection(&self) -> bool {
+        self.store.is_closed() || self.leader.is_closed()
     }
 
     async fn handle(&mut self, message: Option<WalMessage>) -> Result<(), SourceError> {
@@ -480,7 +626,7 @@ impl Session {
                 ..
             }) => {
                 // a shutting-down server pings in a tight loop, which can starve the timer branch
-                if self.store.is_closed() {
+                if self.lost_connection() {
                     return Err(SourceError::Transient(
                         "lost the database connection (is the server shutting down?)".into(),
                     ));
@@ -589,7 +735,7 @@ impl Session {
             tokio::select! {
                 _ = self.tracker.advanced.notified() => {}
                 _ = tick.tick() => {
-                    if self.store.is_closed() {
+                    if self.lost_connection() {
                         return Err(SourceError::Transient(
                             "lost the database connection while draining".into(),
                         ));
@@ -617,7 +763,7 @@ impl Session {
                     // A fast shutdown terminates ordinary sessions but waits for walsenders to see every
                     // position confirmed, which cannot happen while the recorder is cut off: leave, and
                     // replay from the confirmed position once the server is back.
-                    if self.store.is_closed() {
+                    if self.lost_connection() {
                         return Err(SourceError::Transient(
                             "lost the database connection (is the server shutting down?)".into(),
                         ));
@@ -672,6 +818,23 @@ impl Session {
         self.stream
             .send_status(pos, pos, pos, due && !force)
             .await?;
+        if due {
+            // the leadership session is idle otherwise: a ping keeps `idle_session_timeout` away and notices
+            // a connection that died silently, so a standby can take over
+            match tokio::time::timeout(LEADER_PING_TIMEOUT, self.leader.simple_query("")).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    return Err(SourceError::Transient(format!(
+                        "lost the session holding the slot's leadership: {e}"
+                    )))
+                }
+                Err(_) => {
+                    return Err(SourceError::Transient(
+                        "the session holding the slot's leadership does not answer".into(),
+                    ))
+                }
+            }
+        }
         self.sent = pos;
         self.sent_at = tokio::time::Instant::now();
         Ok(())
