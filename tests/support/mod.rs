@@ -12,11 +12,22 @@ use std::time::{Duration, Instant};
 use figment::Figment;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
-use walhook::cluster::{Cluster, ClusterOptions};
+use walhook::cluster::{Cluster, ClusterOptions, WalLevel};
 use walhook::config::Config;
 
 /// How long any condition may take on a loaded 2-core machine.
 pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Where the daemon under test reads committed events from. Tests of behaviour that does not depend on it
+/// take one as a parameter and run once for each (see `both_sources!` in relay.rs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A logical replication slot: the cluster has `wal_level = logical`.
+    Replication,
+    /// Claims of unprocessed outbox rows: the cluster has `wal_level = replica`, which proves that this
+    /// source needs no logical replication.
+    Notify,
+}
 
 pub struct Pg {
     pub cluster: Cluster,
@@ -27,6 +38,20 @@ impl Pg {
     /// A new cluster (wal_level=logical) with a migrated database.
     pub async fn start() -> Pg {
         Pg::start_with(ClusterOptions::default()).await
+    }
+
+    /// A new cluster fit for `source`, and no more: notify gets `wal_level = replica`.
+    pub async fn start_for(source: Source) -> Pg {
+        match source {
+            Source::Replication => Pg::start().await,
+            Source::Notify => {
+                Pg::start_with(ClusterOptions {
+                    wal_level: WalLevel::Replica,
+                    ..Default::default()
+                })
+                .await
+            }
+        }
     }
 
     pub async fn start_with(options: ClusterOptions) -> Pg {
@@ -77,6 +102,37 @@ impl Pg {
             .merge(("delivery.breaker_max_cooldown", "2s"))
             .merge(("endpoints.refresh_interval", "100ms"));
         Config::from_figment(more(figment)).expect("test config is valid")
+    }
+
+    /// `config()` reading from `source`; notify polls every 200ms.
+    pub fn config_for(&self, source: Source) -> Config {
+        self.config_for_with(source, |f| f)
+    }
+
+    /// `config_for(source)` with more settings merged on top (so they may override the source's).
+    pub fn config_for_with(&self, source: Source, more: impl FnOnce(Figment) -> Figment) -> Config {
+        self.config_with(|f| {
+            more(match source {
+                Source::Replication => f,
+                Source::Notify => f
+                    .merge(("source", "notify"))
+                    .merge(("notify.poll_interval", "200ms")),
+            })
+        })
+    }
+
+    /// Environment for the real binary, equivalent to `config_for(source)`.
+    pub fn env_for(&self, source: Source) -> Vec<(String, String)> {
+        let mut env = self.env();
+        if source == Source::Notify {
+            for (k, v) in [
+                ("WALHOOK_SOURCE", "notify"),
+                ("WALHOOK_NOTIFY__POLL_INTERVAL", "200ms"),
+            ] {
+                env.push((k.to_string(), v.to_string()));
+            }
+        }
+        env
     }
 
     /// Environment for the real binary, equivalent to `config()`.
@@ -152,6 +208,17 @@ pub fn spawn_binary(args: &[&str], env: &[(String, String)]) -> Child {
         .expect("spawn walhook")
 }
 
+/// Kills the child when dropped, so a failing assertion leaves no daemon behind.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // a no-op once the child has been waited for
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Polls an async condition until it holds or `DEADLINE` passes.
 pub async fn eventually<F, Fut>(what: &str, mut condition: F)
 where
@@ -216,6 +283,42 @@ pub async fn wait_streaming(client: &Client) {
         )
         .await
             == 1
+    })
+    .await;
+}
+
+/// Waits until `n` notify sources have subscribed to the wake-up channel.
+pub async fn wait_listening(client: &Client, n: i64) {
+    eventually(&format!("{n} notify sources listen"), || async {
+        count(
+            client,
+            "select count(*) from pg_stat_activity where query = 'listen walhook_outbox'",
+        )
+        .await
+            >= n
+    })
+    .await;
+}
+
+/// Waits until a daemon reading from `source` takes events: it streams from its slot, or it listens for
+/// wake-ups (its first poll follows the subscription at once).
+pub async fn wait_ready(source: Source, client: &Client) {
+    match source {
+        Source::Replication => wait_streaming(client).await,
+        Source::Notify => wait_listening(client, 1).await,
+    }
+}
+
+/// Waits until every outbox row is marked processed: the notify source's acknowledgement, given only once
+/// the row's deliveries are recorded. (With the replication source `processed_at` stays null.)
+pub async fn wait_all_processed(client: &Client) {
+    eventually("every outbox row is marked processed", || async {
+        count(
+            client,
+            "select count(*) from walhook.outbox where processed_at is null",
+        )
+        .await
+            == 0
     })
     .await;
 }
