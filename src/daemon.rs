@@ -269,6 +269,7 @@ pub async fn run(
             lease: config.scheduler.lease,
             attempt_bound: config.delivery.timeout + config.delivery.queue_wait,
             queue_wait: config.delivery.queue_wait,
+            ordered_by_outbox: config.source == SourceKind::Notify,
             endpoints: endpoints.clone(),
             dispatcher: dispatcher.clone(),
             recorder: recorder.clone(),

@@ -38,6 +38,8 @@ pub struct Scheduler {
     pub attempt_bound: Duration,
     /// `delivery.queue_wait`, added to endpoints' own timeouts.
     pub queue_wait: Duration,
+    /// The notify source: a key's head also waits for its older outbox rows that are not processed yet.
+    pub ordered_by_outbox: bool,
     pub endpoints: Arc<EndpointCache>,
     pub dispatcher: Arc<Dispatcher>,
     pub recorder: Recorder,
@@ -111,7 +113,8 @@ impl Scheduler {
             // ordered keys exist only where an endpoint is (or was) ordered: check them then, and at every tick
             let result = async {
                 let mut c = if ordered {
-                    s.claim_ordered(room as i64, lease, &skip).await?
+                    s.claim_ordered(room as i64, lease, &skip, self.ordered_by_outbox)
+                        .await?
                 } else {
                     Vec::new()
                 };

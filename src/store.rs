@@ -209,6 +209,11 @@ const DUE_ORDERED: &str = "
     join walhook.endpoints e on e.id = d.endpoint_id and e.enabled
    where h.next_attempt_at <= now()
      and d.endpoint_id <> all($3::bigint[])
+     -- notify source ($4): no outbox row of the key with a lower id is still unprocessed (its deliveries are
+     -- recorded in the statement that marks it, so a head is never chosen before an older row is parked)
+     and ($4::bool is not true or not exists (
+           select 1 from walhook.outbox o
+            where o.processed_at is null and o.id < d.event_id and o.ordering_key = d.ordering_key))
    limit $1
      for update of d skip locked";
 
@@ -571,16 +576,21 @@ impl Store {
         Ok(())
     }
 
-    /// Claims due heads of ordered keys.
+    /// Claims due heads of ordered keys. `by_outbox` (the notify source): a key's head also waits for older
+    /// outbox rows of the key that are not processed yet.
     pub async fn claim_ordered(
         &self,
         limit: i64,
         lease: Duration,
         skip: &[i64],
+        by_outbox: bool,
     ) -> Result<Vec<Claimed>, StoreError> {
         let rows = self
             .client
-            .query(&self.claim_ordered, &[&limit, &lease.as_secs_f64(), &skip])
+            .query(
+                &self.claim_ordered,
+                &[&limit, &lease.as_secs_f64(), &skip, &by_outbox],
+            )
             .await?;
         Ok(rows.iter().map(claimed).collect())
     }
@@ -620,7 +630,7 @@ update walhook.outbox o
   from next
  where o.id = next.id
 returning o.id, o.uid::text, o.event_type, o.payload::text, o.created_at::text,
-          array(select d.endpoint_id from walhook.deliveries d where d.event_id = o.id)";
+          array(select d.endpoint_id from walhook.deliveries d where d.event_id = o.id), o.ordering_key";
 
 const MARK_PROCESSED: &str = "
 update walhook.outbox set processed_at = now() where id = any($1::bigint[]) and processed_at is null";
@@ -787,6 +797,7 @@ pub struct OutboxRow {
     pub created_at: String,
     /// Endpoints that already have a delivery of this row.
     pub recorded: Vec<i64>,
+    pub ordering_key: Option<String>,
 }
 
 /// The notify source's connection: claims, marks and lease renewals on `walhook.outbox`.
@@ -835,6 +846,7 @@ impl OutboxQueue {
                 payload: r.get(3),
                 created_at: r.get(4),
                 recorded: r.get(5),
+                ordering_key: r.get(6),
             })
             .collect();
         claimed.sort_unstable_by_key(|r| r.id);

@@ -1471,12 +1471,7 @@ fn verify_ed25519(public: &str, id: &str, ts: i64, body: &[u8], sig_b64: &str) -
 
 // ---- ordered delivery ----
 
-both_sources!(
-    ordered_endpoints_get_each_key_in_commit_order_and_a_failure_holds_back_only_its_key,
-    notify: #[ignore = "bug in src: the notify source never sets the event's ordering_key (CLAIM_OUTBOX does \
-                        not select it, NotifySource does not call Event::with_ordering), so ordered endpoints \
-                        get its events unordered"]
-);
+both_sources!(ordered_endpoints_get_each_key_in_commit_order_and_a_failure_holds_back_only_its_key);
 async fn ordered_endpoints_get_each_key_in_commit_order_and_a_failure_holds_back_only_its_key(
     source: Source,
 ) {
@@ -1940,6 +1935,33 @@ async fn two_notify_daemons_share_the_outbox_without_duplicates() {
     assert_eq!(rx.count(), 300, "no crash, so no duplicates");
     first.stop().await;
     second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_wake_trigger_polling_alone_delivers_everything() {
+    let pg = Pg::start_for(Source::Notify).await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    add_endpoint(&client, &rx.url("/n"), &["*"]).await;
+    let trigger = "select count(*) from pg_trigger where tgname = 'outbox_wake'";
+    // a first start creates the trigger; notify.wake_trigger = false drops it
+    let daemon = Daemon::start(pg.config_for(Source::Notify));
+    wait_listening(&client, 1).await;
+    assert_eq!(count(&client, trigger).await, 1);
+    daemon.stop().await;
+    let daemon = Daemon::start(pg.config_for_with(Source::Notify, |f| {
+        f.merge(("notify.wake_trigger", false))
+            .merge(("notify.poll_interval", "100ms"))
+    }));
+    wait_listening(&client, 1).await;
+    assert_eq!(count(&client, trigger).await, 0, "the trigger is dropped");
+    for i in 0..20 {
+        publish(&client, "order.created", &format!("{{\"i\": {i}}}")).await;
+    }
+    wait_succeeded(&client, 20).await;
+    wait_all_processed(&client).await;
+    assert_eq!(rx.distinct_ids("/n").len(), 20);
+    daemon.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

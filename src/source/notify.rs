@@ -140,6 +140,22 @@ fn classify(e: StoreError) -> SourceError {
     }
 }
 
+/// The wait before the next poll, after one that claimed `claimed` rows: the shortest while rows come or
+/// nothing could wake a longer wait, else twice the last, up to `longest`.
+fn next_interval(
+    last: Duration,
+    claimed: usize,
+    wakeable: bool,
+    shortest: Duration,
+    longest: Duration,
+) -> Duration {
+    if claimed > 0 || !wakeable {
+        shortest
+    } else {
+        (last * 2).clamp(shortest, longest.max(shortest))
+    }
+}
+
 struct Poller<'a> {
     source: &'a NotifySource,
     /// The listener is subscribed: a notification would wake the poller.
@@ -190,11 +206,7 @@ impl Poller<'_> {
                     if let Some(n) = claimed {
                         let wakeable =
                             self.source.wake_trigger && self.listening.load(Ordering::Relaxed);
-                        idle = if n > 0 || !wakeable {
-                            shortest
-                        } else {
-                            (idle * 2).min(longest)
-                        };
+                        idle = next_interval(idle, n, wakeable, shortest, longest);
                         next_poll = tokio::time::Instant::now() + idle;
                     }
                 }
@@ -278,7 +290,9 @@ impl Poller<'_> {
                 &row.event_type,
                 &row.created_at,
                 &row.payload,
-            );
+            )
+            // no commit position here: a key's deliveries go in outbox id order
+            .with_ordering(row.ordering_key, None);
             self.held.insert(row.id);
             let target = AckTarget::Row {
                 marks: self.marks.clone(),
@@ -289,5 +303,37 @@ impl Poller<'_> {
                 .fan_out(event, &recorded, target, permit);
         }
         Ok(Some(claimed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_polls_back_off_only_while_a_notification_can_wake_them() {
+        let (short, long) = (Duration::from_millis(250), Duration::from_secs(5));
+        let mut wait = short;
+        let mut waits = Vec::new();
+        for _ in 0..7 {
+            wait = next_interval(wait, 0, true, short, long);
+            waits.push(wait.as_millis());
+        }
+        assert_eq!(waits, [500, 1000, 2000, 4000, 5000, 5000, 5000]);
+        assert_eq!(
+            next_interval(wait, 3, true, short, long),
+            short,
+            "rows came"
+        );
+        assert_eq!(
+            next_interval(wait, 0, false, short, long),
+            short,
+            "listener down or no trigger: nothing would wake a longer wait"
+        );
+        assert_eq!(
+            next_interval(short, 0, true, Duration::from_secs(30), long),
+            Duration::from_secs(30),
+            "a maximum below the minimum is the minimum"
+        );
     }
 }
