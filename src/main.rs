@@ -78,6 +78,12 @@ struct BenchArgs {
     /// Scenarios to run, comma-separated: baseline, drain, live, fanout, retries [default: all].
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     scenarios: Vec<walhook::bench::Scenario>,
+    /// The relays' source: replication (a logical slot) or notify (claims of outbox rows, NOTIFY wake-ups).
+    #[arg(long, value_name = "SOURCE", default_value = "replication", value_parser = walhook::bench::parse_source)]
+    source: walhook::bench::SourceKind,
+    /// Relay processes sharing the database in drain, live, fanout and retries (1 to 16) [default: 1].
+    #[arg(long, value_name = "N")]
+    instances: Option<usize>,
     /// Relay configuration for every scenario, repeatable: --relay-setting delivery.concurrency=1024.
     #[arg(long = "relay-setting", value_name = "KEY=VALUE", value_parser = key_value)]
     relay_settings: Vec<(String, String)>,
@@ -189,6 +195,8 @@ fn bench(runtime: &tokio::runtime::Runtime, args: BenchArgs) -> anyhow::Result<(
         writers: args.writers,
         scenarios: args.scenarios,
         relay_settings: args.relay_settings,
+        source: args.source,
+        instances: args.instances,
     };
     let report = runtime.block_on(walhook::bench::run(options))?;
     print!("{}", report.table());
@@ -250,5 +258,34 @@ fn init_logs(level: &str, format: LogFormat, payloads: bool) {
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bench_args(args: &[&str]) -> Result<BenchArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["walhook", "bench"].iter().chain(args))?;
+        match cli.command {
+            Command::Bench(args) => Ok(args),
+            _ => unreachable!("parsed a bench command"),
+        }
+    }
+
+    #[test]
+    fn bench_source_and_instances() {
+        let args = bench_args(&[]).unwrap();
+        assert_eq!(args.source, walhook::bench::SourceKind::Replication);
+        assert_eq!(args.instances, None);
+        let args = bench_args(&["--quick", "--source", "notify", "--instances", "2"]).unwrap();
+        assert_eq!(args.source, walhook::bench::SourceKind::Notify);
+        assert_eq!(args.instances, Some(2));
+        let e = bench_args(&["--source", "kafka"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("unknown source \"kafka\""), "{e}");
+        assert!(bench_args(&["--instances", "two"]).is_err());
     }
 }

@@ -6,13 +6,20 @@
 //! relay as a child process (`walhook run`) so that its memory and CPU time can be read from `/proc`.
 //!
 //! - `baseline`: the insert rate the database sustains with no relay, one event per transaction and 100 per
-//!   transaction: the ceiling the relay is asked to follow.
+//!   transaction: the ceiling the relay is asked to follow. Then the same with the notify source's
+//!   `outbox_wake` trigger (and partial index) installed and a session listening, because every `NOTIFY`
+//!   takes a cluster-wide lock at commit: what `source = "notify"` costs the application's insert rate.
 //! - `drain`: a backlog committed first, then the relay started: deliveries per second until every delivery is
 //!   received *and* recorded as succeeded; time to the first delivery.
 //! - `live`: writers at 1,000/s, 5,000/s and full speed with the relay running: delivered rate, commit-to-receive
 //!   latency (writer's clock right after COMMIT returned vs the receiver's arrival time, same clock), backlog.
 //! - `fanout`: a backlog delivered to 10 endpoints that all match every event.
 //! - `retries`: full-speed writers while 10 % of first attempts are answered 500.
+//!
+//! `--source` picks the relays' source (the scratch database then gets a slot, or the notify source's index
+//! and trigger, before any event is written); `--instances N` runs N relays on the same database, as several
+//! daemons would share one. Deliveries are counted once per (endpoint, webhook-id): a request for a pair
+//! already answered 2xx is a duplicate, counted and reported (a retry after a 500 is not one).
 //!
 //! The relay's own SQL is told from the benchmark's by pg_stat_statements (when the server has it loaded):
 //! every statement the benchmark runs carries the `/* walhook-bench */` marker, and the relay's statements are
@@ -25,21 +32,22 @@ mod server;
 mod stats;
 mod workload;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::cluster::ClusterError;
+pub use crate::config::SourceKind;
 use crate::receiver::{Receiver, Reply};
-use relay::Relay;
+use relay::Relays;
 pub use report::{
-    Baseline, Cost, Drain, Fanout, Live, LivePhase, Machine, Report, Retries, Settings,
-    StatementUse,
+    Baseline, Cost, Drain, Fanout, InstanceCost, Live, LivePhase, Machine, Report, Retries,
+    Settings, StatementUse,
 };
-use server::{cost, Scratch, Server};
+use server::{cost, Scratch, Server, Setup};
 pub use stats::Latency;
 use stats::{per_sec, ratio};
 use workload::Pace;
@@ -48,7 +56,9 @@ use workload::Pace;
 const LIVE_RATES: [f64; 2] = [1_000.0, 5_000.0];
 /// Endpoints of the `fanout` scenario.
 const FANOUT_ENDPOINTS: u64 = 10;
-/// One first attempt in this many is answered 500 in the `retries` scenario.
+/// One first attempt in this many is answered 500 in the `retries` scenario: every tenth, in arrival order.
+/// Evenly spaced, not drawn at random: five failures in a row (which random draws produce in about every
+/// other run) open the endpoint's circuit breaker, and the scenario would measure its 30 s cool-down.
 const FAIL_ONE_IN: u64 = 10;
 /// How long the relay may take to start streaming.
 const START_DEADLINE: Duration = Duration::from_secs(60);
@@ -58,6 +68,11 @@ const BOUNDED_BEHIND_S: f64 = 0.25;
 const BACKLOG_SAMPLE: Duration = Duration::from_millis(100);
 /// Statements listed per measurement, most frequent first.
 const TOP_STATEMENTS: usize = 6;
+/// How long to look for the notify relays' `LISTEN` sessions before going on without seeing them (polling
+/// finds the rows anyway; only the first events' latency could suffer).
+const LISTEN_DEADLINE: Duration = Duration::from_secs(5);
+/// Most relay instances `--instances` accepts: each is a process with its own connections.
+pub const MAX_INSTANCES: usize = 16;
 
 /// Why the benchmark could not run to the end.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +105,9 @@ pub enum BenchError {
     Unverified { bad: usize, total: usize },
     #[error("interrupted; the scratch databases were dropped")]
     Interrupted,
+    /// Options that contradict each other.
+    #[error("{0}")]
+    Options(String),
 }
 
 impl BenchError {
@@ -160,6 +178,24 @@ impl FromStr for Scenario {
     }
 }
 
+/// `--source`: `replication` or `notify`, as in the configuration.
+pub fn parse_source(s: &str) -> Result<SourceKind, String> {
+    match s.trim() {
+        "replication" => Ok(SourceKind::Replication),
+        "notify" => Ok(SourceKind::Notify),
+        other => Err(format!(
+            "unknown source {other:?}; expected replication or notify"
+        )),
+    }
+}
+
+fn source_name(source: SourceKind) -> &'static str {
+    match source {
+        SourceKind::Replication => "replication",
+        SourceKind::Notify => "notify",
+    }
+}
+
 /// What to run; `None` fields take the defaults (of `--quick` when set).
 #[derive(Clone, Debug, Default)]
 pub struct BenchOptions {
@@ -177,6 +213,10 @@ pub struct BenchOptions {
     pub scenarios: Vec<Scenario>,
     /// Relay configuration (dotted keys, e.g. `delivery.concurrency`) on top of the benchmark's.
     pub relay_settings: Vec<(String, String)>,
+    /// The relays' source.
+    pub source: SourceKind,
+    /// Relay processes on the same database [default: 1].
+    pub instances: Option<usize>,
 }
 
 /// Sizes and durations, from the options.
@@ -188,10 +228,32 @@ struct Plan {
     writers: usize,
     scenarios: Vec<Scenario>,
     relay_settings: Vec<(String, String)>,
+    source: SourceKind,
+    instances: usize,
 }
 
 impl Plan {
-    fn new(options: &BenchOptions) -> Plan {
+    fn new(options: &BenchOptions) -> Result<Plan, BenchError> {
+        if let Some((key, _)) = options
+            .relay_settings
+            .iter()
+            .find(|(k, _)| k == "source" || k == "replication.slot" || k == "database_url")
+        {
+            return Err(BenchError::Options(format!(
+                "--relay-setting {key}=… is set by the benchmark itself{}",
+                if key == "source" {
+                    "; use --source replication|notify"
+                } else {
+                    ""
+                }
+            )));
+        }
+        let instances = options.instances.unwrap_or(1);
+        if !(1..=MAX_INSTANCES).contains(&instances) {
+            return Err(BenchError::Options(format!(
+                "--instances {instances}: expected 1 to {MAX_INSTANCES}"
+            )));
+        }
         let (events, window) = if options.quick {
             (5_000, Duration::from_millis(1_500))
         } else {
@@ -206,7 +268,7 @@ impl Plan {
                 .filter(|s| options.scenarios.contains(s))
                 .collect()
         };
-        Plan {
+        Ok(Plan {
             quick: options.quick,
             events,
             fanout_events: (events / FANOUT_ENDPOINTS).max(1),
@@ -214,7 +276,31 @@ impl Plan {
             writers: options.writers.unwrap_or(4).max(1),
             scenarios,
             relay_settings: options.relay_settings.clone(),
+            source: options.source,
+            instances,
+        })
+    }
+
+    /// What the scratch database of `scenario` gets before any event is written.
+    fn setup(&self, scenario: Scenario) -> Setup {
+        match (scenario, self.source) {
+            (Scenario::Baseline, _) => Setup::Plain,
+            (_, SourceKind::Replication) => Setup::Slot,
+            (_, SourceKind::Notify) => Setup::Notify,
         }
+    }
+
+    /// The settings of every relay on `scratch`: what ties it to the database, the benchmark's defaults,
+    /// then `--relay-setting`.
+    fn relay_settings(&self, scratch_url: &str, scratch_name: &str) -> Vec<(String, String)> {
+        let mut settings = vec![
+            ("database_url".to_string(), scratch_url.to_string()),
+            ("replication.slot".to_string(), scratch_name.to_string()),
+            ("source".to_string(), source_name(self.source).to_string()),
+        ];
+        settings.extend(relay_defaults());
+        settings.extend(self.relay_settings.iter().cloned());
+        settings
     }
 
     /// How long `deliveries` may take before the benchmark gives up: generous, at 500 per second.
@@ -226,7 +312,7 @@ impl Plan {
 /// Runs the chosen scenarios and returns what was measured. Progress goes to stderr.
 pub async fn run(options: BenchOptions) -> Result<Report, BenchError> {
     let started = Instant::now();
-    let plan = Plan::new(&options);
+    let plan = Plan::new(&options)?;
     let server = match &options.database_url {
         Some(url) => Server::given(url).await?,
         None => {
@@ -257,6 +343,8 @@ pub async fn run(options: BenchOptions) -> Result<Report, BenchError> {
         retries,
     } = result?;
     Ok(Report {
+        source: source_name(plan.source).to_string(),
+        instances: plan.instances,
         machine: machine?,
         settings: Settings {
             quick: plan.quick,
@@ -316,7 +404,7 @@ impl Bench {
         for scenario in self.plan.scenarios.clone() {
             let scratch = self
                 .server
-                .scratch(scenario, scenario != Scenario::Baseline)
+                .scratch(scenario, self.plan.setup(scenario))
                 .await?;
             eprintln!("bench: {} (database {})", scenario.name(), scratch.name);
             let r = &mut results;
@@ -324,8 +412,7 @@ impl Bench {
                 Scenario::Baseline => self.baseline(&scratch).await.map(|b| r.baseline = Some(b)),
                 Scenario::Drain => self.drain(&scratch).await.map(|d| r.drain = Some(d)),
                 Scenario::Live => {
-                    let baseline = r.baseline.as_ref().map(|b| b.inserts_per_sec);
-                    let live = self.live(&scratch, baseline).await;
+                    let live = self.live(&scratch, r.baseline.as_ref()).await;
                     live.map(|l| r.live = Some(l))
                 }
                 Scenario::Fanout => self.fanout(&scratch).await.map(|f| r.fanout = Some(f)),
@@ -338,32 +425,89 @@ impl Bench {
         Ok(results)
     }
 
+    /// Both insert modes without the notify source's trigger, then (on an emptied outbox) with it installed
+    /// and a session listening, as `walhook run` with `source = "notify"` would have it. A server where the
+    /// trigger cannot be installed leaves those figures `null`.
     async fn baseline(&self, scratch: &Scratch) -> Result<Baseline, BenchError> {
-        let p = &self.plan;
-        let single = workload::write(
-            &scratch.db,
-            p.writers,
-            Pace::FullSpeed,
-            false,
-            p.window,
-            Arc::default(),
-        )
-        .await?;
-        let batched = workload::write(
-            &scratch.db,
-            p.writers,
-            Pace::FullSpeed,
-            true,
-            p.window,
-            Arc::default(),
-        )
-        .await?;
+        let single = self.insert_rate(scratch, false).await?;
+        let batched = self.insert_rate(scratch, true).await?;
+        let with_trigger = self.with_notify_trigger(scratch).await?;
+        let (single_notify, batched_notify) =
+            (with_trigger.map(|(s, _)| s), with_trigger.map(|(_, b)| b));
         Ok(Baseline {
-            writers: p.writers,
-            inserts_per_sec: per_sec(single.events, single.elapsed),
-            inserts_per_sec_batched: per_sec(batched.events, batched.elapsed),
+            writers: self.plan.writers,
+            inserts_per_sec: single,
+            inserts_per_sec_batched: batched,
             batch: workload::BATCH,
+            inserts_per_sec_with_notify_trigger: single_notify,
+            inserts_per_sec_batched_with_notify_trigger: batched_notify,
+            notify_trigger_ratio: single_notify.and_then(|r| ratio(r, single)),
+            notify_trigger_ratio_batched: batched_notify.and_then(|r| ratio(r, batched)),
         })
+    }
+
+    /// Insert rates, one event and `BATCH` events per transaction, with the notify source's index and trigger
+    /// installed on an emptied outbox and a `LISTEN` session like the relay's (each notifying commit then also
+    /// signals a listening backend). `None`, with a note, when they cannot be installed here.
+    async fn with_notify_trigger(
+        &self,
+        scratch: &Scratch,
+    ) -> Result<Option<(f64, f64)>, BenchError> {
+        scratch
+            .client
+            .batch_execute(&format!("{} truncate walhook.outbox", workload::MARKER))
+            .await
+            .map_err(db_err("emptying the outbox between baseline runs"))?;
+        if let Err(e) = crate::store::install_notify(&scratch.db).await {
+            eprintln!(
+                "bench:   the notify source's index and trigger cannot be installed ({e}); the baseline \
+                 with the trigger is left out"
+            );
+            return Ok(None);
+        }
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let mut listener = tokio::spawn({
+            let (db, wake) = (scratch.db.clone(), wake.clone());
+            async move { crate::store::listen_outbox(&db, &wake).await }
+        });
+        // `listen_outbox` wakes once subscribed
+        let subscribed = tokio::select! {
+            _ = wake.notified() => Ok(()),
+            ended = &mut listener => Err(match ended {
+                Ok(Err(e)) => e.to_string(),
+                _ => "its connection ended".into(),
+            }),
+            _ = tokio::time::sleep(START_DEADLINE) => Err("timed out".into()),
+        };
+        if let Err(why) = subscribed {
+            listener.abort();
+            return Err(BenchError::Stalled(format!(
+                "the baseline's LISTEN session did not subscribe: {why}"
+            )));
+        }
+        let measured = async {
+            let single = self.insert_rate(scratch, false).await?;
+            let batched = self.insert_rate(scratch, true).await?;
+            Ok(Some((single, batched)))
+        }
+        .await;
+        listener.abort();
+        measured
+    }
+
+    /// Full-speed writers for one window, with no relay: inserts per second.
+    async fn insert_rate(&self, scratch: &Scratch, batched: bool) -> Result<f64, BenchError> {
+        let p = &self.plan;
+        let commits = workload::write(
+            &scratch.db,
+            p.writers,
+            Pace::FullSpeed,
+            batched,
+            p.window,
+            Arc::default(),
+        )
+        .await?;
+        Ok(per_sec(commits.events, commits.elapsed))
     }
 
     /// A backlog of `events` for `endpoints` endpoints, then the relay: shared by `drain` and `fanout`.
@@ -381,18 +525,19 @@ impl Bench {
         );
         let deliveries = events * endpoints;
         let before = self.server.snapshot(scratch, None).await?;
-        let mut relay = self.start_relay(scratch).await?;
+        let mut relays = self.start_relays(scratch).await?;
+        let spawned = relays.spawned();
         let deadline = Instant::now() + self.plan.deadline(deliveries);
         receiver
-            .wait_ok(deliveries, deadline, &mut relay, "deliveries")
+            .wait_ok(deliveries, deadline, &mut relays, "deliveries")
             .await?;
-        let delivered = since(relay.spawned);
-        wait_recorded(scratch, deliveries, deadline, &mut relay).await?;
-        let recorded = since(relay.spawned);
-        let after = self.server.snapshot(scratch, Some(&relay)).await?;
-        let cost = cost(&before, &after, &relay, deliveries);
-        let spawned = relay.spawned;
-        relay.stop().await?;
+        let delivered = since(spawned);
+        wait_recorded(scratch, deliveries, deadline, &mut relays).await?;
+        let recorded = since(spawned);
+        let after = self.server.snapshot(scratch, Some(&relays)).await?;
+        let cost = cost(&before, &after, &relays, deliveries);
+        relays.stop().await?;
+        let duplicates = receiver.tally.duplicates.load(Ordering::Relaxed);
         let received = receiver.finish().await?;
         let first = received.iter().map(|r| r.arrived).min();
         Ok(BacklogRun {
@@ -401,7 +546,7 @@ impl Bench {
             delivered,
             recorded,
             first_delivery_ms: first.map(|t| ms_between(spawned, t)),
-            duplicates: (received.len() as u64).saturating_sub(deliveries),
+            duplicates,
             cost,
         })
     }
@@ -435,9 +580,15 @@ impl Bench {
         })
     }
 
-    async fn live(&self, scratch: &Scratch, baseline: Option<f64>) -> Result<Live, BenchError> {
+    /// The full-speed ratio compares with the baseline the application gets under this source: with the
+    /// notify source's trigger for `notify`.
+    async fn live(
+        &self,
+        scratch: &Scratch,
+        baseline: Option<&Baseline>,
+    ) -> Result<Live, BenchError> {
         let receiver = BenchReceiver::start(scratch, 1, false).await?;
-        let mut relay = self.start_relay(scratch).await?;
+        let mut relay = self.start_relays(scratch).await?;
         let mut phases = Vec::new();
         let paces = LIVE_RATES
             .iter()
@@ -476,6 +627,7 @@ impl Bench {
                 delivered_per_sec,
                 latency,
                 arrived_before_commit_returned: phase.early,
+                duplicates: phase.duplicates,
                 backlog_max: phase
                     .backlog
                     .iter()
@@ -492,8 +644,9 @@ impl Bench {
                 cost: phase.cost,
             });
         }
-        let peak_rss_mib = relay.peak_rss_mib();
+        let peak_rss_mib = relay.peak_rss_mib_sum();
         relay.stop().await?;
+        let duplicates = receiver.tally.duplicates.load(Ordering::Relaxed);
         receiver.finish().await?;
         let p99_at = |rate: f64| {
             phases
@@ -502,20 +655,35 @@ impl Bench {
                 .and_then(|p| p.latency.as_ref().map(|l| l.p99_ms))
         };
         let full = phases.iter().find(|p| p.offered_per_sec.is_none());
+        let to = |rate: fn(&Baseline) -> Option<f64>| {
+            full.zip(baseline.and_then(rate))
+                .and_then(|(f, b)| ratio(f.delivered_per_sec, b))
+        };
+        let without_trigger = to(|b| Some(b.inserts_per_sec));
+        let with_trigger = to(|b| b.inserts_per_sec_with_notify_trigger);
+        let notify = self.plan.source == SourceKind::Notify;
         Ok(Live {
-            full_speed_ratio: full
-                .zip(baseline)
-                .and_then(|(f, b)| ratio(f.delivered_per_sec, b)),
+            full_speed_ratio: if notify {
+                with_trigger
+            } else {
+                without_trigger
+            },
+            full_speed_ratio_to_baseline_without_trigger: if notify {
+                without_trigger
+            } else {
+                None
+            },
             p99_ms_at_1000: p99_at(LIVE_RATES[0]),
             p99_ms_at_5000: p99_at(LIVE_RATES[1]),
             peak_rss_mib,
+            duplicates,
             phases,
         })
     }
 
     async fn retries(&self, scratch: &Scratch) -> Result<Retries, BenchError> {
         let receiver = BenchReceiver::start(scratch, 1, true).await?;
-        let mut relay = self.start_relay(scratch).await?;
+        let mut relay = self.start_relays(scratch).await?;
         let mut recorded = 0;
         let phase = self
             .timed_phase(
@@ -528,6 +696,7 @@ impl Bench {
             .await?;
         relay.stop().await?;
         let failed_first_attempts = receiver.tally.failed.load(Ordering::Relaxed);
+        let duplicates = receiver.tally.duplicates.load(Ordering::Relaxed);
         receiver.finish().await?;
         let latency_first_attempt = phase.latency(|s| s.attempts == 1);
         Ok(Retries {
@@ -537,6 +706,7 @@ impl Bench {
             latency_first_attempt,
             latency_retried: phase.latency(|s| s.attempts > 1),
             failed_first_attempts,
+            duplicates,
             all_succeeded_s: phase
                 .recorded_at
                 .duration_since(phase.ended)
@@ -552,12 +722,13 @@ impl Bench {
         &self,
         scratch: &Scratch,
         receiver: &BenchReceiver,
-        relay: &mut Relay,
+        relay: &mut Relays,
         pace: Pace,
         recorded: &mut u64,
     ) -> Result<Phase, BenchError> {
         let before = self.server.snapshot(scratch, Some(relay)).await?;
         let ok_before = receiver.tally.ok.load(Ordering::Relaxed);
+        let duplicates_before = receiver.tally.duplicates.load(Ordering::Relaxed);
         let log_before = receiver.inner.count();
         let committed = Arc::new(AtomicU64::new(0));
         let started = SystemTime::now();
@@ -593,12 +764,14 @@ impl Bench {
         let recorded_at = SystemTime::now();
         let after = self.server.snapshot(scratch, Some(relay)).await?;
         let cost = cost(&before, &after, relay, commits.events);
+        let duplicates = receiver.tally.duplicates.load(Ordering::Relaxed) - duplicates_before;
 
         // match arrivals to commits by webhook-id; the first successful arrival of each event counts
         let received = receiver.inner.received();
         let received = &received[log_before.min(received.len())..];
         let committed_at: HashMap<u128, SystemTime> = commits.stamps.iter().copied().collect();
         let mut attempts: HashMap<u128, u32> = HashMap::new();
+        let mut succeeded: HashSet<u128> = HashSet::with_capacity(commits.stamps.len());
         let mut latencies = Vec::with_capacity(commits.stamps.len());
         let (mut early, mut ok_in_window) = (0, 0);
         for r in received {
@@ -607,7 +780,8 @@ impl Bench {
             };
             let n = attempts.entry(key).or_insert(0);
             *n += 1;
-            if !(200..300).contains(&r.status_sent) {
+            // a duplicate (another instance's, or a replay) is not a second delivery
+            if !(200..300).contains(&r.status_sent) || !succeeded.insert(key) {
                 continue;
             }
             if r.arrived <= ended {
@@ -636,39 +810,63 @@ impl Bench {
             ok_in_window,
             latencies,
             early,
+            duplicates,
             backlog,
             backlog_end,
             cost,
         })
     }
 
-    /// Starts the relay on the scratch database and waits until it streams from its slot.
-    async fn start_relay(&self, scratch: &Scratch) -> Result<Relay, BenchError> {
-        let mut settings = vec![
-            ("database_url".to_string(), scratch.url.clone()),
-            ("replication.slot".to_string(), scratch.name.clone()),
-        ];
-        settings.extend(relay_defaults());
-        settings.extend(self.plan.relay_settings.iter().cloned());
-        let log = std::env::temp_dir().join(format!("{}.log", scratch.name));
-        let mut relay = Relay::spawn(&settings, log)?;
-        let until = Instant::now() + START_DEADLINE;
+    /// Starts the relays on the scratch database and waits until they are ready: with replication, until
+    /// one of them streams from the slot (the others stand by or retry, whichever this build does); with
+    /// notify, until each has its `LISTEN` session, or `LISTEN_DEADLINE` has passed.
+    async fn start_relays(&self, scratch: &Scratch) -> Result<Relays, BenchError> {
+        let settings = self.plan.relay_settings(&scratch.url, &scratch.name);
+        let mut relays = Relays::spawn(self.plan.instances, &settings, &scratch.name)?;
+        let started = Instant::now();
         loop {
-            let active: bool = scratch
-                .client
-                .query_one(
-                    "/* walhook-bench */ select coalesce(bool_or(active), false) from pg_replication_slots
-                      where slot_name = $1",
-                    &[&scratch.name],
-                )
-                .await
-                .map_err(db_err("checking the relay's replication slot"))?
-                .get(0);
-            if active {
-                return Ok(relay);
+            let ready = match self.plan.source {
+                SourceKind::Replication => scratch
+                    .client
+                    .query_one(
+                        "/* walhook-bench */ select coalesce(bool_or(active), false) from pg_replication_slots
+                          where slot_name = $1",
+                        &[&scratch.name],
+                    )
+                    .await
+                    .map_err(db_err("checking the relay's replication slot"))?
+                    .get(0),
+                SourceKind::Notify => {
+                    let listening: i64 = scratch
+                        .client
+                        .query_one(
+                            "/* walhook-bench */ select count(*) from pg_stat_activity
+                              where datname = current_database() and backend_type = 'client backend'
+                                and query ilike 'listen %'",
+                            &[],
+                        )
+                        .await
+                        .map_err(db_err("looking for the relays' LISTEN sessions"))?
+                        .get(0);
+                    if listening as usize >= relays.len() {
+                        true
+                    } else if started.elapsed() > LISTEN_DEADLINE {
+                        eprintln!(
+                            "bench:   {listening} of {} relays seen listening after {} s; going on",
+                            relays.len(),
+                            LISTEN_DEADLINE.as_secs()
+                        );
+                        true
+                    } else {
+                        false
+                    }
+                }
+            };
+            relays.check()?;
+            if ready {
+                return Ok(relays);
             }
-            relay.check()?;
-            if Instant::now() > until {
+            if started.elapsed() > START_DEADLINE {
                 return Err(BenchError::Stalled(format!(
                     "the relay did not start streaming within {} s",
                     START_DEADLINE.as_secs()
@@ -700,6 +898,7 @@ struct Phase {
     /// One per committed event.
     latencies: Vec<Sample>,
     early: u64,
+    duplicates: u64,
     /// Committed but not yet received, every `BACKLOG_SAMPLE` while the writers ran.
     backlog: Vec<u64>,
     backlog_end: u64,
@@ -757,7 +956,8 @@ fn ms_between(from: SystemTime, to: SystemTime) -> f64 {
 }
 
 /// The loopback receiver with the benchmark's answers: 200, or 500 for one first attempt in ten when
-/// `failing`. `tally` counts the answers without the receiver log's lock, for cheap progress checks.
+/// `failing`. `tally` counts the answers without the receiver log's lock, for cheap progress checks, and
+/// tells deliveries (the first 2xx of an endpoint and webhook-id) from duplicates (any request after it).
 struct BenchReceiver {
     inner: Receiver,
     tally: Arc<Tally>,
@@ -765,16 +965,36 @@ struct BenchReceiver {
 
 #[derive(Default)]
 struct Tally {
+    /// Requests answered 2xx for an (endpoint, webhook-id) not answered 2xx before: deliveries, once each.
     ok: AtomicU64,
     failed: AtomicU64,
+    /// Requests for an (endpoint, webhook-id) already answered 2xx.
+    duplicates: AtomicU64,
+    /// `path \n webhook-id` of every delivery answered 2xx.
+    succeeded: Mutex<HashSet<String>>,
+    /// First attempts seen when `failing`: every `FAIL_ONE_IN`th is answered 500.
+    first_attempts: AtomicU64,
 }
 
-/// Whether the first attempt of this event is answered 500 in the `retries` scenario (FNV-1a of the id).
-fn fails_first(webhook_id: &str) -> bool {
-    let hash = webhook_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    hash % FAIL_ONE_IN == 0
+impl Tally {
+    /// The answer to one request, counted.
+    fn answer(&self, request: &crate::receiver::Received, attempt: u32, failing: bool) -> Reply {
+        let key = format!("{}\n{}", request.path, request.webhook_id);
+        let mut succeeded = self.succeeded.lock().expect("no panic while counting");
+        if succeeded.contains(&key) {
+            self.duplicates.fetch_add(1, Ordering::Relaxed);
+        } else if failing
+            && attempt == 1
+            && self.first_attempts.fetch_add(1, Ordering::Relaxed) % FAIL_ONE_IN == FAIL_ONE_IN - 1
+        {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            return Reply::Status(500);
+        } else {
+            succeeded.insert(key);
+            self.ok.fetch_add(1, Ordering::Relaxed);
+        }
+        Reply::Status(200)
+    }
 }
 
 impl BenchReceiver {
@@ -792,15 +1012,7 @@ impl BenchReceiver {
         inner.set_record_bodies(false);
         let tally = Arc::new(Tally::default());
         let counts = tally.clone();
-        inner.set_responder(move |request, attempt| {
-            if failing && attempt == 1 && fails_first(&request.webhook_id) {
-                counts.failed.fetch_add(1, Ordering::Relaxed);
-                Reply::Status(500)
-            } else {
-                counts.ok.fetch_add(1, Ordering::Relaxed);
-                Reply::Status(200)
-            }
-        });
+        inner.set_responder(move |request, attempt| counts.answer(request, attempt, failing));
         for i in 0..endpoints {
             let path = format!("/{}/{i}", scratch.scenario.name());
             let secret: String = scratch
@@ -818,12 +1030,12 @@ impl BenchReceiver {
         Ok(BenchReceiver { inner, tally })
     }
 
-    /// Waits until `target` requests have been answered 200 in all.
+    /// Waits until `target` deliveries have been answered 200 in all (duplicates not counted).
     async fn wait_ok(
         &self,
         target: u64,
         deadline: Instant,
-        relay: &mut Relay,
+        relay: &mut Relays,
         what: &str,
     ) -> Result<(), BenchError> {
         loop {
@@ -865,7 +1077,7 @@ async fn wait_recorded(
     scratch: &Scratch,
     target: u64,
     deadline: Instant,
-    relay: &mut Relay,
+    relay: &mut Relays,
 ) -> Result<(), BenchError> {
     loop {
         let done: i64 = scratch
@@ -906,7 +1118,7 @@ mod tests {
 
     #[test]
     fn plan_defaults_and_quick() {
-        let full = Plan::new(&BenchOptions::default());
+        let full = Plan::new(&BenchOptions::default()).unwrap();
         assert_eq!(
             (full.events, full.fanout_events, full.writers),
             (200_000, 20_000, 4)
@@ -916,22 +1128,177 @@ mod tests {
             quick: true,
             scenarios: vec![Scenario::Retries, Scenario::Drain],
             ..Default::default()
-        });
+        })
+        .unwrap();
         assert!(quick.events <= 10_000 && quick.window <= Duration::from_secs(2));
         // run in the canonical order whatever the order given
         assert_eq!(quick.scenarios, [Scenario::Drain, Scenario::Retries]);
     }
 
     #[test]
-    fn about_one_event_in_ten_fails_first() {
-        let failing = (0..10_000u64)
-            .filter(|i| {
-                fails_first(&format!(
-                    "msg_{:032x}",
-                    i.wrapping_mul(0x9e37_79b9_7f4a_7c15)
-                ))
+    fn sources_parse_by_name() {
+        assert_eq!(parse_source("replication"), Ok(SourceKind::Replication));
+        assert_eq!(parse_source(" notify "), Ok(SourceKind::Notify));
+        let e = parse_source("kafka").unwrap_err();
+        assert_eq!(
+            e,
+            "unknown source \"kafka\"; expected replication or notify"
+        );
+        for s in [SourceKind::Replication, SourceKind::Notify] {
+            assert_eq!(parse_source(source_name(s)), Ok(s));
+        }
+    }
+
+    #[test]
+    fn plan_source_and_instances() {
+        let default = Plan::new(&BenchOptions::default()).unwrap();
+        assert_eq!(
+            (default.source, default.instances),
+            (SourceKind::Replication, 1)
+        );
+        assert_eq!(default.setup(Scenario::Baseline), Setup::Plain);
+        assert_eq!(default.setup(Scenario::Drain), Setup::Slot);
+
+        let notify = Plan::new(&BenchOptions {
+            source: SourceKind::Notify,
+            instances: Some(2),
+            relay_settings: vec![("notify.batch_size".into(), "500".into())],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(notify.instances, 2);
+        assert_eq!(notify.setup(Scenario::Baseline), Setup::Plain);
+        for s in [
+            Scenario::Drain,
+            Scenario::Live,
+            Scenario::Fanout,
+            Scenario::Retries,
+        ] {
+            assert_eq!(notify.setup(s), Setup::Notify, "{s:?}");
+        }
+        let settings = notify.relay_settings("postgres://h/scratch", "scratch");
+        let value = |key: &str| {
+            settings
+                .iter()
+                .rev()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(value("source"), Some("notify"));
+        assert_eq!(value("database_url"), Some("postgres://h/scratch"));
+        assert_eq!(value("replication.slot"), Some("scratch"));
+        // --relay-setting comes last, so it wins over the benchmark's defaults
+        assert_eq!(settings.last().unwrap().0, "notify.batch_size");
+    }
+
+    #[test]
+    fn plan_refuses_contradicting_options() {
+        for instances in [0, MAX_INSTANCES + 1] {
+            let e = Plan::new(&BenchOptions {
+                instances: Some(instances),
+                ..Default::default()
             })
-            .count();
-        assert!((800..1200).contains(&failing), "{failing}");
+            .err()
+            .unwrap()
+            .to_string();
+            assert_eq!(e, format!("--instances {instances}: expected 1 to 16"));
+        }
+        let e = Plan::new(&BenchOptions {
+            relay_settings: vec![("source".into(), "notify".into())],
+            ..Default::default()
+        })
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.ends_with("use --source replication|notify"), "{e}");
+        for key in ["database_url", "replication.slot"] {
+            let e = Plan::new(&BenchOptions {
+                relay_settings: vec![(key.into(), "x".into())],
+                ..Default::default()
+            })
+            .err()
+            .unwrap()
+            .to_string();
+            assert!(e.contains("is set by the benchmark itself"), "{e}");
+        }
+    }
+
+    fn request(path: &str, webhook_id: &str) -> crate::receiver::Received {
+        crate::receiver::Received {
+            path: path.into(),
+            webhook_id: webhook_id.into(),
+            timestamp: 0,
+            signature: String::new(),
+            body: Default::default(),
+            arrived: SystemTime::now(),
+            verified: None,
+            status_sent: 0,
+            headers: Default::default(),
+        }
+    }
+
+    #[test]
+    fn deliveries_count_once_and_duplicates_are_counted() {
+        let tally = Tally::default();
+        let status = |reply: Reply| match reply {
+            Reply::Status(s) => s,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(status(tally.answer(&request("/a", "msg_1"), 1, false)), 200);
+        // the same id at another endpoint is another delivery
+        assert_eq!(status(tally.answer(&request("/b", "msg_1"), 1, false)), 200);
+        // received again at the same endpoint: a duplicate, answered 200 and not counted as a delivery
+        assert_eq!(status(tally.answer(&request("/a", "msg_1"), 2, false)), 200);
+        let counts = |t: &Tally| {
+            (
+                t.ok.load(Ordering::Relaxed),
+                t.failed.load(Ordering::Relaxed),
+                t.duplicates.load(Ordering::Relaxed),
+            )
+        };
+        assert_eq!(counts(&tally), (2, 0, 1));
+
+        // a retry after a 500 is not a duplicate
+        let failing = Tally::default();
+        for i in 1..FAIL_ONE_IN {
+            let id = format!("msg_{i}");
+            assert_eq!(status(failing.answer(&request("/r", &id), 1, true)), 200);
+        }
+        assert_eq!(
+            status(failing.answer(&request("/r", "msg_x"), 1, true)),
+            500
+        );
+        assert_eq!(
+            status(failing.answer(&request("/r", "msg_x"), 2, true)),
+            200
+        );
+        assert_eq!(counts(&failing), (FAIL_ONE_IN, 1, 0));
+        assert_eq!(
+            status(failing.answer(&request("/r", "msg_x"), 3, true)),
+            200
+        );
+        assert_eq!(counts(&failing), (FAIL_ONE_IN, 1, 1));
+    }
+
+    #[test]
+    fn one_first_attempt_in_ten_fails_never_two_in_a_row() {
+        let tally = Tally::default();
+        let answers: Vec<bool> = (0..10_000u64)
+            .map(|i| {
+                let reply = tally.answer(&request("/r", &format!("msg_{i}")), 1, true);
+                reply == Reply::Status(500)
+            })
+            .collect();
+        assert_eq!(answers.iter().filter(|f| **f).count(), 1_000);
+        assert!(!answers.windows(2).any(|w| w[0] && w[1]));
+        // later attempts and other scenarios never fail
+        assert_eq!(
+            tally.answer(&request("/r", "msg_9"), 2, true),
+            Reply::Status(200)
+        );
+        assert_eq!(
+            tally.answer(&request("/r", "msg_new"), 1, false),
+            Reply::Status(200)
+        );
     }
 }

@@ -5,6 +5,10 @@
 //! through `WALHOOK_*` variables: inherited ones are removed first, so a user's environment cannot change what
 //! is measured except through `--relay-setting`. Its log goes to a file that is quoted when it fails and
 //! deleted when it succeeds. Dropping a `Relay` that is still running kills it.
+//!
+//! `--instances N` runs N of them on the same database ([`Relays`]), as several daemons would run in
+//! production: each has its own process, log and `/proc` figures, and they are stopped together (all
+//! signalled first, then waited for), so that none takes over work the others are draining.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -91,10 +95,14 @@ impl Relay {
         }
     }
 
-    /// SIGTERM (graceful drain), then waits; an error if it does not exit cleanly in time.
-    pub async fn stop(mut self) -> Result<(), BenchError> {
+    /// SIGTERM: a graceful drain.
+    fn terminate(&self) {
         // SAFETY: kill has no memory-safety preconditions; the pid is our unreaped child.
         unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
+    }
+
+    /// Waits for the exit that `terminate` asked for; an error if it does not exit cleanly in time.
+    async fn wait_exit(mut self) -> Result<(), BenchError> {
         let until = Instant::now() + STOP_DEADLINE;
         let status: ExitStatus = loop {
             match self.child.try_wait() {
@@ -135,6 +143,76 @@ impl Drop for Relay {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// The relay instances of one scenario, all on the same database.
+pub struct Relays {
+    all: Vec<Relay>,
+}
+
+impl Relays {
+    /// Starts `instances` relays with the same settings; instance `i` logs to `<log_stem>-<i>.log`.
+    pub fn spawn(
+        instances: usize,
+        settings: &[(String, String)],
+        log_stem: &str,
+    ) -> Result<Relays, BenchError> {
+        let mut all = Vec::with_capacity(instances);
+        for i in 0..instances.max(1) {
+            let log = std::env::temp_dir().join(format!("{log_stem}-{i}.log"));
+            // an error drops the ones already started, which kills them
+            all.push(Relay::spawn(settings, log)?);
+        }
+        Ok(Relays { all })
+    }
+
+    /// When the first instance was started.
+    pub fn spawned(&self) -> SystemTime {
+        self.all
+            .iter()
+            .map(|r| r.spawned)
+            .min()
+            .expect("at least one instance")
+    }
+
+    pub fn len(&self) -> usize {
+        self.all.len()
+    }
+
+    /// CPU seconds of each instance so far.
+    pub fn cpu_seconds(&self) -> Vec<f64> {
+        self.all.iter().map(Relay::cpu_seconds).collect()
+    }
+
+    /// Peak resident memory of each instance so far, in MiB.
+    pub fn peak_rss_mib(&self) -> Vec<f64> {
+        self.all.iter().map(Relay::peak_rss_mib).collect()
+    }
+
+    /// The sum of every instance's peak resident memory, in MiB (at least the peak of their sum).
+    pub fn peak_rss_mib_sum(&self) -> f64 {
+        self.peak_rss_mib().iter().fold(0.0, |a, b| a + b)
+    }
+
+    /// An error, quoting its log, if any instance has exited.
+    pub fn check(&mut self) -> Result<(), BenchError> {
+        self.all.iter_mut().try_for_each(Relay::check)
+    }
+
+    /// SIGTERM to every instance, then waits for each; the first error once all have been waited for.
+    pub async fn stop(self) -> Result<(), BenchError> {
+        for relay in &self.all {
+            relay.terminate();
+        }
+        let mut result = Ok(());
+        for relay in self.all {
+            let stopped = relay.wait_exit().await;
+            if result.is_ok() {
+                result = stopped;
+            }
+        }
+        result
     }
 }
 

@@ -14,6 +14,10 @@ use super::stats::Latency;
 /// Everything measured; serialises to the `--json` document.
 #[derive(Debug, Serialize)]
 pub struct Report {
+    /// The relays' source: `replication` or `notify`.
+    pub source: String,
+    /// Relay processes on the same database in drain, live, fanout and retries.
+    pub instances: usize,
     pub machine: Machine,
     pub settings: Settings,
     pub baseline: Option<Baseline>,
@@ -57,14 +61,21 @@ pub struct Cost {
     /// Successful deliveries in the interval: the denominator of the figures below.
     pub deliveries: u64,
     pub seconds: f64,
+    /// Summed over the relay instances: the sum of each one's peak (`instances` has them one by one).
     pub peak_rss_mib: f64,
+    /// Summed over the relay instances.
     pub cpu_s_per_10k: Option<f64>,
-    /// Share of one core the relay used.
+    /// Share of one core the relays used, summed over the instances.
     pub relay_cores: f64,
     /// SQL statements the relay ran per delivery (pg_stat_statements; `null` without it).
     pub statements_per_delivery: Option<f64>,
     /// WAL the relay's own statements wrote per delivery (pg_stat_statements; `null` without it).
     pub wal_bytes_per_delivery: Option<f64>,
+    /// Of the relay's statements, the notify source's (claims, `processed_at` marks, lease renewals: the
+    /// statements that update `walhook.outbox`); 0 with replication. `null` without pg_stat_statements.
+    pub source_statements_per_delivery: Option<f64>,
+    /// WAL of those statements per delivery (the application's inserts are not counted).
+    pub source_wal_bytes_per_delivery: Option<f64>,
     /// All WAL generated per delivery (application inserts, relay, everything else), for context.
     pub total_wal_bytes_per_delivery: Option<f64>,
     /// CPU of the whole PostgreSQL server per 10,000 deliveries (throwaway cluster only).
@@ -79,6 +90,16 @@ pub struct Cost {
     pub bench_cores: f64,
     /// The relay's most frequent statements in the interval.
     pub statements: Vec<StatementUse>,
+    /// Each relay instance's own figures, in start order.
+    pub instances: Vec<InstanceCost>,
+}
+
+/// One relay instance's share of an interval.
+#[derive(Debug, Serialize)]
+pub struct InstanceCost {
+    pub peak_rss_mib: f64,
+    pub cpu_s_per_10k: Option<f64>,
+    pub cores: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -99,6 +120,15 @@ pub struct Baseline {
     /// `batch` events per transaction (one statement).
     pub inserts_per_sec_batched: f64,
     pub batch: usize,
+    /// The same with the notify source's `outbox_wake` trigger (and its partial index) installed and a
+    /// session listening: every inserting transaction then sends a `NOTIFY` at commit.
+    /// `null` where they cannot be installed.
+    pub inserts_per_sec_with_notify_trigger: Option<f64>,
+    pub inserts_per_sec_batched_with_notify_trigger: Option<f64>,
+    /// With the trigger / without, one event per transaction.
+    pub notify_trigger_ratio: Option<f64>,
+    /// With the trigger / without, `batch` events per transaction.
+    pub notify_trigger_ratio_batched: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -112,6 +142,7 @@ pub struct Drain {
     /// Relay start → every delivery recorded as succeeded.
     pub recorded_s: f64,
     pub preload_s: f64,
+    /// Requests for an (endpoint, webhook-id) already answered 2xx: the same delivery received twice.
     pub duplicates: u64,
     #[serde(flatten)]
     pub cost: Cost,
@@ -119,11 +150,17 @@ pub struct Drain {
 
 #[derive(Debug, Serialize)]
 pub struct Live {
-    /// Delivered rate at full speed / baseline insert rate (one event per transaction), same run.
+    /// Delivered rate at full speed / baseline insert rate (one event per transaction), same run: with the
+    /// notify source, the baseline with its trigger installed (what the application gets).
     pub full_speed_ratio: Option<f64>,
+    /// With the notify source: delivered rate at full speed / baseline insert rate without the trigger.
+    pub full_speed_ratio_to_baseline_without_trigger: Option<f64>,
     pub p99_ms_at_1000: Option<f64>,
     pub p99_ms_at_5000: Option<f64>,
+    /// Summed over the relay instances (the sum of each one's peak).
     pub peak_rss_mib: f64,
+    /// Over all phases: requests for a webhook-id already answered 2xx.
+    pub duplicates: u64,
     pub phases: Vec<LivePhase>,
 }
 
@@ -140,6 +177,8 @@ pub struct LivePhase {
     pub latency: Option<Latency>,
     /// Deliveries that arrived before their writer had stamped the commit (counted as 0 ms).
     pub arrived_before_commit_returned: u64,
+    /// Requests for a webhook-id already answered 2xx, from the start of the phase until it caught up.
+    pub duplicates: u64,
     /// Committed but not yet received, sampled every 100 ms.
     pub backlog_max: u64,
     pub backlog_end: u64,
@@ -165,6 +204,7 @@ pub struct Fanout {
     pub deliveries_per_sec: f64,
     pub first_delivery_ms: Option<f64>,
     pub recorded_s: f64,
+    /// Requests for an (endpoint, webhook-id) already answered 2xx.
     pub duplicates: u64,
     #[serde(flatten)]
     pub cost: Cost,
@@ -181,6 +221,8 @@ pub struct Retries {
     /// Commit → successful retry, for the events whose first attempt was answered 500.
     pub latency_retried: Option<Latency>,
     pub failed_first_attempts: u64,
+    /// Requests for a webhook-id already answered 2xx (a retry of a 500 is not one).
+    pub duplicates: u64,
     /// Writers stopped → every event delivered and recorded as succeeded.
     pub all_succeeded_s: f64,
     #[serde(flatten)]
@@ -197,7 +239,7 @@ impl Report {
         let _ = writeln!(
             out,
             "walhook bench: {} cores ({}), {:.1} GiB, Linux {}, load {}; {} ({}, fsync={}, \
-             synchronous_commit={}); {} writers, {} s windows{}; ran {:.0} s",
+             synchronous_commit={}); {} writers, {} s windows{}; source {}, {} relay instance{}; ran {:.0} s",
             m.cores,
             m.cpu,
             m.memory_gib,
@@ -210,6 +252,9 @@ impl Report {
             s.writers,
             s.window_s,
             if s.quick { ", --quick" } else { "" },
+            self.source,
+            self.instances,
+            if self.instances == 1 { "" } else { "s" },
             self.elapsed_s
         );
         let _ = writeln!(out);
@@ -241,11 +286,26 @@ impl Report {
                 );
             };
         if let Some(b) = &self.baseline {
+            let with_trigger = |out: &mut String, rate: Option<f64>, ratio: Option<f64>| {
+                let rate = rate.map_or("-".into(), |r| format!("{} inserts/s", thousands(r)));
+                let ratio = ratio.map_or(String::new(), |r| format!("{r:.2} × without"));
+                row(out, "  with outbox_wake", rate, ratio, None);
+            };
             let rate = format!("{} inserts/s", thousands(b.inserts_per_sec));
             row(&mut out, "baseline 1/txn", rate, String::new(), None);
+            with_trigger(
+                &mut out,
+                b.inserts_per_sec_with_notify_trigger,
+                b.notify_trigger_ratio,
+            );
             let rate = format!("{} inserts/s", thousands(b.inserts_per_sec_batched));
             let name = format!("baseline {}/txn", b.batch);
             row(&mut out, &name, rate, String::new(), None);
+            with_trigger(
+                &mut out,
+                b.inserts_per_sec_batched_with_notify_trigger,
+                b.notify_trigger_ratio_batched,
+            );
         }
         if let Some(d) = &self.drain {
             let name = format!("drain {}", thousands(d.events as f64));
@@ -306,10 +366,14 @@ impl Report {
                 );
             }
             if let Some(ratio) = l.full_speed_ratio {
+                let notify = l.full_speed_ratio_to_baseline_without_trigger;
                 let _ = writeln!(
                     out,
-                    "live full speed delivered {:.2} × the baseline insert rate (1/txn)",
-                    ratio
+                    "live full speed delivered {:.2} × the baseline insert rate (1/txn{})",
+                    ratio,
+                    notify.map_or(String::new(), |r| format!(
+                        ", with the outbox_wake trigger; {r:.2} × the rate without it"
+                    ))
                 );
             }
         }
@@ -327,11 +391,34 @@ impl Report {
             );
         }
 
+        let duplicates: Vec<String> = [
+            self.drain.as_ref().map(|d| ("drain", d.duplicates)),
+            self.live.as_ref().map(|l| ("live", l.duplicates)),
+            self.fanout.as_ref().map(|f| ("fanout", f.duplicates)),
+            self.retries.as_ref().map(|r| ("retries", r.duplicates)),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|(name, n)| format!("{name} {n}"))
+        .collect();
+        if !duplicates.is_empty() {
+            let _ = writeln!(
+                out,
+                "duplicates (a webhook-id received again at an endpoint that had answered it 2xx): {}",
+                duplicates.join(", ")
+            );
+        }
+
         let _ = writeln!(out);
         let _ = writeln!(
             out,
             "where the CPU went, seconds per 10,000 deliveries (cores busy); PostgreSQL's includes its \
-             walsender and the relay's SQL sessions:"
+             walsender and the relay's SQL sessions{}:",
+            if self.instances > 1 {
+                "; the relay's and its RSS are summed over its instances"
+            } else {
+                ""
+            }
         );
         for (name, cost) in self.costs() {
             let _ = writeln!(
@@ -348,6 +435,35 @@ impl Report {
                 cost.bench_cores,
                 opt(cost.total_wal_bytes_per_delivery, 0),
             );
+            if cost.instances.len() > 1 {
+                for (i, instance) in cost.instances.iter().enumerate() {
+                    let _ = writeln!(
+                        out,
+                        "    instance {}: relay {:>5} ({:.2}), peak RSS {:.1} MiB",
+                        i + 1,
+                        opt(instance.cpu_s_per_10k, 2),
+                        instance.cores,
+                        instance.peak_rss_mib
+                    );
+                }
+            }
+        }
+        if self.source == "notify" {
+            let _ = writeln!(
+                out,
+                "the notify source's own SQL per delivery (claims, processed_at marks, lease renewals; the \
+                 application's inserts not counted):"
+            );
+            for (name, cost) in self.costs() {
+                let _ = writeln!(
+                    out,
+                    "  {name:<18} {:>6} statements  {:>5} WAL B  (all of the relay's: {} statements, {} WAL B)",
+                    opt(cost.source_statements_per_delivery, 3),
+                    opt(cost.source_wal_bytes_per_delivery, 0),
+                    opt(cost.statements_per_delivery, 3),
+                    opt(cost.wal_bytes_per_delivery, 0),
+                );
+            }
         }
         for (name, cost) in self.costs() {
             if cost.statements.is_empty() {
@@ -439,6 +555,103 @@ fn thousands(value: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cost(instances: &[(f64, f64)]) -> Cost {
+        Cost {
+            deliveries: 10_000,
+            seconds: 1.0,
+            peak_rss_mib: instances.iter().map(|i| i.0).sum(),
+            cpu_s_per_10k: Some(instances.iter().map(|i| i.1).sum()),
+            relay_cores: 0.5,
+            statements_per_delivery: Some(0.007),
+            wal_bytes_per_delivery: Some(1583.0),
+            source_statements_per_delivery: Some(0.004),
+            source_wal_bytes_per_delivery: Some(1009.0),
+            total_wal_bytes_per_delivery: Some(1608.0),
+            postgres_cpu_s_per_10k: None,
+            postgres_cores: None,
+            walsender_cpu_s_per_10k: None,
+            relay_sql_cpu_s_per_10k: None,
+            bench_cpu_s_per_10k: None,
+            bench_cores: 0.1,
+            statements: Vec::new(),
+            instances: instances
+                .iter()
+                .map(|(rss, cpu)| InstanceCost {
+                    peak_rss_mib: *rss,
+                    cpu_s_per_10k: Some(*cpu),
+                    cores: 0.25,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn table_shows_the_trigger_cost_the_instances_and_the_notify_source() {
+        let report = Report {
+            source: "notify".into(),
+            instances: 2,
+            machine: Machine {
+                cores: 2,
+                cpu: "cpu".into(),
+                kernel: "6".into(),
+                memory_gib: 1.0,
+                postgres: "PostgreSQL 15".into(),
+                server: "throwaway cluster".into(),
+                fsync: "off".into(),
+                synchronous_commit: "on".into(),
+                load_average: Some(1.0),
+                pg_stat_statements: true,
+            },
+            settings: Settings {
+                quick: true,
+                events: 5_000,
+                fanout_events: 500,
+                window_s: 1.5,
+                writers: 4,
+                relay_settings: Vec::new(),
+            },
+            baseline: Some(Baseline {
+                writers: 4,
+                inserts_per_sec: 20_000.0,
+                inserts_per_sec_batched: 200_000.0,
+                batch: 100,
+                inserts_per_sec_with_notify_trigger: Some(12_000.0),
+                inserts_per_sec_batched_with_notify_trigger: None,
+                notify_trigger_ratio: Some(0.6),
+                notify_trigger_ratio_batched: None,
+            }),
+            drain: Some(Drain {
+                events: 5_000,
+                deliveries_per_sec: 10_000.0,
+                first_delivery_ms: Some(80.0),
+                delivered_s: 0.5,
+                recorded_s: 0.5,
+                preload_s: 0.1,
+                duplicates: 0,
+                cost: cost(&[(30.0, 0.1), (20.0, 0.05)]),
+            }),
+            live: None,
+            fanout: None,
+            retries: None,
+            elapsed_s: 10.0,
+        };
+        let table = report.table();
+        for expected in [
+            "source notify, 2 relay instances",
+            "  with outbox_wake         12,000 inserts/s  0.60 × without",
+            "  with outbox_wake                        -      ",
+            "summed over its instances",
+            "    instance 1: relay  0.10 (0.25), peak RSS 30.0 MiB",
+            "    instance 2: relay  0.05 (0.25), peak RSS 20.0 MiB",
+            "duplicates (a webhook-id received again at an endpoint that had answered it 2xx): drain 0",
+            "  drain               0.004 statements   1009 WAL B  (all of the relay's: 0.007 statements, 1583 WAL B)",
+        ] {
+            assert!(table.contains(expected), "{expected:?} not in\n{table}");
+        }
+        // RSS and CPU summed over the instances in the scenario's row
+        assert!(table.contains("50.0      0.15"), "{table}");
+    }
 
     #[test]
     fn formats_numbers() {

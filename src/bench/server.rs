@@ -1,12 +1,15 @@
 //! The PostgreSQL side of the benchmark: the server, one scratch database per scenario, and snapshots of the
 //! counters that say what the relay cost.
 //!
-//! A scratch database is created on the given server (or the throwaway cluster), migrated, given the
-//! publication and the relay's slot (named after the database, so it can never collide with a real walhook's
-//! slot), and dropped afterwards with its slot, once the relay's walsender has let go of it. Costs are
+//! A scratch database is created on the given server (or the throwaway cluster), migrated, given what the
+//! relay's source needs before any event is written (the publication and the relay's slot, named after the
+//! database so it can never collide with a real walhook's slot; or the notify source's index and trigger),
+//! and dropped afterwards with its slot, once the relay's walsender has let go of it. Costs are
 //! differences between two snapshots: the relay's CPU time, PostgreSQL's (the throwaway cluster's process
 //! tree), this process's, the WAL position, and pg_stat_statements of the scratch database without the
-//! benchmark's own marked statements.
+//! benchmark's own marked statements. Of the relay's statements, those that update `walhook.outbox` are the
+//! notify source's (claims, `processed_at` marks, lease renewals) and are also summed apart: what polling
+//! costs beyond recording. The application's inserts are the benchmark's, so never in these figures.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
-use super::relay::Relay;
-use super::report::{Cost, Machine, StatementUse};
+use super::relay::Relays;
+use super::report::{Cost, InstanceCost, Machine, StatementUse};
 use super::stats::ratio;
 use super::workload::MARKER;
 use super::{db_err, procfs, BenchError, Scenario, TOP_STATEMENTS};
@@ -34,6 +37,20 @@ pub struct Server {
     statements: AtomicBool,
 }
 
+/// What a scratch database gets before any event is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Setup {
+    /// Only the schema (the baseline: no relay).
+    Plain,
+    /// The publication and the relay's replication slot.
+    Slot,
+    /// The notify source's partial index and wake-up trigger (as `walhook run` would install them).
+    Notify,
+}
+
+/// The notify source's statements among the relay's: the only ones that update the outbox.
+const SOURCE_STATEMENT: &str = "update walhook.outbox";
+
 /// A database of one scenario, with the relay's slot named after it.
 pub struct Scratch {
     pub scenario: Scenario,
@@ -48,7 +65,8 @@ pub struct Scratch {
 /// Counters of the server and the processes at one instant.
 pub struct Snapshot {
     at: Instant,
-    relay_cpu: f64,
+    /// Per relay instance.
+    relay_cpu: Vec<f64>,
     postgres_cpu: Option<f64>,
     /// CPU of the scratch database's walsenders and of the relay's own SQL sessions (throwaway cluster only).
     walsender_cpu: Option<f64>,
@@ -128,13 +146,8 @@ impl Server {
         })
     }
 
-    /// Creates the scenario's database, migrated, with the publication and (when `with_slot`) the relay's
-    /// slot created before any event is written.
-    pub async fn scratch(
-        &self,
-        scenario: Scenario,
-        with_slot: bool,
-    ) -> Result<Scratch, BenchError> {
+    /// Creates the scenario's database, migrated, with what `setup` says created before any event is written.
+    pub async fn scratch(&self, scenario: Scenario, setup: Setup) -> Result<Scratch, BenchError> {
         let name = scratch_name(scenario);
         self.drop_database(&name).await?;
         self.admin
@@ -143,7 +156,7 @@ impl Server {
             .map_err(db_err(
                 "creating a scratch database (the role needs CREATEDB)",
             ))?;
-        match self.prepare(scenario, &name, with_slot).await {
+        match self.prepare(scenario, &name, setup).await {
             Ok(scratch) => Ok(scratch),
             Err(e) => {
                 let _ = self.drop_database(&name).await;
@@ -156,7 +169,7 @@ impl Server {
         &self,
         scenario: Scenario,
         name: &str,
-        with_slot: bool,
+        setup: Setup,
     ) -> Result<Scratch, BenchError> {
         let url = with_dbname(&self.admin_url, name);
         let db: tokio_postgres::Config = url.parse().map_err(|e| {
@@ -168,7 +181,14 @@ impl Server {
         crate::schema::migrate(&mut client).await.map_err(|e| {
             BenchError::Internal(format!("migrating the scratch database failed: {e}"))
         })?;
-        if with_slot {
+        if setup == Setup::Notify {
+            crate::store::install_notify(&db).await.map_err(|e| {
+                BenchError::Internal(format!(
+                    "installing the notify source's index and trigger failed: {e}"
+                ))
+            })?;
+        }
+        if setup == Setup::Slot {
             client
                 .batch_execute(&format!(
                     "{MARKER} do $$ begin if not exists (select 1 from pg_publication where pubname = 'walhook') then
@@ -261,7 +281,7 @@ impl Server {
     pub async fn snapshot(
         &self,
         scratch: &Scratch,
-        relay: Option<&Relay>,
+        relays: Option<&Relays>,
     ) -> Result<Snapshot, BenchError> {
         let wal: String = scratch
             .client
@@ -324,7 +344,7 @@ impl Server {
         }
         Ok(Snapshot {
             at: Instant::now(),
-            relay_cpu: relay.map_or(0.0, Relay::cpu_seconds),
+            relay_cpu: relays.map_or_else(Vec::new, Relays::cpu_seconds),
             postgres_cpu: self.postmaster.and_then(procfs::tree_cpu_seconds),
             walsender_cpu,
             relay_sql_cpu,
@@ -418,11 +438,19 @@ pub fn scratch_name(scenario: Scenario) -> String {
     format!("walhook_bench_{}_{}", scenario.name(), std::process::id())
 }
 
-/// What the relay cost between two snapshots, per delivery.
-pub fn cost(before: &Snapshot, after: &Snapshot, relay: &Relay, deliveries: u64) -> Cost {
+/// What the relays cost between two snapshots, per delivery: CPU and memory summed over the instances, and
+/// each instance's share.
+pub fn cost(before: &Snapshot, after: &Snapshot, relays: &Relays, deliveries: u64) -> Cost {
     let seconds = after.at.duration_since(before.at).as_secs_f64();
     let d = deliveries as f64;
-    let relay_cpu = after.relay_cpu - before.relay_cpu;
+    // a relay started after `before` (none in practice) counts from zero
+    let cpu_each: Vec<f64> = after
+        .relay_cpu
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (a - before.relay_cpu.get(i).copied().unwrap_or(0.0)).max(0.0))
+        .collect();
+    let relay_cpu = cpu_each.iter().fold(0.0, |a, b| a + b);
     let delta = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| (a - b).max(0.0));
     let postgres_cpu = delta(after.postgres_cpu, before.postgres_cpu);
     let walsender_cpu = delta(after.walsender_cpu, before.walsender_cpu);
@@ -446,7 +474,14 @@ pub fn cost(before: &Snapshot, after: &Snapshot, relay: &Relay, deliveries: u64)
     used.sort_by_key(|s| std::cmp::Reverse(s.calls));
     let measured = before.statements.is_some() && after.statements.is_some();
     let calls: i64 = used.iter().map(|s| s.calls).sum();
-    let wal: f64 = used.iter().map(|s| s.wal_bytes).sum();
+    // folded from 0.0: a float sum of nothing is -0.0, which would print as "-0"
+    let wal = used.iter().fold(0.0, |a, s| a + s.wal_bytes);
+    let source: Vec<&StatementUse> = used
+        .iter()
+        .filter(|s| s.query.to_lowercase().contains(SOURCE_STATEMENT))
+        .collect();
+    let source_calls: i64 = source.iter().map(|s| s.calls).sum();
+    let source_wal = source.iter().fold(0.0, |a, s| a + s.wal_bytes);
     used.truncate(TOP_STATEMENTS);
     for s in &mut used {
         if s.query.len() > 100 {
@@ -458,14 +493,26 @@ pub fn cost(before: &Snapshot, after: &Snapshot, relay: &Relay, deliveries: u64)
         }
     }
     let per_core = |cpu: f64| if seconds > 0.0 { cpu / seconds } else { 0.0 };
+    let instances = relays
+        .peak_rss_mib()
+        .into_iter()
+        .zip(cpu_each)
+        .map(|(peak_rss_mib, cpu)| InstanceCost {
+            peak_rss_mib,
+            cpu_s_per_10k: ratio(cpu * 10_000.0, d),
+            cores: per_core(cpu),
+        })
+        .collect();
     Cost {
         deliveries,
         seconds,
-        peak_rss_mib: relay.peak_rss_mib(),
+        peak_rss_mib: relays.peak_rss_mib_sum(),
         cpu_s_per_10k: ratio(relay_cpu * 10_000.0, d),
         relay_cores: per_core(relay_cpu),
         statements_per_delivery: measured.then(|| ratio(calls as f64, d)).flatten(),
         wal_bytes_per_delivery: measured.then(|| ratio(wal, d)).flatten(),
+        source_statements_per_delivery: measured.then(|| ratio(source_calls as f64, d)).flatten(),
+        source_wal_bytes_per_delivery: measured.then(|| ratio(source_wal, d)).flatten(),
         total_wal_bytes_per_delivery: ratio(after.wal.0.saturating_sub(before.wal.0) as f64, d),
         postgres_cpu_s_per_10k: postgres_cpu.and_then(|c| ratio(c * 10_000.0, d)),
         postgres_cores: postgres_cpu.map(per_core),
@@ -474,6 +521,7 @@ pub fn cost(before: &Snapshot, after: &Snapshot, relay: &Relay, deliveries: u64)
         bench_cpu_s_per_10k: ratio(bench_cpu * 10_000.0, d),
         bench_cores: per_core(bench_cpu),
         statements: used,
+        instances,
     }
 }
 
