@@ -458,7 +458,7 @@ impl Bench {
             .batch_execute(&format!("{} truncate walhook.outbox", workload::MARKER))
             .await
             .map_err(db_err("emptying the outbox between baseline runs"))?;
-        if let Err(e) = crate::store::install_notify(&scratch.db).await {
+        if let Err(e) = crate::store::install_notify(&scratch.db, true).await {
             eprintln!(
                 "bench:   the notify source's index and trigger cannot be installed ({e}); the baseline \
                  with the trigger is left out"
@@ -468,7 +468,10 @@ impl Bench {
         let wake = Arc::new(tokio::sync::Notify::new());
         let mut listener = tokio::spawn({
             let (db, wake) = (scratch.db.clone(), wake.clone());
-            async move { crate::store::listen_outbox(&db, &wake).await }
+            async move {
+                let listening = std::sync::atomic::AtomicBool::new(false);
+                crate::store::listen_outbox(&db, &wake, &listening).await
+            }
         });
         // `listen_outbox` wakes once subscribed
         let subscribed = tokio::select! {

@@ -182,7 +182,7 @@ impl Server {
             BenchError::Internal(format!("migrating the scratch database failed: {e}"))
         })?;
         if setup == Setup::Notify {
-            crate::store::install_notify(&db).await.map_err(|e| {
+            crate::store::install_notify(&db, true).await.map_err(|e| {
                 BenchError::Internal(format!(
                     "installing the notify source's index and trigger failed: {e}"
                 ))
