@@ -75,7 +75,7 @@ impl BreakerState {
 /// Breaker settings.
 #[derive(Clone, Copy, Debug)]
 pub struct BreakerPolicy {
-    /// Consecutive failed attempts that open the breaker.
+    /// Consecutive failed attempts that open the breaker (provided at least half of the last 20 failed).
     pub threshold: u32,
     /// First cool-down; doubles after each failed probe, up to `max_cooldown`.
     pub cooldown: Duration,
@@ -93,10 +93,16 @@ pub enum Admission {
     Wait(Instant),
 }
 
+/// Outcomes the breaker remembers to tell a failing endpoint from one failing at random.
+const RECENT: u32 = 20;
+
 #[derive(Debug)]
 pub struct Breaker {
     state: BreakerState,
     consecutive_failures: u32,
+    /// The last `RECENT` outcomes, newest in bit 0 (1 = failure), and how many of them there are.
+    recent: u32,
+    seen: u32,
     open_until: Instant,
     cooldown: Duration,
     probe_in_flight: bool,
@@ -107,6 +113,8 @@ impl Breaker {
         Breaker {
             state: BreakerState::Closed,
             consecutive_failures: 0,
+            recent: 0,
+            seen: 0,
             open_until: now,
             cooldown: Duration::ZERO,
             probe_in_flight: false,
@@ -146,7 +154,21 @@ impl Breaker {
         }
     }
 
+    fn remember(&mut self, failed: bool) {
+        let mask = (1u32 << RECENT) - 1;
+        self.recent = ((self.recent << 1) | u32::from(failed)) & mask;
+        self.seen = (self.seen + 1).min(RECENT);
+    }
+
+    /// At least half of the recent outcomes failed: the endpoint is failing, not unlucky. At thousands of
+    /// deliveries per second, an endpoint that fails one request in ten at random sees `threshold` failures
+    /// in a row every few seconds; that alone must not park all its traffic for a cool-down.
+    fn mostly_failing(&self) -> bool {
+        self.recent.count_ones() * 2 >= self.seen
+    }
+
     pub fn success(&mut self) {
+        self.remember(false);
         self.state = BreakerState::Closed;
         self.consecutive_failures = 0;
         self.cooldown = Duration::ZERO;
@@ -155,12 +177,15 @@ impl Breaker {
 
     pub fn failure(&mut self, policy: &BreakerPolicy, now: Instant) {
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+        self.remember(true);
         let reopen = match self.state {
             BreakerState::HalfOpen => {
                 self.probe_in_flight = false;
                 true
             }
-            BreakerState::Closed => self.consecutive_failures >= policy.threshold.max(1),
+            BreakerState::Closed => {
+                self.consecutive_failures >= policy.threshold.max(1) && self.mostly_failing()
+            }
             BreakerState::Open => false,
         };
         if reopen {
@@ -183,6 +208,28 @@ impl Breaker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn random_failures_in_a_row_do_not_open_a_mostly_healthy_endpoint() {
+        let policy = BreakerPolicy {
+            threshold: 5,
+            cooldown: Duration::from_secs(30),
+            max_cooldown: Duration::from_secs(600),
+        };
+        let now = Instant::now();
+        let mut b = Breaker::new(now);
+        for _ in 0..15 {
+            b.success();
+        }
+        for _ in 0..5 {
+            b.failure(&policy, now);
+        }
+        assert_eq!(b.state(), BreakerState::Closed, "5 of the last 20 failed");
+        for _ in 0..5 {
+            b.failure(&policy, now);
+        }
+        assert_eq!(b.state(), BreakerState::Open, "10 of the last 20 failed");
+    }
 
     #[test]
     fn bucket_allows_the_rate_and_says_how_long_to_wait() {
