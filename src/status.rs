@@ -6,7 +6,7 @@
 
 use std::fmt::Write;
 
-use crate::store::{self, Backlog, EndpointStatus, SlotStatus, StoreError};
+use crate::store::{self, Backlog, EndpointStatus, Leadership, SlotStatus, StoreError};
 use crate::systemd::human_bytes;
 
 /// Endpoints listed before "… and N more" (the busiest first: dead, then pending).
@@ -17,6 +17,7 @@ const MAX_ENDPOINTS: usize = 20;
 pub struct Status {
     pub slot_name: String,
     pub slot: Option<SlotStatus>,
+    pub leadership: Leadership,
     pub backlog: Backlog,
     pub endpoints: Vec<EndpointStatus>,
 }
@@ -28,6 +29,12 @@ pub async fn read(config: &tokio_postgres::Config, slot: &str) -> Result<Status,
     Ok(Status {
         slot_name: slot.to_string(),
         slot: store::slot_status(&client, slot).await?,
+        leadership: store::slot_leadership(
+            &client,
+            slot,
+            crate::source::replication::LEADER_LOCK_CLASS,
+        )
+        .await?,
         backlog: store::backlog(&client).await?,
         endpoints: store::endpoint_status(&client).await?,
     })
@@ -60,6 +67,15 @@ impl Status {
                     (_, None) => "NOT STREAMING (no walhook instance holds the slot)".to_string(),
                 };
                 let _ = writeln!(out, "slot       {name}: {state}");
+                let l = &self.leadership;
+                let standbys = match l.standbys {
+                    Some(1) => ", 1 instance standing by".to_string(),
+                    Some(n) => format!(", {n} instances standing by"),
+                    None => String::new(),
+                };
+                if let Some(leader) = &l.leader {
+                    let _ = writeln!(out, "leader     {leader}{standbys}");
+                }
                 let bytes = |b: Option<i64>| b.map_or("-".into(), |b| human_bytes(b.max(0) as u64));
                 let seconds = s
                     .replay_lag
@@ -212,6 +228,10 @@ mod tests {
                 retained_bytes: Some(16 << 20),
                 ..Default::default()
             }),
+            leadership: Leadership {
+                leader: Some("process 7 (walhook) on 10.0.0.5".into()),
+                standbys: Some(2),
+            },
             backlog: Backlog {
                 pending: 3,
                 due: 1,
@@ -233,6 +253,10 @@ mod tests {
         let screen = status.render();
         assert!(
             screen.contains("slot       walhook: streaming to walsender pid 42"),
+            "{screen}"
+        );
+        assert!(
+            screen.contains("leader     process 7 (walhook) on 10.0.0.5, 2 instances standing by"),
             "{screen}"
         );
         assert!(

@@ -1052,6 +1052,51 @@ pub struct EndpointStatus {
     pub breaker: String,
 }
 
+/// Who leads a slot (several instances on one database) and how many instances stand by.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Leadership {
+    /// "process 123 (walhook) on 10.0.0.5"; `None` when no instance holds the leadership lock.
+    pub leader: Option<String>,
+    /// Sessions whose last statement was a try for the lock (standbys polling); `None` when this role may
+    /// not see other sessions' statements.
+    pub standbys: Option<i64>,
+}
+
+/// Reads the leadership lock of `slot` (advisory lock `(class, hashtext(slot))`) from `pg_locks`.
+pub async fn slot_leadership(
+    client: &Client,
+    slot: &str,
+    class: i32,
+) -> Result<Leadership, StoreError> {
+    let holder = "select l.pid from pg_locks l
+              where l.locktype = 'advisory' and l.granted and l.objsubid = 2
+                and l.classid = $2::int4::int8::oid
+                and l.objid = (hashtext($1)::int8 & 4294967295)::oid
+                and l.database = (select oid from pg_database where datname = current_database())";
+    let row = client
+        .query_one(
+            &format!(
+                "select (select format('process %s (%s) on %s', a.pid,
+                                       coalesce(nullif(a.application_name, ''), '?'),
+                                       coalesce(host(a.client_addr), 'a local socket'))
+                           from pg_stat_activity a where a.pid in ({holder})),
+                        (select count(*) filter (where a.query like 'select pg_try_advisory_lock($1, hashtext(%')
+                           from pg_stat_activity a
+                          where a.datname = current_database() and a.pid <> pg_backend_pid()
+                            and a.pid not in ({holder})),
+                        (select count(*) from pg_stat_activity a
+                          where a.datname = current_database() and a.query = '<insufficient privilege>')"
+            ),
+            &[&slot, &class],
+        )
+        .await?;
+    let hidden: i64 = row.get(2);
+    Ok(Leadership {
+        leader: row.get(0),
+        standbys: (hidden == 0).then(|| row.get(1)),
+    })
+}
+
 pub async fn slot_status(client: &Client, slot: &str) -> Result<Option<SlotStatus>, StoreError> {
     let row = client
         .query_opt(

@@ -38,7 +38,7 @@ const CONFIRM_EVERY: Duration = Duration::from_millis(50);
 /// How long the leadership session may take to answer its periodic ping.
 const LEADER_PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// Advisory-lock class of slot leadership ("whsl" in ASCII); the second key is `hashtext(slot)`.
-const LEADER_LOCK_CLASS: i32 = 0x7768_736c;
+pub const LEADER_LOCK_CLASS: i32 = 0x7768_736c;
 /// Microseconds between the Unix epoch and the PostgreSQL epoch (2000-01-01 00:00 UTC).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
@@ -201,22 +201,10 @@ impl SlotKeeper {
 
     /// Who holds the slot's leadership, for the log: "process 123 (walhook) on 10.0.0.5".
     async fn leader(&self, client: &tokio_postgres::Client) -> Option<String> {
-        let sql = format!(
-            "select a.pid, coalesce(nullif(a.application_name, ''), '?'), \
-                    coalesce(host(a.client_addr), 'a local socket') \
-               from pg_locks l join pg_stat_activity a on a.pid = l.pid \
-              where l.locktype = 'advisory' and l.granted and l.objsubid = 2 \
-                and l.classid = {LEADER_LOCK_CLASS}::bigint::oid \
-                and l.objid = (hashtext($1)::bigint & 4294967295)::oid \
-                and l.database = (select oid from pg_database where datname = current_database())"
-        );
-        let row = client.query_opt(&sql, &[&self.slot]).await.ok()??;
-        Some(format!(
-            "process {} ({}) on {}",
-            row.get::<_, i32>(0),
-            row.get::<_, String>(1),
-            row.get::<_, String>(2)
-        ))
+        store::slot_leadership(client, &self.slot, LEADER_LOCK_CLASS)
+            .await
+            .ok()?
+            .leader
     }
 
     /// What a standby checks at start, without touching the slot: the schema, `wal_level`, and that its role

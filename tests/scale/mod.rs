@@ -297,6 +297,18 @@ async fn a_standby_takes_over_after_a_graceful_stop_and_recover_slot_refuses_mea
     })
     .await;
     assert!(!second.is_finished(), "a standby does not fail");
+    let db: tokio_postgres::Config = pg.url.parse().unwrap();
+    eventually(
+        "walhook status names the leader and one standby",
+        || async {
+            let screen = walhook::status::read(&db, "walhook")
+                .await
+                .unwrap()
+                .render();
+            screen.contains("leader     process ") && screen.contains(", 1 instance standing by")
+        },
+    )
+    .await;
 
     let recover = walhook::daemon::recover_slot(pg.config(), None).await;
     let err = recover.expect_err("recover-slot refuses while an instance leads");
