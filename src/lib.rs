@@ -7,11 +7,14 @@
 //! position (or the outbox row) **acknowledged**. Failed deliveries wait in `walhook.deliveries` and the
 //! **scheduler** sends them again when due.
 //!
+//! Several instances may share a database: one leads the slot (an advisory lock) while the others stand by;
+//! retries and notify claims are shared through leases that lapse when their instance dies.
+//!
 //! Module map, in the order the data flows:
 //! - [`config`]: figment layers (defaults < TOML < `WALHOOK_*`), validation naming the key.
 //! - [`schema`]: the embedded, numbered migrations under `sql/` (`walhook migrate`).
 //! - [`source`]: where events come from: the replication slot ([`source::replication`]) over a hand-written
-//!   walsender client ([`source::walconn`]), or leased claims of outbox rows woken by `LISTEN/NOTIFY`
+//!   walsender client ([`source::walconn`]) with leadership among instances, or leased claims of outbox rows woken by `LISTEN/NOTIFY`
 //!   ([`source::notify`]); the shared fan-out ([`source::Pipeline`]) and acknowledgements ([`source::ack`]).
 //! - [`pgoutput`]: pure decoder of the pgoutput protocol.
 //! - [`event`]: an outbox row and its Standard Webhooks envelope.
