@@ -249,6 +249,20 @@ impl Cluster {
         check_pg_ctl("restart", output)
     }
 
+    /// Restarts the server as after a crash (`-m immediate`: no shutdown checkpoint, crash recovery at start),
+    /// waiting until it accepts connections again.
+    pub fn crash_and_restart(&self) -> Result<(), ClusterError> {
+        let log = self.log.as_os_str();
+        let output = self.pg_ctl(&[
+            OsStr::new("restart"),
+            "-m".as_ref(),
+            "immediate".as_ref(),
+            "-l".as_ref(),
+            log,
+        ])?;
+        check_pg_ctl("restart", output)
+    }
+
     pub fn data_dir(&self) -> &Path {
         &self.data
     }

@@ -157,6 +157,9 @@ pub async fn run(
             standby_interval: config.replication.standby_interval,
             pipeline,
             health: health.clone(),
+            settle_within: config.delivery.timeout
+                + config.delivery.queue_wait
+                + Duration::from_secs(5),
             prepared: Default::default(),
         }),
         SourceKind::Notify => Source::Notify(NotifySource {

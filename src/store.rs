@@ -302,7 +302,12 @@ pub struct Store {
 fn session_config(config: &tokio_postgres::Config) -> tokio_postgres::Config {
     let mut config = config.clone();
     let mut options = config.get_options().unwrap_or("").to_string();
-    options.push_str(" -c TimeZone=UTC -c DateStyle=ISO -c extra_float_digits=3");
+    // synchronous_commit: a recorded outcome releases its acknowledgement, and the slot may then be
+    // confirmed (and saved) at once; with the server set to `off` a crash could lose the record after the
+    // slot moved past it, so walhook's own commits always wait for their WAL flush
+    options.push_str(
+        " -c TimeZone=UTC -c DateStyle=ISO -c extra_float_digits=3 -c synchronous_commit=on",
+    );
     config.options(options.trim());
     if config.get_application_name().is_none() {
         config.application_name("walhook");

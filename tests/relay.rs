@@ -10,6 +10,7 @@
 mod ops;
 mod scale;
 mod support;
+mod trust;
 
 use std::collections::HashSet;
 use std::time::Duration;

@@ -79,6 +79,9 @@ pub struct ReplicationSource {
     pub standby_interval: Duration,
     pub pipeline: Arc<Pipeline>,
     pub health: Arc<Health>,
+    /// How long a new session waits for the previous one's deliveries to be recorded (the longest attempt
+    /// and its recording).
+    pub settle_within: Duration,
     /// The leadership session taken by [`ReplicationSource::prepare`], handed on to the first session.
     pub prepared: std::sync::Mutex<Option<tokio_postgres::Client>>,
 }
@@ -491,6 +494,30 @@ impl ReplicationSource {
         }
     }
 
+    /// After a reconnect, waits (up to `settle_within`) until every event of the previous session is recorded:
+    /// its in-flight requests finish and the recorder writes their outcomes once the server is back. Only
+    /// then is the highest recorded event read, so the replay finds those outcomes and does not send again
+    /// what receivers already answered; without the wait, a server restart re-sent every event whose outcome
+    /// was still queued for the recorder.
+    async fn settle_previous_session(&self) {
+        let budget = &self.pipeline.budget;
+        let all = self.pipeline.budget_size as u32;
+        if budget.available_permits() >= all as usize {
+            return;
+        }
+        tracing::info!("waiting for the previous session's deliveries to be recorded");
+        if tokio::time::timeout(self.settle_within, budget.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "deliveries of the previous session are still unrecorded after {}; streaming again, \
+                 events whose outcome was not yet recorded may be sent twice",
+                humantime::format_duration(self.settle_within)
+            );
+        }
+    }
+
     /// Streams while `leader` (the session holding the slot's leadership) lives.
     async fn session(
         &self,
@@ -498,6 +525,7 @@ impl ReplicationSource {
         leader: tokio_postgres::Client,
     ) -> Result<(), SourceError> {
         let store = Store::connect(&self.db).await?;
+        self.settle_previous_session().await;
         let replay_max = store.max_recorded_event_id().await?;
         let start: Lsn = store
             .client()
@@ -689,7 +717,10 @@ impl Session {
                 };
                 let deliveries = self.pipeline.endpoints.count_matching(&event.event_type);
                 let permit = self.acquire(deliveries.clamp(1, self.pipeline.budget_size)).await?;
-                if id <= self.replay_max {
+                // Once one event waits for the duplicate check, every later one waits behind it, so events
+                // reach dispatch in stream order (an ordered key's older event is never parked after a
+                // newer one); those above `replay_max` are not in the table, the check finds nothing.
+                if id <= self.replay_max || !self.replay.is_empty() {
                     self.tracker.add(txn, 1); // holds the transaction until the check is done
                     self.replay.push((event, txn, permit));
                     if self.replay.len() >= REPLAY_CHECK_BATCH {
@@ -738,10 +769,19 @@ impl Session {
     }
 
     /// Waits for `n` permits of the in-flight budget, reporting status meanwhile so the server keeps us.
+    /// Replayed events waiting for their duplicate check hold permits that only the check releases (those
+    /// already recorded need no request), so the check runs before any wait: otherwise a replay that
+    /// fills the budget would wait for itself forever.
     async fn acquire(&mut self, n: usize) -> Result<OwnedSemaphorePermit, SourceError> {
         let n = n as u32;
         if let Ok(p) = self.pipeline.budget.clone().try_acquire_many_owned(n) {
             return Ok(p);
+        }
+        if !self.replay.is_empty() {
+            self.check_replay().await?;
+            if let Ok(p) = self.pipeline.budget.clone().try_acquire_many_owned(n) {
+                return Ok(p);
+            }
         }
         let mut tick = tokio::time::interval(CONFIRM_EVERY);
         loop {
