@@ -14,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::dispatch::limits::{Breaker, TokenBucket};
 use crate::dispatch::Job;
 use crate::sign::{Ed25519Signer, Signer};
+use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 
 /// An event-type pattern: `*`, a prefix like `order.*`, or an exact type.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,6 +61,11 @@ pub struct Endpoint {
     pub ed25519: Option<Ed25519Signer>,
     pub policy: Policy,
     pub rt: Arc<Runtime>,
+    /// Paused: its deliveries are recorded as pending and held until it is resumed.
+    pub paused: bool,
+    /// Why the row cannot be used (a key that does not verify, a URL no request can carry): its
+    /// deliveries are recorded dead with this reason, never skipped. `None` for a usable endpoint.
+    pub unusable: Option<String>,
     /// Fingerprint of the row's delivery-relevant columns, to reuse the `Arc` across reloads.
     fingerprint: String,
 }
@@ -93,30 +99,34 @@ pub struct Limits {
     pub bucket: Option<TokenBucket>,
 }
 
-/// Health as written to `walhook.endpoint_state`.
+/// Health as written to `walhook.endpoint_state` and `walhook.endpoint_stats`.
 #[derive(Debug, Default, Clone)]
 pub struct Health {
+    /// The first failure since the last success seen here (SQL merges every instance's).
     pub failing_since: Option<SystemTime>,
     pub last_success_at: Option<SystemTime>,
     pub last_failure_at: Option<SystemTime>,
     pub last_status_code: Option<i32>,
     pub last_error: Option<String>,
-    /// Attempts per 10-minute bucket over the last hour: (bucket start, successes, failures).
-    pub buckets: Vec<(u64, u64, u64)>,
+    /// Attempts not yet added to `walhook.endpoint_stats`: (10-minute bucket, successes, failures).
+    pub unwritten: Vec<(SystemTime, i64, i64)>,
     /// Set when something changed since the state was last written.
     pub dirty: bool,
 }
 
+/// The statistics bucket `at` falls in: 10-minute buckets, so "the last hour" is six of them.
+pub fn stats_bucket(at: SystemTime) -> SystemTime {
+    let secs = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    UNIX_EPOCH + Duration::from_secs(secs - secs % 600)
+}
+
 impl Health {
     pub fn observe(&mut self, ok: bool, at: SystemTime, status: Option<i32>, error: Option<&str>) {
-        let bucket = at
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() / 600);
-        self.buckets.retain(|b| b.0 + 6 > bucket);
-        match self.buckets.iter_mut().find(|b| b.0 == bucket) {
+        let bucket = stats_bucket(at);
+        match self.unwritten.iter_mut().find(|b| b.0 == bucket) {
             Some(b) if ok => b.1 += 1,
             Some(b) => b.2 += 1,
-            None => self.buckets.push((bucket, ok as u64, !ok as u64)),
+            None => self.unwritten.push((bucket, ok as i64, !ok as i64)),
         }
         if ok {
             self.failing_since = None;
@@ -128,17 +138,6 @@ impl Health {
         }
         self.last_status_code = status;
         self.dirty = true;
-    }
-
-    /// (successes, failures) over the last hour.
-    pub fn last_hour(&self, now: SystemTime) -> (u64, u64) {
-        let bucket = now
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() / 600);
-        self.buckets
-            .iter()
-            .filter(|b| b.0 + 6 > bucket)
-            .fold((0, 0), |acc, b| (acc.0 + b.1, acc.1 + b.2))
     }
 }
 
@@ -197,6 +196,7 @@ pub struct EndpointRow {
     pub headers: String,
     pub ordered: bool,
     pub signing_key: Option<String>,
+    pub paused: bool,
 }
 
 impl EndpointRow {
@@ -241,8 +241,9 @@ impl EndpointCache {
         self.snapshot().iter().find(|e| e.id == id).cloned()
     }
 
-    /// Replaces the snapshot; rows that cannot be used (a URL the constraints let through but `http::Uri`
-    /// rejects, an unreadable secret or key) are skipped with a warning, never with the secret in it.
+    /// Replaces the snapshot. A row that cannot be used (a URL the constraints let through but no request
+    /// can carry, an unreadable secret or key) stays in it, marked unusable, so its deliveries are
+    /// recorded dead with the reason instead of being skipped; the warning never holds the secret.
     pub fn replace(&self, rows: Vec<EndpointRow>) {
         let old = self.snapshot();
         let mut next = Vec::with_capacity(rows.len());
@@ -253,46 +254,50 @@ impl EndpointCache {
                 next.push(same.clone());
                 continue;
             }
-            match build(row, fingerprint, previous.map(|p| p.rt.clone())) {
-                Ok(endpoint) => next.push(Arc::new(endpoint)),
-                Err((id, why)) => tracing::warn!(endpoint_id = id, "endpoint skipped: {why}"),
-            }
+            let rt = previous.map(|p| p.rt.clone());
+            let endpoint = match build(&row, fingerprint.clone(), rt.clone()) {
+                Ok(endpoint) => endpoint,
+                Err(why) => {
+                    tracing::warn!(
+                        endpoint_id = row.id,
+                        "endpoint cannot be used, its deliveries are recorded dead until its row is \
+                         fixed: {why}"
+                    );
+                    unusable(&row, fingerprint, rt, why)
+                }
+            };
+            next.push(Arc::new(endpoint));
         }
         *self.snapshot.write().expect("lock holders never panic") = Arc::new(next);
     }
 }
 
 fn build(
-    row: EndpointRow,
+    row: &EndpointRow,
     fingerprint: String,
     rt: Option<Arc<Runtime>>,
-) -> Result<Endpoint, (i64, String)> {
-    let id = row.id;
-    let fail = |why: String| (id, why);
-    let uri: http::Uri = row
-        .url
-        .parse()
-        .map_err(|e| fail(format!("url is not usable: {e}")))?;
-    let mut signers = vec![Signer::new(&row.secret).map_err(|e| fail(e.to_string()))?];
+) -> Result<Endpoint, String> {
+    let uri = request_uri(&row.url)?;
+    let mut signers = vec![Signer::new(&row.secret).map_err(|e| e.to_string())?];
     for old in &row.old_secrets {
-        signers.push(Signer::new(old).map_err(|e| fail(format!("old secret: {e}")))?);
+        signers.push(Signer::new(old).map_err(|e| format!("old secret: {e}"))?);
     }
     let ed25519 = match &row.signing_key {
-        Some(k) => Some(Ed25519Signer::new(k).map_err(|e| fail(e.to_string()))?),
+        Some(k) => Some(Ed25519Signer::new(k).map_err(|e| format!("signing_key: {e}"))?),
         None => None,
     };
     let headers: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(&row.headers).map_err(|e| fail(format!("headers: {e}")))?;
+        serde_json::from_str(&row.headers).map_err(|e| format!("headers: {e}"))?;
     let headers = headers
         .iter()
         .map(|(k, v)| {
             let name = http::HeaderName::from_bytes(k.as_bytes())
-                .map_err(|e| fail(format!("header {k:?}: {e}")))?;
+                .map_err(|e| format!("header {k:?}: {e}"))?;
             let value = http::HeaderValue::from_str(v.as_str().unwrap_or_default())
-                .map_err(|e| fail(format!("header {k:?}: {e}")))?;
+                .map_err(|e| format!("the value of header {k:?}: {e}"))?;
             Ok((name, value))
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, String>>()?;
     let ms = |v: i64| Duration::from_millis(v.max(1) as u64);
     let policy = Policy {
         timeout: row.timeout_ms.map(ms),
@@ -320,16 +325,81 @@ fn build(
         None => Arc::new(Runtime::new(policy.rate_limit)),
     };
     Ok(Endpoint {
-        id,
-        url: row.url,
+        id: row.id,
+        url: row.url.clone(),
         uri,
         patterns: row.event_types.iter().map(|p| Pattern::parse(p)).collect(),
         signers,
         ed25519,
         policy,
         rt,
+        paused: row.paused,
+        unusable: None,
         fingerprint,
     })
+}
+
+/// An endpoint whose row cannot be used: it matches events like any other, and dispatch records their
+/// deliveries dead with `why`.
+fn unusable(
+    row: &EndpointRow,
+    fingerprint: String,
+    rt: Option<Arc<Runtime>>,
+    why: String,
+) -> Endpoint {
+    Endpoint {
+        id: row.id,
+        url: row.url.clone(),
+        uri: http::Uri::default(),
+        patterns: row.event_types.iter().map(|p| Pattern::parse(p)).collect(),
+        signers: Vec::new(),
+        ed25519: None,
+        policy: Policy::default(),
+        rt: rt.unwrap_or_else(|| Arc::new(Runtime::new(None))),
+        paused: row.paused,
+        unusable: Some(format!(
+            "the endpoint's row cannot be used: {why}; fix the row, then walhook.redeliver(endpoint_id => {}) \
+             sends these again",
+            row.id
+        )),
+        fingerprint,
+    }
+}
+
+/// Characters a request target cannot carry as they are: controls, space, non-ASCII (always encoded by
+/// `utf8_percent_encode`) and the few ASCII characters RFC 3986 excludes (`"<>\^`{|}`). `%` is kept, so an
+/// already encoded URL is not encoded twice.
+const NOT_IN_TARGET: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'<')
+    .add(b'>')
+    .add(b'\\')
+    .add(b'^')
+    .add(b'`')
+    .add(b'{')
+    .add(b'|')
+    .add(b'}');
+
+/// The URI a request to `url` goes to: the path and query percent-encoded where they hold characters a
+/// request line cannot carry (`/ü?name=Zoë` becomes `/%C3%BC?name=Zo%C3%AB`), the fragment dropped (it is
+/// never sent). A host must already be ASCII: an international domain name is written in punycode.
+pub fn request_uri(url: &str) -> Result<http::Uri, String> {
+    let url = url.split('#').next().unwrap_or_default();
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    let target_at = url[after_scheme..]
+        .find(['/', '?'])
+        .map_or(url.len(), |i| after_scheme + i);
+    let (origin, target) = url.split_at(target_at);
+    if !origin.is_ascii() {
+        return Err(format!(
+            "the host of url {url:?} is not ASCII: write an international domain name in punycode (xn--…)"
+        ));
+    }
+    let encoded = format!("{origin}{}", utf8_percent_encode(target, NOT_IN_TARGET));
+    encoded
+        .parse()
+        .map_err(|e| format!("url {url:?} is not usable: {e}"))
 }
 
 #[cfg(test)]
@@ -381,11 +451,43 @@ mod tests {
     }
 
     #[test]
-    fn unusable_rows_are_skipped() {
+    fn unusable_rows_are_kept_with_the_reason() {
         let cache = EndpointCache::default();
         let mut bad = row(5, &["*"]);
         bad.secret = "whsec_short".into();
-        cache.replace(vec![bad, row(6, &["*"])]);
-        assert_eq!(cache.snapshot().len(), 1);
+        let mut bad_header = row(7, &["*"]);
+        bad_header.headers = r#"{"x-k": "a\u007fb"}"#.into();
+        cache.replace(vec![bad, row(6, &["*"]), bad_header]);
+        let matching = cache.matching("order.created");
+        assert_eq!(matching.len(), 3, "an unusable row still matches");
+        let why = |id| cache.get(id).unwrap().unusable.clone();
+        assert!(why(5).unwrap().contains("secret"), "{:?}", why(5));
+        assert!(why(7).unwrap().contains("x-k"), "{:?}", why(7));
+        assert_eq!(why(6), None);
+        assert!(!why(5).unwrap().contains("whsec_short"), "never the secret");
+    }
+
+    #[test]
+    fn request_targets_are_percent_encoded_once() {
+        let uri = |u: &str| request_uri(u).map(|u| u.to_string());
+        assert_eq!(
+            uri("http://127.0.0.1:9/ü?name=Zoë").unwrap(),
+            "http://127.0.0.1:9/%C3%BC?name=Zo%C3%AB"
+        );
+        assert_eq!(
+            uri("https://h.example/a%20b?q=<x>&r=`y`#frag").unwrap(),
+            "https://h.example/a%20b?q=%3Cx%3E&r=%60y%60"
+        );
+        assert_eq!(
+            uri("http://user:pw@h.example:8080?x=1").unwrap(),
+            "http://user:pw@h.example:8080/?x=1"
+        );
+        assert!(uri("https://bücher.example/hooks")
+            .unwrap_err()
+            .contains("punycode"));
+        assert_eq!(
+            uri("https://xn--bcher-kva.example/hooks").unwrap(),
+            "https://xn--bcher-kva.example/hooks"
+        );
     }
 }

@@ -13,6 +13,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (2, "notify", include_str!("../sql/002_notify.sql")),
     (3, "policies", include_str!("../sql/003_policies.sql")),
     (4, "ops", include_str!("../sql/004_ops.sql")),
+    (6, "trust", include_str!("../sql/006_trust.sql")),
 ];
 
 /// Advisory lock key taken while migrating ("walhook" in ASCII).

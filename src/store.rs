@@ -157,7 +157,8 @@ select e.id, e.url, e.event_types, e.secret,
        e.rate_limit, e.max_in_flight, e.headers::text, e.ordered, e.signing_key,
        array(select s.secret from walhook.endpoint_secrets s
               where s.endpoint_id = e.id and s.expires_at > now() order by s.expires_at desc),
-       (select min(s.expires_at) from walhook.endpoint_secrets s where s.endpoint_id = e.id and s.expires_at > now())
+       (select min(s.expires_at) from walhook.endpoint_secrets s where s.endpoint_id = e.id and s.expires_at > now()),
+       e.paused
   from walhook.endpoints e
  where e.enabled
  order by e.id";
@@ -275,20 +276,70 @@ fn claimed(r: &tokio_postgres::Row) -> Claimed {
     }
 }
 
-/// A row of `walhook.endpoint_state`.
+/// A row of `walhook.endpoint_state`: what this instance saw, merged in SQL with what others saw.
 #[derive(Clone, Debug)]
 pub struct EndpointStateRow {
     pub endpoint_id: i64,
     pub breaker: &'static str,
+    pub open_until: Option<SystemTime>,
+    /// When this instance's breaker last changed state; `None` if it never did.
+    pub breaker_changed_at: Option<SystemTime>,
     pub consecutive_failures: i32,
     pub failing_since: Option<SystemTime>,
     pub last_success_at: Option<SystemTime>,
     pub last_failure_at: Option<SystemTime>,
     pub last_status_code: Option<i32>,
     pub last_error: Option<String>,
-    pub successes_1h: i64,
-    pub failures_1h: i64,
 }
+
+/// Attempts of one endpoint in one 10-minute bucket, to add to `walhook.endpoint_stats`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatsRow {
+    pub endpoint_id: i64,
+    pub bucket: SystemTime,
+    pub successes: i64,
+    pub failures: i64,
+}
+
+/// A breaker state some instance wrote, for the others to adopt.
+#[derive(Clone, Debug)]
+pub struct SharedBreaker {
+    pub endpoint_id: i64,
+    pub breaker: String,
+    pub open_until: Option<SystemTime>,
+    pub changed_at: SystemTime,
+}
+
+/// Upserts instances' views of endpoint health. Every instance writes what it saw; the row keeps the newest
+/// breaker change, the latest success and failure, and as `failing_since` the first failure after the
+/// latest success any instance saw (`delivery.disable_after` measures from it, across restarts).
+const WRITE_ENDPOINT_STATE: &str = "
+insert into walhook.endpoint_state as s
+  (endpoint_id, breaker, open_until, breaker_changed_at, consecutive_failures, failing_since, last_success_at,
+   last_failure_at, last_status_code, last_error, updated_at)
+select *, now() from unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::timestamptz[], $5::int[],
+                            $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::int[], $10::text[])
+on conflict (endpoint_id) do update set
+  breaker = case when excluded.breaker_changed_at > coalesce(s.breaker_changed_at, '-infinity')
+                 then excluded.breaker else s.breaker end,
+  open_until = case when excluded.breaker_changed_at > coalesce(s.breaker_changed_at, '-infinity')
+                    then excluded.open_until else s.open_until end,
+  breaker_changed_at = greatest(s.breaker_changed_at, excluded.breaker_changed_at),
+  consecutive_failures = excluded.consecutive_failures,
+  failing_since = least(
+    case when s.last_failure_at > coalesce(greatest(s.last_success_at, excluded.last_success_at), '-infinity')
+         then greatest(s.failing_since, s.last_success_at, excluded.last_success_at) end,
+    case when excluded.last_failure_at > coalesce(greatest(s.last_success_at, excluded.last_success_at), '-infinity')
+         then greatest(excluded.failing_since, s.last_success_at, excluded.last_success_at) end),
+  last_success_at = greatest(s.last_success_at, excluded.last_success_at),
+  last_failure_at = greatest(s.last_failure_at, excluded.last_failure_at),
+  last_status_code = case
+    when coalesce(greatest(excluded.last_success_at, excluded.last_failure_at), '-infinity')
+         >= coalesce(greatest(s.last_success_at, s.last_failure_at), '-infinity')
+    then excluded.last_status_code else s.last_status_code end,
+  last_error = case when coalesce(excluded.last_failure_at, '-infinity') >= coalesce(s.last_failure_at, '-infinity')
+                    then excluded.last_error else s.last_error end,
+  updated_at = now()";
 
 /// One connection with prepared statements.
 pub struct Store {
@@ -411,6 +462,7 @@ impl Store {
                     ordered: r.get(9),
                     signing_key: r.get(10),
                     old_secrets: r.get(11),
+                    paused: r.get(13),
                 }
             })
             .collect();
@@ -528,8 +580,13 @@ impl Store {
         Ok(rows.iter().map(claimed).collect())
     }
 
-    /// Upserts the daemon's view of endpoint health, one statement for all changed endpoints.
-    pub async fn write_endpoint_state(&self, rows: &[EndpointStateRow]) -> Result<(), StoreError> {
+    /// Writes this instance's view of endpoint health (merged with other instances' in SQL) and adds its
+    /// attempt counts to `walhook.endpoint_stats`, in one transaction.
+    pub async fn write_endpoint_state(
+        &mut self,
+        rows: &[EndpointStateRow],
+        stats: &[StatsRow],
+    ) -> Result<(), StoreError> {
         let col = |f: &dyn Fn(&EndpointStateRow) -> Option<SystemTime>| {
             rows.iter().map(f).collect::<Vec<_>>()
         };
@@ -538,36 +595,100 @@ impl Store {
         let failures: Vec<i32> = rows.iter().map(|r| r.consecutive_failures).collect();
         let codes: Vec<Option<i32>> = rows.iter().map(|r| r.last_status_code).collect();
         let errors: Vec<Option<&str>> = rows.iter().map(|r| r.last_error.as_deref()).collect();
-        let ok: Vec<i64> = rows.iter().map(|r| r.successes_1h).collect();
-        let failed: Vec<i64> = rows.iter().map(|r| r.failures_1h).collect();
-        self.client
-            .execute(
-                "insert into walhook.endpoint_state as s
-                   (endpoint_id, breaker, consecutive_failures, failing_since, last_success_at, last_failure_at,
-                    last_status_code, last_error, successes_1h, failures_1h, updated_at)
-                 select *, now() from unnest($1::bigint[], $2::text[], $3::int[], $4::timestamptz[],
-                   $5::timestamptz[], $6::timestamptz[], $7::int[], $8::text[], $9::bigint[], $10::bigint[])
-                 on conflict (endpoint_id) do update set
-                   breaker = excluded.breaker, consecutive_failures = excluded.consecutive_failures,
-                   failing_since = excluded.failing_since, last_success_at = excluded.last_success_at,
-                   last_failure_at = excluded.last_failure_at, last_status_code = excluded.last_status_code,
-                   last_error = excluded.last_error, successes_1h = excluded.successes_1h,
-                   failures_1h = excluded.failures_1h, updated_at = now()",
+        let tx = self.client.transaction().await?;
+        if !rows.is_empty() {
+            tx.execute(
+                WRITE_ENDPOINT_STATE,
                 &[
                     &ids,
                     &breaker,
+                    &col(&|r| r.open_until),
+                    &col(&|r| r.breaker_changed_at),
                     &failures,
                     &col(&|r| r.failing_since),
                     &col(&|r| r.last_success_at),
                     &col(&|r| r.last_failure_at),
                     &codes,
                     &errors,
-                    &ok,
-                    &failed,
                 ],
             )
             .await?;
+        }
+        if !stats.is_empty() {
+            let ids: Vec<i64> = stats.iter().map(|r| r.endpoint_id).collect();
+            let buckets: Vec<SystemTime> = stats.iter().map(|r| r.bucket).collect();
+            let ok: Vec<i64> = stats.iter().map(|r| r.successes).collect();
+            let failed: Vec<i64> = stats.iter().map(|r| r.failures).collect();
+            tx.execute(
+                "insert into walhook.endpoint_stats as t (endpoint_id, bucket, successes, failures)
+                 select * from unnest($1::bigint[], $2::timestamptz[], $3::bigint[], $4::bigint[])
+                 on conflict (endpoint_id, bucket) do update
+                   set successes = t.successes + excluded.successes, failures = t.failures + excluded.failures",
+                &[&ids, &buckets, &ok, &failed],
+            )
+            .await?;
+        }
+        tx.commit().await?;
         Ok(())
+    }
+
+    /// Breaker states changed after `since` (by any instance), for this one to adopt.
+    pub async fn breakers_changed_since(
+        &self,
+        since: SystemTime,
+    ) -> Result<Vec<SharedBreaker>, StoreError> {
+        let rows = self
+            .client
+            .query(
+                "select endpoint_id, breaker, open_until, breaker_changed_at from walhook.endpoint_state
+                  where breaker_changed_at > $1 order by breaker_changed_at",
+                &[&since],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| SharedBreaker {
+                endpoint_id: r.get(0),
+                breaker: r.get(1),
+                open_until: r.get(2),
+                changed_at: r.get(3),
+            })
+            .collect())
+    }
+
+    /// Disables the endpoints that have been failing, by every instance's account, for longer than
+    /// `after` since the later of their first failure and their last resumption; returns (id, reason).
+    pub async fn disable_failing(&self, after: Duration) -> Result<Vec<(i64, String)>, StoreError> {
+        let rows = self
+            .client
+            .query(
+                "update walhook.endpoints e
+                    set enabled = false,
+                        disabled_reason = format(
+                          'failing continuously since %s (longer than delivery.disable_after); last error: %s; '
+                          'once it is fixed: UPDATE walhook.endpoints SET enabled = true, then '
+                          'SELECT walhook.recover(%s, since => ''%s'') re-creates what it missed',
+                          to_char(s.failing_since, 'YYYY-MM-DD HH24:MI:SSOF'), coalesce(s.last_error, 'unknown'),
+                          e.id, to_char(s.failing_since, 'YYYY-MM-DD HH24:MI:SSOF'))
+                   from walhook.endpoint_state s
+                  where s.endpoint_id = e.id and e.enabled and not e.paused
+                    and greatest(s.failing_since, e.resumed_at) <= now() - make_interval(secs => $1)
+                 returning e.id, e.disabled_reason",
+                &[&after.as_secs_f64()],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Forgets attempt counts older than two hours (the health view shows the last one).
+    pub async fn prune_endpoint_stats(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .client
+            .execute(
+                "delete from walhook.endpoint_stats where bucket < now() - interval '2 hours'",
+                &[],
+            )
+            .await?)
     }
 
     /// Disables an endpoint with the reason (410 Gone, or failing for too long).

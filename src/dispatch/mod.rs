@@ -31,7 +31,7 @@ use crate::record::{Outcome, Recorder};
 use crate::source::ack::EventAck;
 use crate::store::{AttemptRow, RecordRow, Status};
 use client::{HttpClient, Outgoing, SendError};
-use limits::{Admission, BreakerPolicy};
+use limits::{Admission, BreakerPolicy, Transition};
 use retry::{Attempted, Decision, RetryPolicy};
 
 /// One delivery attempt to make.
@@ -143,15 +143,15 @@ impl Dispatcher {
     /// `depth` is how many rounds of its in-flight limit it may have started or queued (the scheduler asks
     /// for 2, so an endpoint's next requests are ready when the current ones complete).
     pub fn room(&self, endpoint: &Endpoint, depth: usize) -> usize {
+        if endpoint.paused {
+            return 0; // its deliveries wait in SQL until it is resumed
+        }
         let queued = endpoint.rt.queue.lock().expect("never poisoned").len();
         let open = (self.max_in_flight(endpoint) * depth)
             .saturating_sub(endpoint.rt.in_flight.load(Ordering::Relaxed) + queued);
         let now = Instant::now();
         let mut limits = endpoint.rt.limits.lock().expect("never poisoned");
-        if limits.breaker.state() != limits::BreakerState::Closed {
-            let probe_due = limits.breaker.open_until() <= now;
-            return if probe_due { open.min(1) } else { 0 };
-        }
+        let open = open.min(limits.breaker.room(now));
         match limits.bucket.as_mut() {
             Some(bucket) => open.min(bucket.available(now)),
             None => open,
@@ -160,7 +160,12 @@ impl Dispatcher {
 
     /// Starts the job, queues it behind its endpoint's requests in flight, or parks it.
     pub fn submit(self: &Arc<Self>, job: Job) {
-        if job.must_queue() {
+        if let Some(why) = &job.endpoint.unusable {
+            let why = why.clone();
+            self.refuse(job, why);
+            return;
+        }
+        if job.must_queue() || job.endpoint.paused {
             self.park(job, SystemTime::now());
             return;
         }
@@ -200,14 +205,12 @@ impl Dispatcher {
         let now = Instant::now();
         let mut limits = endpoint.rt.limits.lock().expect("never poisoned");
         let verdict = match limits.breaker.admit(now) {
-            Admission::Wait(until) => {
-                Start::Park(SystemTime::now() + until.saturating_duration_since(now))
-            }
+            Admission::Wait(until) => Start::Park(later(until.saturating_duration_since(now))),
             admission => match limits.bucket.as_mut().map(|b| b.take(now)) {
                 Some(Err(wait)) => {
                     limits.breaker.release(&admission);
                     if wait > self.settings.queue_wait {
-                        Start::Park(SystemTime::now() + wait)
+                        Start::Park(later(wait))
                     } else {
                         Start::Full
                     }
@@ -326,6 +329,38 @@ impl Dispatcher {
         }
     }
 
+    /// Records the delivery dead without a request, with the reason (its endpoint's row cannot be used): an
+    /// event is never acknowledged for an endpoint it matched without a delivery row saying what happened.
+    fn refuse(&self, job: Job, why: String) {
+        metrics::counter!(crate::metrics::DELIVERIES, "outcome" => "dead").increment(1);
+        tracing::info!(
+            endpoint_id = job.endpoint.id,
+            event_id = job.event.id,
+            webhook_id = %job.event.webhook_id,
+            next = "dead",
+            error = %why,
+            "delivery refused"
+        );
+        let row = RecordRow {
+            event_id: job.event.id,
+            endpoint_id: job.endpoint.id,
+            uid_hex: job.event.uid_hex().to_string(),
+            status: Status::Dead,
+            schedule_step: job.schedule_step,
+            next_attempt_at: None,
+            attempt: Some(AttemptRow {
+                attempted_at: SystemTime::now(),
+                duration_ms: 0,
+                status_code: None,
+                error: Some(why),
+                response_body: None,
+            }),
+            copy: Some(copy_of(&job.event)),
+            ordering: None,
+        };
+        self.recorder.record(Outcome { row, ack: job.ack });
+    }
+
     /// Records the delivery as pending, due at `at`, without an attempt.
     fn park(&self, job: Job, at: SystemTime) {
         metrics::counter!(crate::metrics::PARKED).increment(1);
@@ -412,6 +447,8 @@ impl Dispatcher {
             endpoint,
             &attempted,
             admission,
+            started.into_std(),
+            job.schedule_step > 0,
             attempted_at,
             status_code,
             error.as_deref(),
@@ -441,14 +478,15 @@ impl Dispatcher {
                 }
                 (Status::Succeeded, None, "delivered")
             }
-            Decision::Retry { after } => {
-                (Status::Pending, Some(SystemTime::now() + *after), "retry")
-            }
+            Decision::Retry { after } => (Status::Pending, Some(later(*after)), "retry"),
             Decision::Dead { .. } => (Status::Dead, None, "dead"),
             Decision::Gone => {
+                let at = humantime::format_rfc3339_seconds(attempted_at);
                 let reason = format!(
-                    "the endpoint answered 410 Gone at {}; re-enable it with UPDATE walhook.endpoints SET enabled = true",
-                    humantime::format_rfc3339_seconds(attempted_at)
+                    "the endpoint answered 410 Gone at {at}; once it takes deliveries again: UPDATE \
+                     walhook.endpoints SET enabled = true, then SELECT walhook.recover({}, since => '{at}') \
+                     re-creates what it missed",
+                    endpoint.id
                 );
                 let _ = self.disable.send(Disable {
                     endpoint_id: endpoint.id,
@@ -506,11 +544,14 @@ impl Dispatcher {
     /// Feeds the attempt to the endpoint's breaker and health counters. The breaker counts only signs that
     /// the endpoint is unavailable (timeouts, connection failures, 5xx, 408, 429); a 4xx rejection is the
     /// receiver working as designed.
+    #[allow(clippy::too_many_arguments)]
     fn observe(
         &self,
         endpoint: &Endpoint,
         attempted: &Attempted,
         admission: Admission,
+        began: Instant,
+        retry: bool,
         at: SystemTime,
         status: Option<i32>,
         error: Option<&str>,
@@ -521,17 +562,43 @@ impl Dispatcher {
             Attempted::Timeout | Attempted::ConnectError => true,
             Attempted::Blocked => false,
         };
-        {
+        let transition = {
             let mut limits = endpoint.rt.limits.lock().expect("never poisoned");
             if ok {
-                limits.breaker.success();
+                limits.breaker.success()
             } else if unavailable {
                 limits
                     .breaker
-                    .failure(&self.settings.breaker, Instant::now());
+                    .failure(&self.settings.breaker, Instant::now(), began, retry)
             } else {
                 limits.breaker.release(&admission);
+                None
             }
+        };
+        match transition {
+            Some(Transition::Opened {
+                failed,
+                of,
+                cooldown,
+            }) => tracing::warn!(
+                endpoint_id = endpoint.id,
+                error = error.unwrap_or_default(),
+                "circuit breaker opened: {failed} of the last {of} attempts failed; deliveries wait \
+                 (without using attempts) and {} probes go in {}",
+                limits::PROBES,
+                humantime::format_duration(cooldown)
+            ),
+            Some(Transition::Reopened { cooldown }) => tracing::warn!(
+                endpoint_id = endpoint.id,
+                error = error.unwrap_or_default(),
+                "circuit breaker probes failed; probing again in {}",
+                humantime::format_duration(cooldown)
+            ),
+            Some(Transition::Closed) => tracing::info!(
+                endpoint_id = endpoint.id,
+                "circuit breaker closed: a probe succeeded, deliveries resume"
+            ),
+            None => {}
         }
         endpoint
             .rt
@@ -540,6 +607,13 @@ impl Dispatcher {
             .expect("never poisoned")
             .observe(ok, at, status, error);
     }
+}
+
+/// `now + wait` on the wall clock, saturating far in the future instead of overflowing.
+fn later(wait: Duration) -> SystemTime {
+    let now = SystemTime::now();
+    now.checked_add(wait)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
 }
 
 fn copy_of(event: &Event) -> (String, String, String) {

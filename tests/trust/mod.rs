@@ -225,3 +225,573 @@ async fn a_postgres_crash_re_sends_no_more_than_was_in_flight() {
     );
     daemon.stop().await;
 }
+
+// ---- an endpoint that answers part of its requests keeps flowing (item 1) ----
+
+/// How a partly working receiver fails.
+#[derive(Clone, Copy, Debug)]
+enum Partly {
+    /// 500 to the first request of every webhook-id, 200 to every retry.
+    FirstAttemptFails,
+    /// 500 to half of all requests, drawn at random (a fixed hash of the id and attempt, so a run is
+    /// reproducible).
+    HalfAtRandom,
+}
+
+fn coin(webhook_id: &str, attempt: u32) -> bool {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (webhook_id, attempt).hash(&mut h);
+    h.finish() & 1 == 1
+}
+
+/// 300 events at about 100/s to a partly failing endpoint next to a healthy one, with the default breaker
+/// (threshold 5, cool-down 30 s, up to 10 min): every delivery ends within its retry schedule, none is held
+/// back by the breaker, and the health view reports the real success rate.
+async fn a_partly_failing_endpoint_keeps_flowing(source: Source, how: Partly) {
+    let pg = Pg::start_for(source).await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    rx.set_record_bodies(false);
+    rx.set_responder(move |r, attempt| {
+        let fail = match how {
+            Partly::FirstAttemptFails => attempt == 1,
+            Partly::HalfAtRandom => coin(&r.webhook_id, attempt),
+        };
+        if r.path == "/partly" && fail {
+            Reply::Status(500)
+        } else {
+            Reply::Status(200)
+        }
+    });
+    let (partly, _) = add_endpoint(&client, &rx.url("/partly"), &["*"]).await;
+    let (healthy, _) = add_endpoint(&client, &rx.url("/healthy"), &["*"]).await;
+    let schedule = ["1s", "1s", "2s", "2s", "5s"];
+    let daemon = Daemon::start(pg.config_for_with(source, |f| {
+        f.merge(("delivery.retry_schedule", schedule.to_vec()))
+            .merge(("delivery.breaker_threshold", 5))
+            .merge(("delivery.breaker_cooldown", "30s"))
+            .merge(("delivery.breaker_max_cooldown", "10m"))
+    }));
+    wait_ready(source, &client).await;
+    for i in 0..300 {
+        publish(&client, "order.created", &format!("{{\"i\": {i}}}")).await;
+        if i % 10 == 9 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    eventually("every delivery to both endpoints is final", || async {
+        count(
+            &client,
+            "select count(*) from walhook.deliveries where status in ('succeeded', 'dead')",
+        )
+        .await
+            == 600
+    })
+    .await;
+    assert_eq!(rx.distinct_ids("/healthy").len(), 300);
+    let by_status = |status: &'static str| {
+        let client = &client;
+        async move {
+            count(
+                client,
+                &format!(
+                    "select count(*) from walhook.deliveries where endpoint_id = {partly} and status = '{status}'"
+                ),
+            )
+            .await
+        }
+    };
+    match how {
+        Partly::FirstAttemptFails => {
+            assert_eq!(by_status("succeeded").await, 300);
+            assert_eq!(
+                count(
+                    &client,
+                    &format!(
+                        "select count(*) from walhook.deliveries where endpoint_id = {partly} and attempts <> 2"
+                    )
+                )
+                .await,
+                0,
+                "each delivery: one failed attempt, one retry that succeeded"
+            );
+        }
+        Partly::HalfAtRandom => {
+            // a delivery dies only if all 6 attempts fail: about 1 in 64
+            assert!(
+                by_status("dead").await < 30,
+                "{} dead",
+                by_status("dead").await
+            );
+        }
+    }
+    // no attempt waited much longer than its schedule step: nothing was parked behind an open breaker (its
+    // cool-down is 30 s)
+    let longest_wait: f64 = client
+        .query_one(
+            "select coalesce(max(extract(epoch from b.attempted_at - a.attempted_at)), 0)::float8
+               from walhook.attempts a
+               join walhook.attempts b on b.delivery_id = a.delivery_id and b.attempt = a.attempt + 1
+               join walhook.deliveries d on d.id = a.delivery_id
+              where d.endpoint_id = $1",
+            &[&partly],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        longest_wait < 5.0 + 15.0,
+        "an attempt waited {longest_wait:.1} s after the previous one; the longest step is 5 s"
+    );
+    assert_eq!(
+        count(
+            &client,
+            &format!(
+                "select count(*) from walhook.endpoint_state where endpoint_id = {partly} and breaker_changed_at is not null"
+            )
+        )
+        .await,
+        0,
+        "the breaker never opened"
+    );
+    // the health view reports what the receiver does: about half of the requests succeed
+    eventually("the success rate of the last hour is written", || async {
+        let rate: Option<f64> = client
+            .query_one(
+                "select success_rate_1h::float8 from walhook.endpoint_health where endpoint_id = $1",
+                &[&partly],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        rate.is_some_and(|r| (0.35..=0.65).contains(&r))
+    })
+    .await;
+    let _ = healthy;
+    daemon.stop().await;
+}
+
+both_sources!(first_attempts_failing_do_not_stall_the_endpoint);
+async fn first_attempts_failing_do_not_stall_the_endpoint(source: Source) {
+    a_partly_failing_endpoint_keeps_flowing(source, Partly::FirstAttemptFails).await;
+}
+
+both_sources!(half_of_the_requests_failing_at_random_do_not_stall_the_endpoint);
+async fn half_of_the_requests_failing_at_random_do_not_stall_the_endpoint(source: Source) {
+    a_partly_failing_endpoint_keeps_flowing(source, Partly::HalfAtRandom).await;
+}
+
+/// The breaker of an endpoint that is down survives a `kill -9` (it is in SQL, not only in memory): the next
+/// process keeps it open instead of sending everything again, and when the endpoint is back its probes close
+/// it and everything is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_breaker_survives_kill_9_and_closes_when_the_endpoint_is_back() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let u = up.clone();
+    rx.set_responder(move |_, _| {
+        if u.load(std::sync::atomic::Ordering::SeqCst) {
+            Reply::Status(200)
+        } else {
+            Reply::Status(503)
+        }
+    });
+    let (id, _) = add_endpoint(&client, &rx.url("/down"), &["*"]).await;
+    let mut env = pg.env();
+    for (k, v) in [
+        ("WALHOOK_DELIVERY__BREAKER_THRESHOLD", "3"),
+        ("WALHOOK_DELIVERY__BREAKER_COOLDOWN", "20s"),
+        ("WALHOOK_DELIVERY__BREAKER_MAX_COOLDOWN", "20s"),
+        (
+            "WALHOOK_DELIVERY__RETRY_SCHEDULE",
+            "1s,1s,1s,1s,1s,1s,1s,1s",
+        ),
+        ("WALHOOK_DELIVERY__MAX_IN_FLIGHT_PER_ENDPOINT", "1"),
+    ] {
+        env.push((k.into(), v.into()));
+    }
+    let child = KillOnDrop(spawn_binary(&["run"], &env));
+    wait_streaming(&client).await;
+    for i in 0..10 {
+        publish(&client, "order.created", &format!("{{\"i\": {i}}}")).await;
+    }
+    eventually("the breaker is open in walhook.endpoint_state", || async {
+        count(
+            &client,
+            &format!("select count(*) from walhook.endpoint_state where endpoint_id = {id} and breaker = 'open'"),
+        )
+        .await
+            == 1
+    })
+    .await;
+    drop(child); // kill -9
+    let _child = KillOnDrop(spawn_binary(&["run"], &env));
+    wait_streaming(&client).await;
+    let first_new = publish(&client, "order.created", "{\"after\": 0}").await;
+    for i in 1..10 {
+        publish(&client, "order.created", &format!("{{\"after\": {i}}}")).await;
+    }
+    eventually("the new events are recorded", || async {
+        count(
+            &client,
+            &format!("select count(*) from walhook.deliveries where event_id >= {first_new}"),
+        )
+        .await
+            == 10
+    })
+    .await;
+    // parked behind the breaker the new process took over: at most one round of probes was sent
+    let attempted = count(
+        &client,
+        &format!(
+            "select count(*) from walhook.attempts a join walhook.deliveries d on d.id = a.delivery_id
+              where d.event_id >= {first_new}"
+        ),
+    )
+    .await;
+    assert!(
+        attempted <= walhook::dispatch::limits::PROBES as i64,
+        "{attempted} of the 10 new events were attempted although the endpoint's breaker is open"
+    );
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_succeeded(&client, 20).await;
+    assert_eq!(rx.distinct_ids("/down").len(), 20);
+    eventually("the breaker is closed again", || async {
+        count(
+            &client,
+            &format!("select count(*) from walhook.endpoint_state where endpoint_id = {id} and breaker = 'closed'"),
+        )
+        .await
+            == 1
+    })
+    .await;
+}
+
+// ---- nothing is skipped unrecorded (items 6 and 8) ----
+
+/// A `whsk_` key of 64 bytes (so SQL accepts it) whose second half is not the public key of its first: no
+/// check in SQL can see that, only the daemon.
+fn mismatched_signing_key() -> String {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    let (a, _) = walhook::sign::Ed25519Signer::generate();
+    let (_, b_public) = walhook::sign::Ed25519Signer::generate();
+    let mut bytes = STANDARD.decode(a.trim_start_matches("whsk_")).unwrap();
+    bytes.truncate(32);
+    bytes.extend(
+        STANDARD
+            .decode(b_public.trim_start_matches("whpk_"))
+            .unwrap(),
+    );
+    format!("whsk_{}", STANDARD.encode(bytes))
+}
+
+both_sources!(rows_the_daemon_cannot_use_are_recorded_dead_with_the_reason);
+async fn rows_the_daemon_cannot_use_are_recorded_dead_with_the_reason(source: Source) {
+    let pg = Pg::start_for(source).await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    let (ok, _) = add_endpoint(&client, &rx.url("/ok"), &["*"]).await;
+    let (bad, _) = add_endpoint(&client, &rx.url("/bad"), &["*"]).await;
+    client
+        .execute(
+            "update walhook.endpoints set signing_key = $2 where id = $1",
+            &[&bad, &mismatched_signing_key()],
+        )
+        .await
+        .expect("SQL accepts a 64-byte key");
+    // non-ASCII in the path and the query: encoded in the request line, never sent raw
+    let (utf8, _) = add_endpoint(&client, &rx.url("/ü?name=Zoë"), &["*"]).await;
+    let daemon = Daemon::start(pg.config_for(source));
+    wait_ready(source, &client).await;
+    for i in 0..3 {
+        publish(&client, "order.created", &format!("{{\"i\": {i}}}")).await;
+    }
+    eventually("every delivery is final", || async {
+        count(
+            &client,
+            "select count(*) from walhook.deliveries where status in ('succeeded', 'dead')",
+        )
+        .await
+            == 9
+    })
+    .await;
+    if source == Source::Notify {
+        wait_all_processed(&client).await;
+    }
+    assert_eq!(rx.distinct_ids("/ok").len(), 3);
+    assert_eq!(rx.distinct_ids("/%C3%BC").len(), 3, "{:?}", rx.received());
+    let dead: Vec<(String, i32)> = client
+        .query(
+            "select last_error, attempts from walhook.deliveries where endpoint_id = $1 and status = 'dead'",
+            &[&bad],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(dead.len(), 3, "recorded, not skipped: {dead:?}");
+    assert!(
+        dead.iter()
+            .all(|(e, _)| e.contains("signing_key") && e.contains("redeliver")),
+        "{dead:?}"
+    );
+    assert_eq!(rx.distinct_ids("/bad").len(), 0);
+    // the row fixed, redeliver sends what was recorded dead
+    client
+        .batch_execute(&format!(
+            "update walhook.endpoints set signing_key = null where id = {bad};
+             select walhook.redeliver(endpoint_id => {bad});"
+        ))
+        .await
+        .unwrap();
+    eventually("the fixed endpoint gets its deliveries", || async {
+        rx.distinct_ids("/bad").len() == 3
+    })
+    .await;
+    let _ = (ok, utf8);
+    daemon.stop().await;
+}
+
+both_sources!(a_paused_endpoint_holds_its_deliveries_and_sends_them_when_resumed);
+async fn a_paused_endpoint_holds_its_deliveries_and_sends_them_when_resumed(source: Source) {
+    let pg = Pg::start_for(source).await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    let (paused, _) = add_endpoint(&client, &rx.url("/paused"), &["*"]).await;
+    add_endpoint(&client, &rx.url("/other"), &["*"]).await;
+    client
+        .execute(
+            "update walhook.endpoints set paused = true where id = $1",
+            &[&paused],
+        )
+        .await
+        .unwrap();
+    let daemon = Daemon::start(pg.config_for(source));
+    wait_ready(source, &client).await;
+    for i in 0..5 {
+        publish(&client, "order.created", &format!("{{\"i\": {i}}}")).await;
+    }
+    eventually("the paused endpoint's deliveries are held as pending", || async {
+        count(
+            &client,
+            &format!("select count(*) from walhook.deliveries where endpoint_id = {paused} and status = 'pending' and attempts = 0"),
+        )
+        .await
+            == 5
+    })
+    .await;
+    wait_succeeded(&client, 5).await; // the other endpoint's
+    assert_eq!(
+        rx.distinct_ids("/paused").len(),
+        0,
+        "nothing sent while paused"
+    );
+    client
+        .execute(
+            "update walhook.endpoints set paused = false where id = $1",
+            &[&paused],
+        )
+        .await
+        .unwrap();
+    wait_succeeded(&client, 10).await;
+    assert_eq!(rx.distinct_ids("/paused"), rx.distinct_ids("/other"));
+    daemon.stop().await;
+}
+
+both_sources!(what_a_disabled_endpoint_missed_is_recovered);
+async fn what_a_disabled_endpoint_missed_is_recovered(source: Source) {
+    let pg = Pg::start_for(source).await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    // /gone answers 410 to the first request it gets, then 200
+    let answered = std::sync::atomic::AtomicBool::new(false);
+    rx.set_responder(move |r, _| {
+        if r.path == "/gone" && !answered.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            Reply::Status(410)
+        } else {
+            Reply::Status(200)
+        }
+    });
+    let (by_hand, _) = add_endpoint(&client, &rx.url("/by-hand"), &["*"]).await;
+    let (gone, _) = add_endpoint(&client, &rx.url("/gone"), &["*"]).await;
+    add_endpoint(&client, &rx.url("/all"), &["*"]).await;
+    let since: std::time::SystemTime = client.query_one("select now()", &[]).await.unwrap().get(0);
+    // disabled by hand before the daemon starts (a change while it runs applies within
+    // endpoints.refresh_interval)
+    client
+        .execute(
+            "update walhook.endpoints set enabled = false where id = $1",
+            &[&by_hand],
+        )
+        .await
+        .unwrap();
+    let daemon = Daemon::start(pg.config_for(source));
+    wait_ready(source, &client).await;
+    publish(&client, "order.created", "{\"first\": true}").await;
+    eventually("one 410 disables the endpoint", || async {
+        count(
+            &client,
+            &format!("select count(*) from walhook.endpoints where id = {gone} and not enabled and disabled_reason like '%410%recover%'"),
+        )
+        .await
+            == 1
+    })
+    .await;
+    // the daemon's cache follows within endpoints.refresh_interval (100 ms here): markers until one is no
+    // longer fanned out to the disabled endpoint
+    eventually("the daemon stops fanning out to the disabled endpoint", || async {
+        let marker = publish(&client, "marker.sent", "{}").await;
+        eventually("the marker is recorded", || async {
+            count(&client, &format!("select count(*) from walhook.deliveries where event_id = {marker}")).await > 0
+        })
+        .await;
+        count(
+            &client,
+            &format!("select count(*) from walhook.deliveries where event_id = {marker} and endpoint_id = {gone}"),
+        )
+        .await
+            == 0
+    })
+    .await;
+    for i in 0..10 {
+        publish(&client, "order.created", &format!("{{\"i\": {i}}}")).await;
+    }
+    let events = count(&client, "select count(*) from walhook.outbox").await;
+    eventually("the enabled endpoint gets everything", || async {
+        rx.distinct_ids("/all").len() as i64 == events
+    })
+    .await;
+    if source == Source::Notify {
+        wait_all_processed(&client).await;
+    }
+    assert_eq!(
+        count(
+            &client,
+            &format!("select count(*) from walhook.deliveries where endpoint_id = {by_hand}")
+        )
+        .await,
+        0,
+        "a disabled endpoint receives nothing"
+    );
+    // re-enabled, then recovered: every event it missed, with its own webhook-id; once
+    client
+        .execute(
+            "update walhook.endpoints set enabled = true where id = any($1)",
+            &[&vec![by_hand, gone]],
+        )
+        .await
+        .unwrap();
+    let recovered = |id: i64| {
+        let client = &client;
+        async move {
+            client
+                .query_one("select walhook.recover($1, since => $2)", &[&id, &since])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(recovered(by_hand).await, events);
+    let missed = count(
+        &client,
+        &format!("select count(*) from walhook.outbox o where not exists (select 1 from walhook.deliveries d where d.event_id = o.id and d.endpoint_id = {gone})"),
+    )
+    .await;
+    assert!(
+        missed >= 11,
+        "{missed}: the markers' last and the 10 events"
+    );
+    assert_eq!(
+        recovered(gone).await,
+        missed,
+        "the event answered 410 has its (dead) delivery already"
+    );
+    assert_eq!(recovered(by_hand).await, 0, "idempotent");
+    client
+        .query_one("select walhook.redeliver(endpoint_id => $1)", &[&gone])
+        .await
+        .unwrap();
+    eventually("both endpoints get everything they missed", || async {
+        rx.distinct_ids("/by-hand").len() as i64 == events
+            && rx.distinct_ids("/gone").len() as i64 == events
+    })
+    .await;
+    assert_eq!(rx.distinct_ids("/by-hand"), rx.distinct_ids("/all"));
+    assert_eq!(rx.distinct_ids("/gone"), rx.distinct_ids("/all"));
+    daemon.stop().await;
+}
+
+/// `delivery.disable_after` measures from the first failure after the last success, as every instance saw it,
+/// in SQL: a restart does not start the clock again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_disable_after_clock_survives_a_restart() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    rx.set_responder(|_, _| Reply::Status(503));
+    let (id, _) = add_endpoint(&client, &rx.url("/down"), &["*"]).await;
+    let config = || {
+        pg.config_with(|f| {
+            f.merge(("delivery.disable_after", "6s"))
+                .merge(("delivery.retry_schedule", vec!["30s"]))
+        })
+    };
+    let daemon = Daemon::start(config());
+    wait_streaming(&client).await;
+    publish(&client, "order.created", "{}").await;
+    let failing_since = || {
+        let client = &client;
+        async move {
+            client
+                .query_opt(
+                    "select failing_since from walhook.endpoint_state where endpoint_id = $1",
+                    &[&id],
+                )
+                .await
+                .unwrap()
+                .and_then(|r| r.get::<_, Option<std::time::SystemTime>>(0))
+        }
+    };
+    eventually("the failing streak is written", || async {
+        failing_since().await.is_some()
+    })
+    .await;
+    let began = failing_since().await.unwrap();
+    daemon.stop().await;
+
+    let daemon = Daemon::start(config());
+    wait_streaming(&client).await;
+    publish(&client, "order.created", "{}").await;
+    eventually("the endpoint is disabled", || async {
+        count(
+            &client,
+            &format!("select count(*) from walhook.endpoints where id = {id} and not enabled"),
+        )
+        .await
+            == 1
+    })
+    .await;
+    assert_eq!(
+        failing_since().await,
+        Some(began),
+        "the streak is counted from before the restart"
+    );
+    let reason: String = client
+        .query_one(
+            "select disabled_reason from walhook.endpoints where id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        reason.contains("disable_after") && reason.contains("walhook.recover"),
+        "{reason}"
+    );
+    daemon.stop().await;
+}
