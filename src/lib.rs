@@ -29,7 +29,8 @@
 //! - [`demo`], [`cluster`], [`receiver`]: the self-contained demo, a throwaway PostgreSQL cluster and a
 //!   loopback webhook receiver (also used by the tests and benchmarks).
 //! - [`bench`]: `walhook bench`, throughput, latency and cost of the relay on this machine.
-//! - [`lsn`], [`metrics`]: WAL positions; metric names.
+//! - [`lsn`], [`metrics`]: WAL positions; metric names. [`pgerror`]: how a database failure reads (the
+//!   server's message, SQLSTATE, detail, hint, and the fix), for every error that wraps one.
 
 pub mod bench;
 pub mod cluster;
@@ -44,7 +45,9 @@ pub mod health;
 pub mod lsn;
 pub mod metrics;
 pub mod monitor;
+pub mod pgerror;
 pub mod pgoutput;
+pub mod preflight;
 pub mod receiver;
 pub mod record;
 pub mod retention;
