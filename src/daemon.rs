@@ -192,6 +192,11 @@ pub async fn run(
     let listener = listen(&config).await?;
     let metrics = crate::metrics::install();
     crate::metrics::register_all();
+    let source_label = match config.source {
+        SourceKind::Replication => "replication",
+        SourceKind::Notify => "notify",
+    };
+    metrics::gauge!(crate::metrics::SOURCE, "source" => source_label).set(1.0);
     let health = Health::new(config.health.max_lag);
     let settings = DispatchSettings {
         retry: RetryPolicy {

@@ -33,11 +33,14 @@ pub const PARKED: &str = "walhook_deliveries_parked_total";
 pub const RECONNECTS: &str = "walhook_source_reconnects_total";
 pub const RETENTION_DELETED: &str = "walhook_retention_deleted_rows_total";
 pub const BREAKERS: &str = "walhook_circuit_breakers";
+pub const SOURCE: &str = "walhook_source";
 
 /// Outcomes of `walhook_deliveries_total`: sent, to be retried, given up, disabled by a 410 Gone.
 pub const OUTCOMES: &[&str] = &["delivered", "retry", "dead", "gone"];
 /// States of `walhook_circuit_breakers`.
 pub const BREAKER_STATES: &[&str] = &["closed", "open", "half_open"];
+/// Values of `walhook_source`: 1 for the configured one.
+pub const SOURCES: &[&str] = &["replication", "notify"];
 /// Tables of `walhook_retention_deleted_rows_total`.
 pub const RETENTION_TABLES: &[&str] = &["deliveries", "attempts", "outbox"];
 
@@ -110,6 +113,9 @@ pub fn register_all() {
     for state in BREAKER_STATES {
         gauge!(BREAKERS, "state" => *state).increment(0.0);
     }
+    for source in SOURCES {
+        gauge!(SOURCE, "source" => *source).increment(0.0);
+    }
     for name in [ATTEMPT_DURATION, DELIVERY_LATENCY] {
         // a handle registers the histogram; its buckets render with zero counts
         let _ = histogram!(name);
@@ -143,6 +149,10 @@ pub fn describe() {
     describe_gauge!(
         STREAMING,
         "1 while the replication stream is up, 0 otherwise (always 0 with source = notify)"
+    );
+    describe_gauge!(
+        SOURCE,
+        "1 for the configured source (replication or notify), 0 for the other"
     );
     describe_gauge!(
         STANDBY,
