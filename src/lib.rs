@@ -25,7 +25,8 @@
 //! - [`store`]: every SQL statement the daemon runs.
 //! - [`daemon`]: `walhook run`, wiring and graceful drain; [`health`]: health state and `/healthz`,
 //!   `/readyz`, `/metrics`; [`monitor`]: samples slot and backlog from SQL; [`systemd`]: the notify protocol.
-//! - [`retention`]: batched cleanup of old deliveries, attempts and outbox rows; [`status`]: `walhook status`.
+//! - [`retention`]: batched cleanup of old deliveries, attempts and outbox rows; [`status`]: `walhook status`;
+//!   [`preflight`]: the start-up checks of `walhook check-config --connect`.
 //! - [`demo`], [`cluster`], [`receiver`]: the self-contained demo, a throwaway PostgreSQL cluster and a
 //!   loopback webhook receiver (also used by the tests and benchmarks).
 //! - [`bench`]: `walhook bench`, throughput, latency and cost of the relay on this machine.
