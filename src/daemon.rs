@@ -31,53 +31,79 @@ use crate::source::replication::SlotKeeper;
 use crate::source::{Pipeline, SourceError};
 use crate::store::Store;
 
+/// Why `walhook run` (or `recover-slot`) stopped. Each message is complete on its own: no variant exposes
+/// a `source()` that `{:#}` would print a second time.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error(transparent)]
-    Source(#[from] SourceError),
-    #[error("cannot listen on http.listen {addr}: {source}")]
+    #[error("{0}")]
+    Config(ConfigError),
+    #[error("{0}")]
+    Source(SourceError),
+    #[error("cannot listen on http.listen {addr}: {error}{}", listen_fix(.error))]
     Listen {
         addr: std::net::SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error(transparent)]
-    Tls(#[from] crate::dispatch::client::TlsError),
+    #[error("{0}")]
+    Tls(crate::dispatch::client::TlsError),
 }
 
-/// The configured source.
-enum Source {
-    Replication(ReplicationSource),
-    Notify(NotifySource),
-}
-
-impl Source {
-    async fn prepare(&self) -> Result<(), SourceError> {
-        match self {
-            Source::Replication(s) => s.prepare().await,
-            Source::Notify(s) => s.prepare().await,
-        }
-    }
-
-    async fn run(self, stop: CancellationToken) -> Result<(), SourceError> {
-        match self {
-            Source::Replication(s) => s.run(stop).await,
-            Source::Notify(s) => s.run(stop).await,
-        }
+impl From<ConfigError> for RunError {
+    fn from(e: ConfigError) -> Self {
+        RunError::Config(e)
     }
 }
 
-/// Runs the daemon until `stop` is cancelled (graceful drain) or `abort` is (immediate).
-pub async fn run(
-    config: Config,
-    stop: CancellationToken,
-    abort: CancellationToken,
-) -> Result<(), RunError> {
+impl From<SourceError> for RunError {
+    fn from(e: SourceError) -> Self {
+        RunError::Source(e)
+    }
+}
+
+impl RunError {
+    /// Names the role of `db` in fixes rendered without it (a statement deep in a source only knows its
+    /// session, not the settings it was opened with).
+    fn naming_user(self, db: &tokio_postgres::Config) -> RunError {
+        let name = |m: String| crate::pgerror::name_target(&m, db);
+        match self {
+            RunError::Source(SourceError::Fatal(m)) => {
+                RunError::Source(SourceError::Fatal(name(m)))
+            }
+            RunError::Source(SourceError::Transient(m)) => {
+                RunError::Source(SourceError::Transient(name(m)))
+            }
+            other => other,
+        }
+    }
+}
+
+impl From<crate::dispatch::client::TlsError> for RunError {
+    fn from(e: crate::dispatch::client::TlsError) -> Self {
+        RunError::Tls(e)
+    }
+}
+
+fn listen_fix(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            "; another process (another walhook?) listens there: stop it, or set http.listen to a free \
+             address or \"off\""
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            "; ports below 1024 need privileges: set http.listen to a port above 1024"
+        }
+        std::io::ErrorKind::AddrNotAvailable => {
+            "; no interface of this host has that address: set http.listen to one of its addresses"
+        }
+        _ => "",
+    }
+}
+
+/// What `run` builds from the configuration before it connects: the connection settings and the delivery
+/// client (`delivery.ca_file`, `delivery.allowed_networks`). `walhook check-config` builds the same, so it
+/// refuses exactly what `run` would refuse before touching the database.
+fn build(config: &Config) -> Result<(tokio_postgres::Config, HttpClient), RunError> {
     let db = config.database_url()?;
-    let metrics = crate::metrics::install();
-    let health = Health::new(config.health.max_lag);
-
     let allowed = config
         .delivery
         .allowed_networks
@@ -110,6 +136,68 @@ pub async fn run(
         },
         policy,
     )?;
+    Ok((db, client))
+}
+
+/// Binds `http.listen` (`None` when it is off).
+async fn listen(config: &Config) -> Result<Option<tokio::net::TcpListener>, RunError> {
+    match config.http.listen {
+        Some(addr) => Ok(Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|error| RunError::Listen { addr, error })?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// `walhook check-config`: every check `run` makes before connecting (the configuration, `database_url`, the
+/// delivery client, binding `http.listen`), with nothing kept.
+pub async fn check_offline(config: &Config) -> Result<(), RunError> {
+    build(config)?;
+    drop(listen(config).await?);
+    Ok(())
+}
+
+/// The configured source.
+enum Source {
+    Replication(ReplicationSource),
+    Notify(NotifySource),
+}
+
+impl Source {
+    async fn prepare(&self) -> Result<(), SourceError> {
+        match self {
+            Source::Replication(s) => s.prepare().await,
+            Source::Notify(s) => s.prepare().await,
+        }
+    }
+
+    async fn run(self, stop: CancellationToken) -> Result<(), SourceError> {
+        match self {
+            Source::Replication(s) => s.run(stop).await,
+            Source::Notify(s) => s.run(stop).await,
+        }
+    }
+}
+
+/// Runs the daemon until `stop` is cancelled (graceful drain) or `abort` is (immediate).
+pub async fn run(
+    config: Config,
+    stop: CancellationToken,
+    abort: CancellationToken,
+) -> Result<(), RunError> {
+    let (db, client) = build(&config)?;
+    // bound before anything is created in the database, so a taken port fails the start without side effects
+    let listener = listen(&config).await?;
+    let metrics = crate::metrics::install();
+    crate::metrics::register_all();
+    let source_label = match config.source {
+        SourceKind::Replication => "replication",
+        SourceKind::Notify => "notify",
+    };
+    metrics::gauge!(crate::metrics::SOURCE, "source" => source_label).set(1.0);
+    let health = Health::new(config.health.max_lag);
     let settings = DispatchSettings {
         retry: RetryPolicy {
             schedule: config.delivery.retry_schedule.clone(),
@@ -173,10 +261,13 @@ pub async fn run(
             pipeline,
         }),
     };
-    source.prepare().await?;
+    source
+        .prepare()
+        .await
+        .map_err(|e| RunError::from(e).naming_user(&db))?;
     if config.source == SourceKind::Notify {
         // polling has no stream to wait for: ready once prepared
-        health.set_streaming(true);
+        health.set_polling();
     }
     let mut refresher = EndpointRefresher {
         db: db.clone(),
@@ -193,14 +284,6 @@ pub async fn run(
         }
     }
 
-    let listener = match config.http.listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| RunError::Listen { addr, source })?,
-        ),
-        None => None,
-    };
     let workers = CancellationToken::new();
     let recorder_handle = tokio::spawn(recorder_task.run(abort.clone()));
     let refresh_interval = config.endpoints.refresh_interval;
@@ -313,7 +396,7 @@ pub async fn run(
     if let Some(h) = health_handle {
         h.abort();
     }
-    result.map_err(RunError::from)
+    result.map_err(|e| RunError::from(e).naming_user(&db))
 }
 
 /// `walhook recover-slot`: see [`SlotKeeper::recover`].
@@ -323,11 +406,14 @@ pub async fn recover_slot(
 ) -> Result<crate::source::replication::Recovery, RunError> {
     let db = config.database_url()?;
     let keeper = SlotKeeper {
-        db,
+        db: db.clone(),
         slot: config.replication.slot.clone(),
         publication: config.replication.publication.clone(),
     };
-    Ok(keeper.recover(since).await?)
+    keeper
+        .recover(since)
+        .await
+        .map_err(|e| RunError::from(e).naming_user(&db))
 }
 
 /// Keeps the endpoint cache in step with `walhook.endpoints`.

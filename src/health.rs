@@ -68,6 +68,12 @@ impl Health {
         metrics::gauge!(crate::metrics::STREAMING).set(if streaming { 1.0 } else { 0.0 });
     }
 
+    /// The notify source is prepared: ready as a stream would be, but `walhook_streaming` stays 0, since
+    /// there is no replication stream (dashboards tell the sources apart by it).
+    pub fn set_polling(&self) {
+        self.streaming.send_replace(true);
+    }
+
     pub fn is_streaming(&self) -> bool {
         *self.streaming.borrow()
     }

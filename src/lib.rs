@@ -25,11 +25,13 @@
 //! - [`store`]: every SQL statement the daemon runs.
 //! - [`daemon`]: `walhook run`, wiring and graceful drain; [`health`]: health state and `/healthz`,
 //!   `/readyz`, `/metrics`; [`monitor`]: samples slot and backlog from SQL; [`systemd`]: the notify protocol.
-//! - [`retention`]: batched cleanup of old deliveries, attempts and outbox rows; [`status`]: `walhook status`.
+//! - [`retention`]: batched cleanup of old deliveries, attempts and outbox rows; [`status`]: `walhook status`;
+//!   [`preflight`]: the start-up checks of `walhook check-config --connect`.
 //! - [`demo`], [`cluster`], [`receiver`]: the self-contained demo, a throwaway PostgreSQL cluster and a
 //!   loopback webhook receiver (also used by the tests and benchmarks).
 //! - [`bench`]: `walhook bench`, throughput, latency and cost of the relay on this machine.
-//! - [`lsn`], [`metrics`]: WAL positions; metric names.
+//! - [`lsn`], [`metrics`]: WAL positions; metric names. [`pgerror`]: how a database failure reads (the
+//!   server's message, SQLSTATE, detail, hint, and the fix), for every error that wraps one.
 
 pub mod bench;
 pub mod cluster;
@@ -44,7 +46,9 @@ pub mod health;
 pub mod lsn;
 pub mod metrics;
 pub mod monitor;
+pub mod pgerror;
 pub mod pgoutput;
+pub mod preflight;
 pub mod receiver;
 pub mod record;
 pub mod retention;

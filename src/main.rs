@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use walhook::config::{Config, LogFormat};
+use walhook::pgerror::{name_target, Job, Target};
 
 // mimalloc: the relay allocates and frees small buffers per request (headers, bodies, futures); the
 // benchmark showed ~19 % of the relay's CPU in the system allocator.
@@ -36,8 +37,15 @@ enum Command {
     Run,
     /// Self-contained demo: throwaway PostgreSQL, a verifying receiver, sample events, a summary.
     Demo,
-    /// Validate the configuration and exit (non-zero with the offending key).
-    CheckConfig,
+    /// Validate the configuration as `run` does before it connects, and exit (non-zero naming the key and the
+    /// fix): `database_url`, the delivery client (`delivery.ca_file`, `delivery.allowed_networks`), binding
+    /// `http.listen`.
+    CheckConfig {
+        /// Also connect and make the start-up checks of `run`: authentication, schema version, privileges,
+        /// and what the source needs (wal_level and REPLICATION, or the notify index and trigger).
+        #[arg(long)]
+        connect: bool,
+    },
     /// One-screen summary: slot, lag, retained WAL, backlog, per-endpoint counts of the last hour.
     Status,
     /// After the slot was dropped or invalidated: re-create it and queue the outbox rows without deliveries.
@@ -127,18 +135,40 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     }
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
-        Command::CheckConfig => {
-            println!("configuration is valid");
-            Ok(())
-        }
+        Command::CheckConfig { connect } => runtime.block_on(async {
+            walhook::daemon::check_offline(&config).await?;
+            if !connect {
+                println!("configuration is valid");
+                return Ok(());
+            }
+            match walhook::preflight::check(&config).await {
+                Ok(passed) => {
+                    println!("{}", walhook::preflight::summary(&config, &passed));
+                    Ok(())
+                }
+                Err(problems) => {
+                    for problem in &problems {
+                        eprintln!("walhook: {problem}");
+                    }
+                    match problems.len() {
+                        1 => anyhow::bail!("this would stop `walhook run`; fix it and check again"),
+                        n => anyhow::bail!(
+                            "these {n} problems would stop `walhook run`; fix them and check again"
+                        ),
+                    }
+                }
+            }
+        }),
         Command::Migrate => {
             init_logs(&config.log.level, config.log.format, config.log.payloads);
             runtime.block_on(async {
                 let db = config.database_url()?;
                 let mut client = walhook::store::connect_client(&db)
                     .await
-                    .context("connecting to postgres")?;
-                let applied = walhook::schema::migrate(&mut client).await?;
+                    .map_err(|e| anyhow::anyhow!(e.describe_with(Job::Migrate, None)))?;
+                let applied = walhook::schema::migrate(&mut client)
+                    .await
+                    .map_err(|e| anyhow::anyhow!(name_target(&e.to_string(), &db)))?;
                 if applied.is_empty() {
                     println!("walhook schema is up to date");
                 } else {
@@ -161,7 +191,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             init_logs("warn", config.log.format, false);
             runtime.block_on(async {
                 let db = config.database_url()?;
-                let status = walhook::status::read(&db, &config.replication.slot).await?;
+                let status = walhook::status::read_for(&db, &config).await.map_err(|e| {
+                    anyhow::anyhow!(e.describe_with(Job::Status, Some(&Target::of(&db))))
+                })?;
                 print!("{}", status.render());
                 Ok(())
             })
@@ -252,8 +284,10 @@ fn init_logs(level: &str, format: LogFormat, payloads: bool) {
     if !payloads && verbose && !directives.contains("tokio_postgres") {
         filter = filter.add_directive("tokio_postgres=info".parse().expect("a valid directive"));
     }
+    // colour only for a person at a terminal: files, pipes and the journal get plain text
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),

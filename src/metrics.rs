@@ -5,6 +5,10 @@
 //! ids (per-endpoint numbers are one SQL query away: `walhook status`). The recorder is process-global (the
 //! `metrics` facade allows one), so it is installed once and every daemon in the process shares it; without
 //! it every `counter!`/`gauge!` call is a no-op.
+//!
+//! A series the recorder has never seen is absent from `/metrics`, and a dashboard shows "no data" rather
+//! than 0 for a standby that never stood by or a counter that never moved. So [`register_all`] exports every
+//! series at start, labelled ones with each of their label values, at zero.
 
 use std::sync::OnceLock;
 
@@ -29,6 +33,16 @@ pub const PARKED: &str = "walhook_deliveries_parked_total";
 pub const RECONNECTS: &str = "walhook_source_reconnects_total";
 pub const RETENTION_DELETED: &str = "walhook_retention_deleted_rows_total";
 pub const BREAKERS: &str = "walhook_circuit_breakers";
+pub const SOURCE: &str = "walhook_source";
+
+/// Outcomes of `walhook_deliveries_total`: sent, to be retried, given up, disabled by a 410 Gone.
+pub const OUTCOMES: &[&str] = &["delivered", "retry", "dead", "gone"];
+/// States of `walhook_circuit_breakers`.
+pub const BREAKER_STATES: &[&str] = &["closed", "open", "half_open"];
+/// Values of `walhook_source`: 1 for the configured one.
+pub const SOURCES: &[&str] = &["replication", "notify"];
+/// Tables of `walhook_retention_deleted_rows_total`.
+pub const RETENTION_TABLES: &[&str] = &["deliveries", "attempts", "outbox"];
 
 /// Histogram buckets (seconds): HTTP attempts are bounded by `delivery.timeout`; commit-to-delivery latency
 /// spans from milliseconds (streamed) to a day (the last retries of the default schedule).
@@ -64,6 +78,50 @@ pub fn install() -> Option<PrometheusHandle> {
         .clone()
 }
 
+/// Exports every series at zero, unless it already has a value (several daemons in one process share the
+/// recorder: adding zero leaves theirs alone).
+pub fn register_all() {
+    use metrics::{counter, gauge, histogram};
+    for name in [
+        EVENTS_RECEIVED,
+        PARKED,
+        RECONNECTS,
+        RECORD_BATCHES,
+        RECORD_ROWS,
+    ] {
+        counter!(name).increment(0);
+    }
+    for outcome in OUTCOMES {
+        counter!(DELIVERIES, "outcome" => *outcome).increment(0);
+    }
+    for table in RETENTION_TABLES {
+        counter!(RETENTION_DELETED, "table" => *table).increment(0);
+    }
+    for name in [
+        IN_FLIGHT,
+        PENDING,
+        DEAD,
+        STREAMING,
+        STANDBY,
+        LAG_BYTES,
+        LAG_SECONDS,
+        RETAINED_WAL,
+        SLOT_LOST,
+    ] {
+        gauge!(name).increment(0.0);
+    }
+    for state in BREAKER_STATES {
+        gauge!(BREAKERS, "state" => *state).increment(0.0);
+    }
+    for source in SOURCES {
+        gauge!(SOURCE, "source" => *source).increment(0.0);
+    }
+    for name in [ATTEMPT_DURATION, DELIVERY_LATENCY] {
+        // a handle registers the histogram; its buckets render with zero counts
+        let _ = histogram!(name);
+    }
+}
+
 /// Registers descriptions with whatever recorder is installed (none by default: the calls are no-ops).
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
@@ -73,7 +131,7 @@ pub fn describe() {
     );
     describe_counter!(
         DELIVERIES,
-        "delivery attempts by outcome (delivered, retry, dead)"
+        "delivery attempts by outcome (delivered, retry, dead, gone)"
     );
     describe_histogram!(ATTEMPT_DURATION, Unit::Seconds, "duration of HTTP attempts");
     describe_histogram!(
@@ -90,7 +148,11 @@ pub fn describe() {
     describe_gauge!(DEAD, "deliveries that gave up (sampled from SQL)");
     describe_gauge!(
         STREAMING,
-        "1 while the replication stream is up, 0 otherwise"
+        "1 while the replication stream is up, 0 otherwise (always 0 with source = notify)"
+    );
+    describe_gauge!(
+        SOURCE,
+        "1 for the configured source (replication or notify), 0 for the other"
     );
     describe_gauge!(
         STANDBY,

@@ -19,19 +19,30 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
 /// Advisory lock key taken while migrating ("walhook" in ASCII).
 const MIGRATION_LOCK: i64 = 0x77_616c_686f_6f6b;
 
+/// Database errors read as [`crate::pgerror`] renders them for `walhook migrate` (a missing privilege means
+/// the role may not create the schema); they are not exposed as `source()`, so no chain repeats them.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
-    #[error("migration {version} ({name}) failed: {source}")]
+    #[error("migration {version} ({name}) failed: {}", describe(.error))]
     Migration {
         version: i32,
         name: &'static str,
-        #[source]
-        source: tokio_postgres::Error,
+        error: tokio_postgres::Error,
     },
-    #[error("could not prepare the walhook schema: {0}")]
-    Setup(#[from] tokio_postgres::Error),
+    #[error("could not prepare the walhook schema: {}", describe(.0))]
+    Setup(tokio_postgres::Error),
     #[error("the database has walhook schema version {found}, newer than this binary knows ({known}): upgrade walhook")]
     TooNew { found: i32, known: i32 },
+}
+
+impl From<tokio_postgres::Error> for MigrateError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        MigrateError::Setup(e)
+    }
+}
+
+fn describe(e: &tokio_postgres::Error) -> String {
+    crate::pgerror::describe_for(e, crate::pgerror::Job::Migrate, None)
 }
 
 /// Applies every migration not yet applied; returns the versions applied now (empty when up to date).
@@ -64,10 +75,10 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, MigrateError> {
         if applied.contains(&version) {
             continue;
         }
-        let fail = |source| MigrateError::Migration {
+        let fail = |error| MigrateError::Migration {
             version,
             name,
-            source,
+            error,
         };
         tx.batch_execute(sql).await.map_err(fail)?;
         tx.execute(

@@ -1,12 +1,17 @@
 //! `walhook status`: a one-screen summary read from SQL and the slot, for a person at a terminal.
 //!
 //! It needs no running daemon (several instances, or none, may be up): everything comes from
-//! `pg_replication_slots`, `pg_stat_replication` and walhook's tables, in four queries. Endpoint URLs are
-//! shown without credentials or query strings, which may carry secrets; errors are the recorded excerpts.
+//! `pg_replication_slots`, `pg_stat_replication` and walhook's tables, in four queries. What the source part
+//! shows follows the configured `source`: the slot, its leader and lag for `replication`; the unprocessed
+//! outbox rows for `notify` (which has no slot, so a missing one is no news). Endpoint URLs are shown without
+//! credentials or query strings, which may carry secrets; errors are the recorded excerpts.
 
 use std::fmt::Write;
 
-use crate::store::{self, Backlog, EndpointStatus, Leadership, SlotStatus, StoreError};
+use crate::config::{Config, SourceKind};
+use crate::store::{
+    self, Backlog, EndpointStatus, Leadership, OutboxBacklog, SlotStatus, StoreError,
+};
 use crate::systemd::human_bytes;
 
 /// Endpoints listed before "… and N more" (the busiest first: dead, then pending).
@@ -20,9 +25,31 @@ pub struct Status {
     pub leadership: Leadership,
     pub backlog: Backlog,
     pub endpoints: Vec<EndpointStatus>,
+    /// `source = "notify"`: its unprocessed rows, shown instead of the slot.
+    pub notify: Option<OutboxBacklog>,
 }
 
-/// Reads the summary from the database.
+/// Reads the summary for the configured source from `db` (`config.database_url()`).
+pub async fn read_for(db: &tokio_postgres::Config, config: &Config) -> Result<Status, StoreError> {
+    match config.source {
+        SourceKind::Replication => read(db, &config.replication.slot).await,
+        SourceKind::Notify => read_notify(db).await,
+    }
+}
+
+/// Reads the summary of a notify source from the database.
+pub async fn read_notify(config: &tokio_postgres::Config) -> Result<Status, StoreError> {
+    let client = store::connect_client(config).await?;
+    store::check_schema(&client).await?;
+    Ok(Status {
+        notify: Some(store::outbox_backlog(&client).await?),
+        backlog: store::backlog(&client).await?,
+        endpoints: store::endpoint_status(&client).await?,
+        ..Default::default()
+    })
+}
+
+/// Reads the summary of a replication source (its slot `slot`) from the database.
 pub async fn read(config: &tokio_postgres::Config, slot: &str) -> Result<Status, StoreError> {
     let client = store::connect_client(config).await?;
     store::check_schema(&client).await?;
@@ -37,6 +64,7 @@ pub async fn read(config: &tokio_postgres::Config, slot: &str) -> Result<Status,
         .await?,
         backlog: store::backlog(&client).await?,
         endpoints: store::endpoint_status(&client).await?,
+        notify: None,
     })
 }
 
@@ -45,7 +73,22 @@ impl Status {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let name = &self.slot_name;
+        if let Some(n) = &self.notify {
+            let oldest = n
+                .oldest_unprocessed
+                .map_or(String::new(), |s| format!(", oldest {}", age(s)));
+            let rows = match n.unprocessed {
+                1 => "1 unprocessed outbox row".to_string(),
+                n => format!("{n} unprocessed outbox rows"),
+            };
+            let _ = writeln!(
+                out,
+                "source     notify: {rows}{oldest}; {} claimed by an instance now",
+                n.claimed
+            );
+        }
         match &self.slot {
+            _ if self.notify.is_some() => {}
             None => {
                 let _ = writeln!(
                     out,
@@ -229,7 +272,7 @@ mod tests {
                 ..Default::default()
             }),
             leadership: Leadership {
-                leader: Some("process 7 (walhook) on 10.0.0.5".into()),
+                leader: Some("walhook (pid 7 on web-1), connected from 10.0.0.5".into()),
                 standbys: Some(2),
             },
             backlog: Backlog {
@@ -249,6 +292,7 @@ mod tests {
                     ..Default::default()
                 })
                 .collect(),
+            notify: None,
         };
         let screen = status.render();
         assert!(
@@ -256,7 +300,9 @@ mod tests {
             "{screen}"
         );
         assert!(
-            screen.contains("leader     process 7 (walhook) on 10.0.0.5, 2 instances standing by"),
+            screen.contains(
+                "leader     walhook (pid 7 on web-1), connected from 10.0.0.5, 2 instances standing by"
+            ),
             "{screen}"
         );
         assert!(
@@ -273,5 +319,27 @@ mod tests {
         assert!(screen.contains("… and 5 more endpoints"), "{screen}");
         assert!(!screen.contains("secret"), "{screen}");
         assert!(screen.lines().count() <= 30, "{screen}");
+    }
+
+    #[test]
+    fn notify_shows_unprocessed_rows_instead_of_a_slot() {
+        let status = Status {
+            slot_name: "walhook".into(),
+            notify: Some(OutboxBacklog {
+                unprocessed: 12,
+                oldest_unprocessed: Some(75.0),
+                claimed: 5,
+            }),
+            ..Default::default()
+        };
+        let screen = status.render();
+        assert!(
+            screen.contains(
+                "source     notify: 12 unprocessed outbox rows, oldest 1m15s; 5 claimed by an instance now"
+            ),
+            "{screen}"
+        );
+        assert!(!screen.contains("slot"), "{screen}");
+        assert!(!screen.contains("recover-slot"), "{screen}");
     }
 }

@@ -16,10 +16,18 @@ use tokio_postgres::{AsyncMessage, Client, NoTls, Statement};
 use crate::fanout::EndpointRow;
 use crate::lsn::Lsn;
 
+/// A failed statement or connection. Database errors are rendered by [`crate::pgerror`] (the server's message,
+/// SQLSTATE, detail and hint, and the fix) and are not exposed as `source()`, so no chain repeats them.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database error: {0}")]
-    Db(#[from] tokio_postgres::Error),
+    #[error("{}", crate::pgerror::describe(.0))]
+    Db(tokio_postgres::Error),
+    /// Opening a session failed: `target` says where to and as whom (never the password).
+    #[error("{}", crate::pgerror::describe_connect(.error, crate::pgerror::Job::Daemon, .target))]
+    Connect {
+        target: crate::pgerror::Target,
+        error: tokio_postgres::Error,
+    },
     #[error(
         "the walhook schema is missing or older than this walhook: run `walhook migrate` first"
     )]
@@ -30,17 +38,50 @@ pub enum StoreError {
     Outdated { found: i32, needed: i32 },
 }
 
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        StoreError::Db(e)
+    }
+}
+
 impl StoreError {
     /// True when the connection is gone and a new one may succeed.
     pub fn is_connection(&self) -> bool {
         match self {
-            // class 08: connection exception; class 57: operator intervention (shutdown, restart)
-            StoreError::Db(e) => {
+            // class 08: connection exception; class 57: operator intervention (shutdown, restart); 53300: no
+            // connection slot left
+            StoreError::Db(e) | StoreError::Connect { error: e, .. } => {
                 e.is_closed()
-                    || e.code()
-                        .is_none_or(|c| c.code().starts_with("08") || c.code().starts_with("57"))
+                    || e.code().is_none_or(|c| {
+                        c.code().starts_with("08")
+                            || c.code().starts_with("57")
+                            || c.code() == "53300"
+                    })
             }
             StoreError::NotMigrated | StoreError::Outdated { .. } => false,
+        }
+    }
+
+    /// The database error inside, if any (its SQLSTATE, its server message).
+    pub fn db_error(&self) -> Option<&tokio_postgres::Error> {
+        match self {
+            StoreError::Db(e) | StoreError::Connect { error: e, .. } => Some(e),
+            StoreError::NotMigrated | StoreError::Outdated { .. } => None,
+        }
+    }
+
+    /// The message for a session of `job` (the fix for a missing privilege depends on it) as `target` (whose
+    /// user the fix names; a connection error knows its own).
+    pub fn describe_with(
+        &self,
+        job: crate::pgerror::Job,
+        target: Option<&crate::pgerror::Target>,
+    ) -> String {
+        use crate::pgerror::{describe_connect, describe_for};
+        match self {
+            StoreError::Db(e) => describe_for(e, job, target),
+            StoreError::Connect { target, error } => describe_connect(error, job, target),
+            other => other.to_string(),
         }
     }
 }
@@ -368,10 +409,49 @@ fn session_config(config: &tokio_postgres::Config) -> tokio_postgres::Config {
 
 /// Opens a plain (non-replication) connection with walhook's session settings; the connection task is
 /// spawned and ends when the client is dropped.
-pub async fn connect_client(
-    config: &tokio_postgres::Config,
-) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = session_config(config).connect(NoTls).await?;
+pub async fn connect_client(config: &tokio_postgres::Config) -> Result<Client, StoreError> {
+    connect_with(session_config(config)).await
+}
+
+/// [`connect_client`] for the session that holds a slot's leadership: its `application_name` names this
+/// process and host (`walhook (pid 1234 on web-1)`), which is how `walhook status` and a standby's log tell
+/// which instance leads. pg_stat_activity shows `application_name` to every role, unlike the client address.
+pub async fn connect_leader(config: &tokio_postgres::Config) -> Result<Client, StoreError> {
+    let mut session = session_config(config);
+    let name = leader_application_name(session.get_application_name().unwrap_or("walhook"));
+    session.application_name(&name);
+    connect_with(session).await
+}
+
+/// `walhook (pid 1234 on web-1)`, cut to the 63 bytes PostgreSQL keeps.
+fn leader_application_name(base: &str) -> String {
+    let mut name = format!("{base} (pid {} on {})", std::process::id(), host_name());
+    while name.len() > 63 {
+        name.pop();
+    }
+    name
+}
+
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates what fits
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    match rc {
+        0 if len > 0 => String::from_utf8_lossy(&buf[..len]).into_owned(),
+        _ => "unknown host".to_string(),
+    }
+}
+
+async fn connect_with(session: tokio_postgres::Config) -> Result<Client, StoreError> {
+    let (client, connection) =
+        session
+            .connect(NoTls)
+            .await
+            .map_err(|error| StoreError::Connect {
+                target: crate::pgerror::Target::of(&session),
+                error,
+            })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!("database connection ended: {e}");
@@ -837,14 +917,46 @@ pub async fn install_notify(
     Ok(installed)
 }
 
-/// The SQL an owner of `walhook.outbox` can run to create what [`install_notify`] creates (or, without
-/// `wake_trigger`, to drop the trigger).
+/// The statements an owner of `walhook.outbox` can run to create what [`install_notify`] creates (or, without
+/// `wake_trigger`, to drop the trigger): one per line, each to be run on its own, since `create index
+/// concurrently` cannot run inside a transaction block (which `psql -c` with several statements is).
 pub fn notify_install_sql(wake_trigger: bool) -> String {
-    if wake_trigger {
-        format!("{CREATE_UNPROCESSED_INDEX}; {CREATE_WAKE_TRIGGER};")
+    let trigger = if wake_trigger {
+        CREATE_WAKE_TRIGGER
     } else {
-        format!("{CREATE_UNPROCESSED_INDEX}; {DROP_WAKE_TRIGGER};")
-    }
+        DROP_WAKE_TRIGGER
+    };
+    format!("{CREATE_UNPROCESSED_INDEX};\n{trigger};")
+}
+
+/// Why the notify source cannot start when its role may not create its index and trigger (`facts`: the
+/// server's refusal), with the statements for the table's owner and how to run them.
+pub fn notify_owner_message(facts: &str, wake_trigger: bool) -> String {
+    format!(
+        "cannot create the notify source's index and trigger on walhook.outbox: {facts}; as the owner of \
+         walhook.outbox run these statements one at a time (CREATE INDEX CONCURRENTLY cannot run inside a \
+         transaction block: use psql -f with a file holding them, or one psql -c per statement), then start \
+         walhook again:\n{}",
+        notify_install_sql(wake_trigger)
+    )
+}
+
+/// Whether [`install_notify`] would have to create or drop something: the index is missing or invalid, or
+/// the trigger's presence differs from `wake_trigger`.
+pub async fn notify_install_needed(
+    client: &Client,
+    wake_trigger: bool,
+) -> Result<bool, StoreError> {
+    let row = client
+        .query_one(
+            "select coalesce((select indisvalid from pg_index where indexrelid = to_regclass($1)), false),
+                    exists (select 1 from pg_trigger
+                             where tgrelid = 'walhook.outbox'::regclass and tgname = 'outbox_wake')",
+            &[&UNPROCESSED_INDEX],
+        )
+        .await?;
+    let (index, trigger): (bool, bool) = (row.get(0), row.get(1));
+    Ok(!index || trigger != wake_trigger)
 }
 
 /// Whether a logical replication slot of this name exists in this database (and so retains WAL).
@@ -881,7 +993,15 @@ async fn listen_outbox_until_closed(
     wake: &Notify,
     listening: &std::sync::atomic::AtomicBool,
 ) -> Result<(), StoreError> {
-    let (client, mut connection) = session_config(config).connect(NoTls).await?;
+    let session = session_config(config);
+    let (client, mut connection) =
+        session
+            .connect(NoTls)
+            .await
+            .map_err(|error| StoreError::Connect {
+                target: crate::pgerror::Target::of(&session),
+                error,
+            })?;
     // the connection is driven here, not spawned, to see its asynchronous messages
     let drive = async {
         loop {
@@ -1181,7 +1301,9 @@ pub struct EndpointStatus {
 /// Who leads a slot (several instances on one database) and how many instances stand by.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Leadership {
-    /// "process 123 (walhook) on 10.0.0.5"; `None` when no instance holds the leadership lock.
+    /// "walhook (pid 123 on web-1), connected from 10.0.0.5" (the application name [`connect_leader`] sets,
+    /// and where the session comes from: an address, a local socket, or hidden from this role); `None` when no
+    /// instance holds the leadership lock.
     pub leader: Option<String>,
     /// Sessions whose last statement was a try for the lock (standbys polling); `None` when this role may
     /// not see other sessions' statements.
@@ -1202,9 +1324,14 @@ pub async fn slot_leadership(
     let row = client
         .query_one(
             &format!(
-                "select (select format('process %s (%s) on %s', a.pid,
-                                       coalesce(nullif(a.application_name, ''), '?'),
-                                       coalesce(host(a.client_addr), 'a local socket'))
+                "select (select format('%s, connected %s',
+                                       case when a.application_name like '% (pid % on %)'
+                                            then a.application_name
+                                            else format('server process %s (%s)', a.pid,
+                                                        coalesce(nullif(a.application_name, ''), '?')) end,
+                                       case when a.client_port = -1 then 'over a local socket'
+                                            when a.client_addr is not null then 'from ' || host(a.client_addr)
+                                            else 'from an address this role may not see' end)
                            from pg_stat_activity a where a.pid in ({holder})),
                         (select count(*) filter (where a.query like 'select pg_try_advisory_lock($1, hashtext(%')
                            from pg_stat_activity a
@@ -1245,6 +1372,34 @@ pub async fn slot_status(client: &Client, slot: &str) -> Result<Option<SlotStatu
         safe_bytes: r.get(6),
         replay_lag: r.get(7),
     }))
+}
+
+/// The notify source's share of the outbox, for `walhook status`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OutboxBacklog {
+    /// Rows not yet marked processed.
+    pub unprocessed: i64,
+    /// Seconds since the oldest of them was created.
+    pub oldest_unprocessed: Option<f64>,
+    /// Of those, rows an instance holds under a live lease (being delivered).
+    pub claimed: i64,
+}
+
+/// Reads the unprocessed outbox rows (through the notify source's partial index when it exists).
+pub async fn outbox_backlog(client: &Client) -> Result<OutboxBacklog, StoreError> {
+    let r = client
+        .query_one(
+            "select count(*), extract(epoch from now() - min(created_at))::float8,
+                    count(*) filter (where claimed_until > now())
+               from walhook.outbox where processed_at is null",
+            &[],
+        )
+        .await?;
+    Ok(OutboxBacklog {
+        unprocessed: r.get(0),
+        oldest_unprocessed: r.get(1),
+        claimed: r.get(2),
+    })
 }
 
 pub async fn backlog(client: &Client) -> Result<Backlog, StoreError> {

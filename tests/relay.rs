@@ -9,6 +9,7 @@
 
 mod ops;
 mod scale;
+mod startup;
 mod support;
 
 use std::collections::HashSet;
@@ -799,15 +800,23 @@ fn invalid_configuration_names_the_key() {
         err.contains("source") && err.contains("replication"),
         "{err}"
     );
-    let (ok, _) = run(&[("WALHOOK_DATABASE_URL", "postgres://u@localhost/db")]);
+    let (ok, _) = run(&[
+        ("WALHOOK_DATABASE_URL", "postgres://u@localhost/db"),
+        ("WALHOOK_HTTP__LISTEN", "off"),
+    ]);
     assert!(ok);
-    // the example file is valid
+    // the example file is valid, with database_url from the environment as under systemd (and a free port)
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_walhook"))
         .args([
             "--config",
             concat!(env!("CARGO_MANIFEST_DIR"), "/config/walhook.toml"),
             "check-config",
         ])
+        .env(
+            "WALHOOK_DATABASE_URL",
+            "postgres://walhook@127.0.0.1:5432/app",
+        )
+        .env("WALHOOK_HTTP__LISTEN", "127.0.0.1:0")
         .output()
         .unwrap();
     assert!(

@@ -33,7 +33,6 @@ mod stats;
 mod workload;
 
 use std::collections::{HashMap, HashSet};
-use std::fmt::Write as _;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -110,27 +109,16 @@ pub enum BenchError {
 }
 
 impl BenchError {
-    fn db(what: &str, e: tokio_postgres::Error) -> BenchError {
-        let detail = match e.as_db_error() {
-            Some(db) => db.message().to_string(),
-            None => {
-                let mut text = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(cause) = source {
-                    let _ = write!(text, ": {cause}");
-                    source = cause.source();
-                }
-                text
-            }
-        };
+    /// A database failure, as [`crate::pgerror`] renders it (the server's message and the fix).
+    fn db(what: &str, e: impl Into<crate::store::StoreError>) -> BenchError {
         BenchError::Db {
             what: what.to_string(),
-            detail,
+            detail: e.into().to_string(),
         }
     }
 }
 
-fn db_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> BenchError {
+fn db_err<E: Into<crate::store::StoreError>>(what: &'static str) -> impl FnOnce(E) -> BenchError {
     move |e| BenchError::db(what, e)
 }
 

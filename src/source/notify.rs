@@ -64,15 +64,14 @@ impl NotifySource {
         let installed = store::install_notify(&self.db, self.wake_trigger)
             .await
             .map_err(|e| match e {
-            StoreError::Db(ref db) if db.code().is_some_and(|c| c.code() == "42501") => {
-                SourceError::Fatal(format!(
-                    "cannot create the notify source's index and trigger on walhook.outbox ({e}); run as its \
-                     owner: {}",
-                    store::notify_install_sql(self.wake_trigger)
-                ))
-            }
-            e => classify(e),
-        })?;
+                StoreError::Db(ref db) if db.code().is_some_and(|c| c.code() == "42501") => {
+                    SourceError::Fatal(store::notify_owner_message(
+                        &crate::pgerror::facts(db),
+                        self.wake_trigger,
+                    ))
+                }
+                e => classify(e),
+            })?;
         if installed.index {
             tracing::info!("created index walhook.outbox_unprocessed");
         }

@@ -48,7 +48,7 @@ impl From<WalError> for SourceError {
     }
 }
 
-const WAL_LEVEL_FIX: &str = "logical replication is not available: wal_level is not \"logical\"; set \
+pub(crate) const WAL_LEVEL_FIX: &str = "logical replication is not available: wal_level is not \"logical\"; set \
      wal_level = logical in postgresql.conf (or ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL, \
      or use source = \"notify\"";
 
@@ -58,11 +58,24 @@ fn classify_wal(e: WalError, user: &str) -> SourceError {
         Some("55000") if e.to_string().contains("wal_level") => {
             SourceError::Fatal(WAL_LEVEL_FIX.into())
         }
-        Some("42501") => SourceError::Fatal(format!(
-            "role {user:?} may not use replication: run ALTER ROLE {user} REPLICATION as a superuser, or use \
-             source = \"notify\" ({e})"
-        )),
-        Some("28000") | Some("28P01") | Some("3D000") | Some("42704") => SourceError::Fatal(e.to_string()),
+        // the fix names the role: a refused connection carries it, a refused command gets it here
+        Some("42501") => SourceError::Fatal(match e {
+            WalError::Server {
+                error,
+                target: None,
+            } => crate::pgerror::describe_server(
+                &error,
+                crate::pgerror::Job::Replication,
+                Some(&crate::pgerror::Target {
+                    user: (!user.is_empty()).then(|| user.to_string()),
+                    ..Default::default()
+                }),
+            ),
+            e => e.to_string(),
+        }),
+        Some("28000") | Some("28P01") | Some("3D000") | Some("42704") => {
+            SourceError::Fatal(e.to_string())
+        }
         _ => match e {
             WalError::Auth(_) | WalError::Config(_) => SourceError::Fatal(e.to_string()),
             e => SourceError::Transient(e.to_string()),
@@ -202,7 +215,7 @@ impl SlotKeeper {
             .get(0))
     }
 
-    /// Who holds the slot's leadership, for the log: "process 123 (walhook) on 10.0.0.5".
+    /// Who holds the slot's leadership, for the log: "walhook (pid 123 on web-1), connected from 10.0.0.5".
     async fn leader(&self, client: &tokio_postgres::Client) -> Option<String> {
         store::slot_leadership(client, &self.slot, LEADER_LOCK_CLASS)
             .await
@@ -346,7 +359,7 @@ impl SlotKeeper {
                 &[&self.publication],
             )
             .await
-            .map_err(|e| SourceError::Transient(e.to_string()))?
+            .map_err(StoreError::from)?
             .is_some();
         if !exists {
             let sql = format!(
@@ -366,7 +379,7 @@ impl SlotKeeper {
                     return Err(SourceError::Fatal(format!(
                         "could not create publication {:?}: {}; create it as the table owner with: {sql}",
                         self.publication,
-                        e.as_db_error().map_or(e.to_string(), |d| d.message().to_string())
+                        crate::pgerror::facts(&e)
                     )))
                 }
             }
@@ -391,7 +404,7 @@ impl ReplicationSource {
     /// instance leads, checks only what this one needs to take over.
     pub async fn prepare(&self) -> Result<(), SourceError> {
         let keeper = self.keeper();
-        let client = store::connect_client(&self.db)
+        let client = store::connect_leader(&self.db)
             .await
             .map_err(|e| SourceError::Transient(e.to_string()))?;
         if !keeper.try_lead(&client).await? {
@@ -412,7 +425,7 @@ impl ReplicationSource {
             return Ok(Some(client));
         }
         let keeper = self.keeper();
-        let client = store::connect_client(&self.db)
+        let client = store::connect_leader(&self.db)
             .await
             .map_err(|e| SourceError::Transient(e.to_string()))?;
         let mut stood_by = false;

@@ -25,6 +25,7 @@ use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::fallible_iterator::FallibleIterator;
 
 use crate::lsn::Lsn;
+use crate::pgerror::{self, Job, ServerError};
 
 const DEFAULT_PORT: u16 = 5432;
 /// Read granularity; large frames reserve their full length up front instead.
@@ -39,18 +40,17 @@ const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 const COPY_BOTH_RESPONSE_TAG: u8 = b'W';
 const COPY_DATA_TAG: u8 = b'd';
 
-/// What went wrong on the replication connection.
+/// What went wrong on the replication connection. Server errors read as [`crate::pgerror`] renders them, with
+/// the fix for a replication connection (a missing privilege there is the `REPLICATION` attribute).
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
-    #[error("connection to postgres failed: {0}")]
-    Io(#[from] io::Error),
-    /// An ErrorResponse from the server.
-    #[error("postgres reported {code}: {message}{}", error_suffix(.detail, .hint))]
+    #[error("replication connection failed: {}", io_message(.0))]
+    Io(io::Error),
+    /// An ErrorResponse from the server; `target` is set when it refused the connection itself.
+    #[error("{}", server_message(.error, .target))]
     Server {
-        code: String,
-        message: String,
-        detail: Option<String>,
-        hint: Option<String>,
+        error: Box<ServerError>,
+        target: Option<Box<pgerror::Target>>,
     },
     #[error("postgres authentication failed: {0}")]
     Auth(String),
@@ -64,29 +64,44 @@ pub enum WalError {
     Config(String),
 }
 
+impl From<io::Error> for WalError {
+    fn from(e: io::Error) -> Self {
+        WalError::Io(e)
+    }
+}
+
 impl WalError {
     /// The SQLSTATE of a server error (`42501`, `55000`, ...).
     pub fn code(&self) -> Option<&str> {
         match self {
-            WalError::Server { code, .. } => Some(code),
+            WalError::Server { error, .. } => Some(&error.code),
+            _ => None,
+        }
+    }
+
+    /// The server's error, if the server sent one.
+    pub fn server_error(&self) -> Option<&ServerError> {
+        match self {
+            WalError::Server { error, .. } => Some(error),
             _ => None,
         }
     }
 }
 
-fn error_suffix(detail: &Option<String>, hint: &Option<String>) -> String {
-    let mut out = String::new();
-    if let Some(detail) = detail {
-        out.push_str(" (detail: ");
-        out.push_str(detail);
-        out.push(')');
+fn server_message(error: &ServerError, target: &Option<Box<pgerror::Target>>) -> String {
+    let text = pgerror::describe_server(error, Job::Replication, target.as_deref());
+    match target {
+        Some(target) => format!("cannot open a replication connection to {target}: {text}"),
+        None => text,
     }
-    if let Some(hint) = hint {
-        out.push_str(" (hint: ");
-        out.push_str(hint);
-        out.push(')');
+}
+
+/// The I/O error (it names the address) and, for a refused or timed-out connection, what to check.
+fn io_message(e: &io::Error) -> String {
+    match pgerror::io_fix(e.kind(), "that address") {
+        Some(fix) => format!("{e}; {fix}"),
+        None => e.to_string(),
     }
-    out
 }
 
 /// The answer to IDENTIFY_SYSTEM.
@@ -168,6 +183,15 @@ impl WalConnection {
             };
             match result {
                 Ok(connection) => return Ok(connection),
+                Err(WalError::Server { error, .. }) => {
+                    // the server refused the session itself: say where to and as whom
+                    let error = WalError::Server {
+                        error,
+                        target: Some(Box::new(pgerror::Target::of(config))),
+                    };
+                    tracing::debug!(%target, %error, "replication connection attempt failed");
+                    last_error = Some(error);
+                }
                 Err(error) => {
                     tracing::debug!(%target, %error, "replication connection attempt failed");
                     last_error = Some(error);
@@ -214,8 +238,8 @@ impl WalConnection {
         let need_password = |method: &str| {
             password.ok_or_else(|| {
                 WalError::Auth(format!(
-                    "the server asks for a {method} password but the connection settings have none; add \
-                     password=... to database_url"
+                    "{} (method {method})",
+                    pgerror::password_missing_fix()
                 ))
             })
         };
@@ -926,12 +950,14 @@ fn quote_literal(value: &str) -> String {
 }
 
 fn server_error(body: &ErrorResponseBody) -> WalError {
-    let (mut code, mut message, mut detail, mut hint) = (None, None, None, None);
+    let (mut severity, mut code, mut message, mut detail, mut hint) =
+        (None, None, None, None, None);
     let mut fields = body.fields();
     // A malformed field list still yields what was read so far: the error is more useful than a parse error.
     while let Ok(Some(field)) = fields.next() {
         let value = || String::from_utf8_lossy(field.value_bytes()).into_owned();
         match field.type_() {
+            b'S' => severity = Some(value()),
             b'C' => code = Some(value()),
             b'M' => message = Some(value()),
             b'D' => detail = Some(value()),
@@ -940,11 +966,15 @@ fn server_error(body: &ErrorResponseBody) -> WalError {
         }
     }
     WalError::Server {
-        // XX000 is internal_error: the closest thing to "the server gave no code".
-        code: code.unwrap_or_else(|| "XX000".into()),
-        message: message.unwrap_or_else(|| "(no message)".into()),
-        detail,
-        hint,
+        error: Box::new(ServerError {
+            severity: severity.unwrap_or_else(|| "ERROR".into()),
+            // XX000 is internal_error: the closest thing to "the server gave no code".
+            code: code.unwrap_or_else(|| "XX000".into()),
+            message: message.unwrap_or_else(|| "(no message)".into()),
+            detail,
+            hint,
+        }),
+        target: None,
     }
 }
 
@@ -1081,7 +1111,8 @@ mod tests {
         assert_eq!(error.code(), Some("42501"));
         assert_eq!(
             error.to_string(),
-            "postgres reported 42501: no (detail: why) (hint: fix)"
+            "no (ERROR, SQLSTATE 42501; detail: why; hint: fix); the role may not use replication: run ALTER \
+             ROLE <user> REPLICATION as a superuser, or use source = \"notify\""
         );
     }
 

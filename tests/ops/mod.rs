@@ -214,6 +214,40 @@ async fn metrics_readyz_and_healthz_on_http_listen() {
         ],
     );
     let mut child = Running::spawn(&["run"], &env);
+    // right after start, before anything happened: every documented series is there (dashboards show 0,
+    // not "no data"), labelled ones with each label value
+    let first = loop {
+        if let Some((200, text)) = http_get(port, "/metrics").await {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let documented = documented_metrics();
+    assert!(documented.len() >= 19, "{documented:?}");
+    for name in &documented {
+        assert!(
+            first.lines().any(|l| l.starts_with(name.as_str())),
+            "{name} missing at start from\n{first}"
+        );
+    }
+    for outcome in walhook::metrics::OUTCOMES {
+        let series = format!("walhook_deliveries_total{{outcome=\"{outcome}\"}} 0");
+        assert!(first.lines().any(|l| l == series), "{series}: {first}");
+    }
+    for state in walhook::metrics::BREAKER_STATES {
+        let series = format!("walhook_circuit_breakers{{state=\"{state}\"}}");
+        assert!(first.contains(&series), "{series}: {first}");
+    }
+    assert!(
+        first
+            .lines()
+            .any(|l| l == "walhook_source{source=\"replication\"} 1"),
+        "{first}"
+    );
+    for table in walhook::metrics::RETENTION_TABLES {
+        let series = format!("walhook_retention_deleted_rows_total{{table=\"{table}\"}} 0");
+        assert!(first.lines().any(|l| l == series), "{series}: {first}");
+    }
     wait_streaming(&client).await;
     eventually("/readyz answers 200 once streaming", || async {
         matches!(http_get(port, "/readyz").await, Some((200, _)))
@@ -265,9 +299,63 @@ async fn metrics_readyz_and_healthz_on_http_listen() {
     // bounded cardinality: no label carries an endpoint or event identity
     let series = text.lines().filter(|l| !l.starts_with('#')).count();
     assert!(series < 120, "{series} series:\n{text}");
-    assert!(!text.contains("endpoint"), "{text}");
-    assert!(!text.contains("127.0.0.1"), "{text}");
+    // (descriptions, on # lines, may say "endpoint"; series may not)
+    let samples: String = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(!samples.contains("endpoint"), "{text}");
+    assert!(!samples.contains("127.0.0.1"), "{text}");
 
+    sigterm(&child);
+    let status = tokio::task::block_in_place(|| child.wait()).unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
+
+/// The metric names in the README's metrics table.
+fn documented_metrics() -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    readme
+        .lines()
+        .skip_while(|l| !l.starts_with("## Metrics"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("## "))
+        .filter(|l| l.starts_with("| `walhook_"))
+        .flat_map(|l| l.split('|').nth(1).unwrap_or("").split('`'))
+        .filter(|w| w.starts_with("walhook_"))
+        .map(|w| w.split('{').next().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_notify_walhook_streaming_is_0_and_readyz_answers_200() {
+    let pg = Pg::start_for(Source::Notify).await;
+    let client = pg.client().await;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut env = env_with(&pg, &[("WALHOOK_HTTP__LISTEN", listen.as_str())]);
+    env.extend(
+        pg.env_for(Source::Notify)
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("WALHOOK_SOURCE") || k.starts_with("WALHOOK_NOTIFY")),
+    );
+    let mut child = Running::spawn(&["run"], &env);
+    wait_listening(&client, 1).await;
+    eventually(
+        "/readyz answers 200 once the notify source is prepared",
+        || async { matches!(http_get(port, "/readyz").await, Some((200, _))) },
+    )
+    .await;
+    let text = http_get(port, "/metrics").await.unwrap().1;
+    assert!(text.lines().any(|l| l == "walhook_streaming 0"), "{text}");
+    assert!(text.lines().any(|l| l == "walhook_standby 0"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l == "walhook_source{source=\"notify\"} 1"),
+        "{text}"
+    );
     sigterm(&child);
     let status = tokio::task::block_in_place(|| child.wait()).unwrap();
     assert!(status.success(), "exit status {status:?}");
@@ -399,6 +487,8 @@ fn the_systemd_unit_is_hardened_and_outlasts_the_drain() {
     assert!(one("RestrictAddressFamilies").contains("AF_UNIX"));
     assert!(one("EnvironmentFile").starts_with("/etc/walhook/"));
     assert!(one("ExecStart").ends_with(" run"));
+    // the offline form: a bad key fails the start, a database that is briefly down does not
+    assert!(one("ExecStartPre").ends_with(" check-config"));
     let stop = humantime::parse_duration(&one("TimeoutStopSec")).unwrap();
     let drain = walhook::config::Config::default().shutdown.drain_timeout;
     assert!(stop > drain, "TimeoutStopSec {stop:?} <= drain {drain:?}");
@@ -523,6 +613,15 @@ async fn walhook_status_summarises_slot_backlog_and_endpoints() {
         "{out}"
     );
     assert!(out.contains("WAL kept   "), "{out}");
+    // the leader is walhook's own process (here, the test's), not a server backend
+    assert!(
+        out.contains(&format!(
+            "leader     walhook (pid {} on ",
+            std::process::id()
+        )),
+        "{out}"
+    );
+    assert!(out.contains("), connected from 127.0.0.1"), "{out}");
     let line = |id: i64| {
         out.lines()
             .find(|l| l.trim_start().starts_with(&format!("{id} ")))
@@ -541,6 +640,68 @@ async fn walhook_status_summarises_slot_backlog_and_endpoints() {
     let (success, out, _) = tokio::task::block_in_place(|| run_binary(&["status"], &env));
     assert!(success);
     assert!(out.contains("NOT STREAMING"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_tells_a_socket_leader_from_one_whose_address_is_hidden() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let socket_dir = pg.cluster.data_dir().parent().unwrap().join("sock");
+    let socket_url = format!(
+        "host={} port={} user=postgres dbname=app",
+        socket_dir.display(),
+        pg.cluster.port()
+    );
+    let daemon = Daemon::start(pg.config_with(|f| f.merge(("database_url", socket_url.as_str()))));
+    wait_streaming(&client).await;
+    let (success, out, err) = tokio::task::block_in_place(|| run_binary(&["status"], &pg.env()));
+    assert!(success, "{err}");
+    assert!(out.contains("), connected over a local socket"), "{out}");
+
+    // a dashboard role (walhook_reader) may not see other roles' client addresses
+    client
+        .batch_execute("create role dashboard login in role walhook_reader")
+        .await
+        .unwrap();
+    let url = pg.url.replacen("postgres@", "dashboard@", 1);
+    let mut env = pg.env();
+    env.retain(|(k, _)| k != "WALHOOK_DATABASE_URL");
+    env.push(("WALHOOK_DATABASE_URL".into(), url));
+    let (success, out, err) = tokio::task::block_in_place(|| run_binary(&["status"], &env));
+    assert!(success, "{err}");
+    assert!(
+        out.contains(&format!(
+            "leader     walhook (pid {} on ",
+            std::process::id()
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("), connected from an address this role may not see"),
+        "{out}"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_under_notify_shows_unprocessed_rows_not_a_missing_slot() {
+    let pg = Pg::start_for(Source::Notify).await;
+    let client = pg.client().await;
+    for i in 0..3 {
+        publish(&client, "order.created", &format!("{{\"i\": {i}}}")).await;
+    }
+    let env = pg.env_for(Source::Notify);
+    let (success, out, err) = tokio::task::block_in_place(|| run_binary(&["status"], &env));
+    assert!(success, "{err}");
+    assert!(
+        out.contains("source     notify: 3 unprocessed outbox rows, oldest "),
+        "{out}"
+    );
+    assert!(out.contains("; 0 claimed by an instance now"), "{out}");
+    assert!(
+        !out.contains("MISSING") && !out.contains("recover-slot"),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -745,19 +906,34 @@ async fn retention_removes_old_final_rows_in_batches_and_keeps_the_rest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outbox_row_deleted_in_its_own_transaction_is_still_delivered() {
     let pg = Pg::start().await;
-    let mut client = pg.client().await;
+    let client = pg.client().await;
     let rx = Receiver::start().await.unwrap();
     add_endpoint(&client, &rx.url("/x"), &["*"]).await;
     let daemon = Daemon::start(pg.config());
     wait_streaming(&client).await;
-    // the application keeps its outbox empty: insert and delete in the same transaction
-    let tx = client.transaction().await.unwrap();
-    tx.batch_execute(
-        "insert into walhook.outbox (event_type, payload) values ('order.created', '{\"ephemeral\": true}');
-         delete from walhook.outbox where id = lastval();",
-    )
-    .await
-    .unwrap();
+    // the application keeps its outbox empty as the README shows: a walhook_writer role granted DELETE
+    // runs the README's snippet, as written, in its own transaction
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let grant = "GRANT DELETE ON walhook.outbox TO app;";
+    assert!(readme.contains(grant), "the README grants DELETE");
+    let snippet = readme
+        .split("```sql\n")
+        .filter_map(|block| block.split("```").next())
+        .find(|block| block.contains("DELETE FROM walhook.outbox WHERE id = event_id"))
+        .expect("the README's keep-the-outbox-empty snippet");
+    client
+        .batch_execute(&format!(
+            "create role app login in role walhook_writer; {grant}"
+        ))
+        .await
+        .unwrap();
+    let url = pg.url.replacen("postgres@", "app@", 1);
+    let mut app = walhook::store::connect_client(&url.parse().unwrap())
+        .await
+        .unwrap();
+    let tx = app.transaction().await.unwrap();
+    tx.batch_execute(snippet).await.unwrap();
     tx.commit().await.unwrap();
     assert_eq!(
         count(&client, "select count(*) from walhook.outbox").await,
@@ -767,7 +943,7 @@ async fn an_outbox_row_deleted_in_its_own_transaction_is_still_delivered() {
     let received = rx.received();
     assert_eq!(received.len(), 1);
     let body: serde_json::Value = serde_json::from_slice(&received[0].body).unwrap();
-    assert_eq!(body["data"]["ephemeral"], true);
+    assert_eq!(body["data"]["id"], 42);
     daemon.stop().await;
 }
 

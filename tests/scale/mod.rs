@@ -305,7 +305,8 @@ async fn a_standby_takes_over_after_a_graceful_stop_and_recover_slot_refuses_mea
                 .await
                 .unwrap()
                 .render();
-            screen.contains("leader     process ") && screen.contains(", 1 instance standing by")
+            screen.contains("leader     walhook (pid ")
+                && screen.contains(", 1 instance standing by")
         },
     )
     .await;
