@@ -444,6 +444,7 @@ impl EndpointRefresher {
             self.cache.replace(rows);
             self.generation = Some(generation);
         }
+        self.cache.loaded_at(generation);
         Ok(())
     }
 
@@ -454,6 +455,7 @@ impl EndpointRefresher {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
+                _ = self.cache.wanted.notified() => {}
             }
             if let Err(e) = self.refresh().await {
                 tracing::warn!("refreshing endpoints failed: {e}");

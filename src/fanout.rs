@@ -7,9 +7,11 @@
 //! their `Arc` across reloads, so their prepared HMAC key and in-flight counters survive.
 
 use std::collections::VecDeque;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::Notify;
 
 use crate::dispatch::limits::{Breaker, TokenBucket};
 use crate::dispatch::Job;
@@ -207,12 +209,56 @@ impl EndpointRow {
 }
 
 /// The snapshot of enabled endpoints, shared by the source, the scheduler and dispatch.
-#[derive(Default)]
 pub struct EndpointCache {
     snapshot: RwLock<Arc<Vec<Arc<Endpoint>>>>,
+    /// The `walhook.endpoints_generation` the snapshot was loaded at (-1 before the first load).
+    generation: AtomicI64,
+    /// Asks the refresher to reload now, rather than at its next tick.
+    pub wanted: Notify,
+    /// Woken after every load.
+    loaded: Notify,
+}
+
+impl Default for EndpointCache {
+    fn default() -> Self {
+        EndpointCache {
+            snapshot: Default::default(),
+            generation: AtomicI64::new(-1),
+            wanted: Notify::new(),
+            loaded: Notify::new(),
+        }
+    }
 }
 
 impl EndpointCache {
+    /// The generation of `walhook.endpoints` the snapshot reflects.
+    pub fn generation(&self) -> i64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Records that the snapshot now reflects `generation`.
+    pub fn loaded_at(&self, generation: i64) {
+        self.generation.store(generation, Ordering::Release);
+        self.loaded.notify_waiters();
+    }
+
+    /// Waits (at most `within`) until the snapshot reflects `generation`, asking for a reload: work claimed
+    /// under a newer endpoint row (say, fixed and then redelivered in one transaction) must not be judged by
+    /// the old one. False if it did not catch up in time.
+    pub async fn catch_up(&self, generation: i64, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let loaded = self.loaded.notified();
+            if self.generation() >= generation {
+                return true;
+            }
+            self.wanted.notify_one();
+            if tokio::time::timeout_at(deadline, loaded).await.is_err() {
+                return self.generation() >= generation;
+            }
+        }
+    }
+
     pub fn snapshot(&self) -> Arc<Vec<Arc<Endpoint>>> {
         self.snapshot
             .read()

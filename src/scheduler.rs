@@ -23,6 +23,11 @@ use crate::store::{AttemptRow, RecordRow, Status, Store};
 
 /// What a lease adds to the longest attempt: time to record its outcome.
 const LEASE_MARGIN: Duration = Duration::from_secs(5);
+/// Waits after a failed connection or claim, doubling up to the maximum.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The longest a claim waits for the endpoint cache to reflect the rows it was claimed under.
+const CATCH_UP: Duration = Duration::from_secs(5);
 /// Pause between claims while a backlog lasts.
 const BACKLOG_PAUSE: Duration = Duration::from_millis(10);
 
@@ -54,6 +59,7 @@ impl Scheduler {
         let mut backlog = false;
         let mut round = 0usize;
         let mut hungry: std::collections::HashSet<i64> = Default::default();
+        let mut backoff = MIN_BACKOFF;
         loop {
             // with a backlog (the last claim filled the budget or an endpoint's share), claim again soon:
             // as soon as half the budget is free, or after a short pause for endpoints to make room
@@ -72,11 +78,22 @@ impl Scheduler {
             if room == 0 {
                 continue;
             }
+            if self.recorder.is_failing() {
+                // outcomes cannot be recorded now: sending more would only send them again later
+                backlog = false;
+                continue;
+            }
             if store.as_ref().is_none_or(|s| s.is_closed()) {
                 match Store::connect(&self.db).await {
                     Ok(s) => store = Some(s),
                     Err(e) => {
-                        tracing::warn!("scheduler cannot connect: {e}");
+                        tracing::warn!("scheduler cannot connect, retrying in {backoff:?}: {e}");
+                        backlog = false;
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
                         continue;
                     }
                 }
@@ -126,12 +143,21 @@ impl Scheduler {
             }
             .await;
             let claimed = match result {
-                Ok(c) => c,
+                Ok(c) => {
+                    backoff = MIN_BACKOFF;
+                    c
+                }
                 Err(e) => {
-                    tracing::warn!("claiming due deliveries failed: {e}");
+                    tracing::warn!("claiming due deliveries failed, retrying in {backoff:?}: {e}");
                     if e.is_connection() {
                         store = None;
                     }
+                    backlog = false;
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;
                 }
             };
@@ -146,6 +172,13 @@ impl Scheduler {
             }
             hungry.retain(|id| snapshot.iter().any(|e| e.id == *id));
             backlog = claimed.len() == room || !hungry.is_empty();
+            // an endpoint row changed since the cache was loaded (re-enabled, resumed, fixed): judge what was
+            // claimed by the new rows, not the old ones
+            if let Some(generation) = claimed.iter().map(|c| c.endpoints_generation).max() {
+                if !self.endpoints.catch_up(generation, CATCH_UP).await {
+                    tracing::debug!(generation, "endpoint cache behind the claim");
+                }
+            }
             for c in claimed {
                 let Some(endpoint) = self.endpoints.get(c.endpoint_id) else {
                     // disabled or deleted since the claim; the lease lapses and the row waits
@@ -155,6 +188,7 @@ impl Scheduler {
                     self.recorder.record(Outcome {
                         row: gone(&c),
                         ack: None,
+                        claim: None,
                     });
                     continue;
                 };

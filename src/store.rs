@@ -116,10 +116,22 @@ pub struct RecordRow {
     pub next_attempt_at: Option<SystemTime>,
     /// `None` when the delivery is only parked (no attempt was made).
     pub attempt: Option<AttemptRow>,
-    /// Copy of the event kept with deliveries that are not final-succeeded: (type, payload, created_at).
-    pub copy: Option<(String, String, String)>,
+    /// The event, whose copy (type, payload, created_at) is kept with deliveries that are not
+    /// final-succeeded. Shared with the job, not cloned: a failed fan-out to many endpoints holds one payload.
+    pub copy: Option<std::sync::Arc<crate::event::Event>>,
     /// For ordered endpoints: the key and the commit position that orders deliveries within it.
     pub ordering: Option<(String, Lsn)>,
+}
+
+impl RecordRow {
+    /// Roughly what the row adds to a batch statement, in bytes.
+    pub fn size(&self) -> usize {
+        let attempt = self.attempt.as_ref().map_or(0, |a| {
+            a.error.as_ref().map_or(0, String::len)
+                + a.response_body.as_ref().map_or(0, String::len)
+        });
+        200 + attempt + self.copy.as_ref().map_or(0, |e| e.body.len())
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -144,6 +156,8 @@ pub struct Claimed {
     pub content: Option<(String, String, String)>,
     pub ordering_key: Option<String>,
     pub commit_lsn: Option<Lsn>,
+    /// `walhook.endpoints_generation` when it was claimed: the endpoint rows it must be judged by.
+    pub endpoints_generation: i64,
 }
 
 const RECORD: &str = "
@@ -219,7 +233,8 @@ fn claim_sql(due: &str) -> String {
 )
 select c.id, c.event_id, c.endpoint_id, c.attempts, c.schedule_step, c.uid,
        coalesce(c.event_type, o.event_type), coalesce(c.payload, o.payload::text),
-       coalesce(c.event_created_at, o.created_at::text), c.ordering_key, c.commit_lsn
+       coalesce(c.event_created_at, o.created_at::text), c.ordering_key, c.commit_lsn,
+       (select generation from walhook.endpoints_generation)
   from claimed c left join walhook.outbox o on o.id = c.event_id"
     )
 }
@@ -314,6 +329,7 @@ fn claimed(r: &tokio_postgres::Row) -> Claimed {
         },
         ordering_key: r.get(9),
         commit_lsn: r.get::<_, Option<String>>(10).and_then(|s| s.parse().ok()),
+        endpoints_generation: r.get(11),
     }
 }
 
@@ -606,10 +622,10 @@ impl Store {
             at.push(a.map(|a| a.attempted_at));
             duration.push(a.map(|a| a.duration_ms));
             body.push(a.and_then(|a| a.response_body.as_deref()));
-            let c = r.copy.as_ref();
-            event_type.push(c.map(|c| c.0.as_str()));
-            payload.push(c.map(|c| c.1.as_str()));
-            created.push(c.map(|c| c.2.as_str()));
+            let c = r.copy.as_deref();
+            event_type.push(c.map(|c| c.event_type.as_str()));
+            payload.push(c.map(|c| c.payload()));
+            created.push(c.map(|c| c.created_at.as_str()));
             key.push(r.ordering.as_ref().map(|o| o.0.as_str()));
             lsn.push(r.ordering.as_ref().map(|o| o.1.to_string()));
         }

@@ -241,7 +241,11 @@ impl Dispatcher {
             drop(permit);
             job.endpoint.rt.in_flight.fetch_sub(1, Ordering::AcqRel);
             let endpoint = job.endpoint.clone();
-            this.recorder.record(Outcome { row, ack: job.ack });
+            this.recorder.record(Outcome {
+                row,
+                ack: job.ack,
+                claim: job.claim,
+            });
             this.pump(&endpoint, false);
         });
     }
@@ -355,10 +359,14 @@ impl Dispatcher {
                 error: Some(why),
                 response_body: None,
             }),
-            copy: Some(copy_of(&job.event)),
+            copy: Some(job.event.clone()),
             ordering: None,
         };
-        self.recorder.record(Outcome { row, ack: job.ack });
+        self.recorder.record(Outcome {
+            row,
+            ack: job.ack,
+            claim: job.claim,
+        });
     }
 
     /// Records the delivery as pending, due at `at`, without an attempt.
@@ -373,10 +381,14 @@ impl Dispatcher {
             schedule_step: job.schedule_step,
             next_attempt_at: Some(at),
             attempt: None,
-            copy: Some(copy_of(&job.event)),
+            copy: Some(job.event.clone()),
             ordering,
         };
-        self.recorder.record(Outcome { row, ack: job.ack });
+        self.recorder.record(Outcome {
+            row,
+            ack: job.ack,
+            claim: job.claim,
+        });
     }
 
     fn ordering(&self, job: &Job) -> Option<(String, crate::lsn::Lsn)> {
@@ -532,7 +544,7 @@ impl Dispatcher {
                 error,
                 response_body,
             }),
-            copy: (status != Status::Succeeded).then(|| copy_of(event)),
+            copy: (status != Status::Succeeded).then(|| event.clone()),
             ordering: if status == Status::Pending {
                 self.ordering(job)
             } else {
@@ -614,12 +626,4 @@ fn later(wait: Duration) -> SystemTime {
     let now = SystemTime::now();
     now.checked_add(wait)
         .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
-}
-
-fn copy_of(event: &Event) -> (String, String, String) {
-    (
-        event.event_type.clone(),
-        event.payload().to_string(),
-        event.created_at.clone(),
-    )
 }

@@ -795,3 +795,163 @@ async fn the_disable_after_clock_survives_a_restart() {
     );
     daemon.stop().await;
 }
+
+// ---- a bad row or a stuck recorder never wedges the pipeline (items 9 and 13) ----
+
+both_sources!(an_outcome_the_server_refuses_is_isolated_and_the_rest_recorded);
+/// The server refuses to record one outcome (a trigger stands in for any value it cannot take: a timestamp
+/// out of range, a row too large): that delivery is recorded dead with the reason, everything around it is
+/// recorded, and the slot (or the notify rows) move on.
+async fn an_outcome_the_server_refuses_is_isolated_and_the_rest_recorded(source: Source) {
+    let pg = Pg::start_for(source).await;
+    let client = pg.client().await;
+    client
+        .batch_execute(
+            "create function public.refuse_418() returns trigger language plpgsql as $$
+             begin
+               if new.status_code = 418 then
+                 raise exception 'no teapots here' using errcode = 'check_violation';
+               end if;
+               return new;
+             end $$;
+             create trigger refuse_418 before insert on walhook.attempts
+               for each row execute function public.refuse_418();",
+        )
+        .await
+        .unwrap();
+    let rx = Receiver::start().await.unwrap();
+    rx.set_record_bodies(true);
+    rx.set_responder(|r, _| {
+        if String::from_utf8_lossy(&r.body).contains("\"teapot\"") {
+            Reply::Status(418)
+        } else {
+            Reply::Status(200)
+        }
+    });
+    let (id, _) = add_endpoint(&client, &rx.url("/r"), &["*"]).await;
+    let daemon = Daemon::start(pg.config_for(source));
+    wait_ready(source, &client).await;
+    // one transaction, so the refused outcome shares its batch with others
+    client
+        .batch_execute(
+            "insert into walhook.outbox (event_type, payload)
+             select 'order.created', case when n = 25 then '{\"teapot\": true}' else jsonb_build_object('n', n) end
+               from generate_series(1, 50) n",
+        )
+        .await
+        .unwrap();
+    wait_succeeded(&client, 49).await;
+    eventually("the refused outcome is recorded dead with the reason", || async {
+        count(
+            &client,
+            &format!(
+                "select count(*) from walhook.deliveries
+                  where endpoint_id = {id} and status = 'dead' and last_error like '%could not record%no teapots here%'"
+            ),
+        )
+        .await
+            == 1
+    })
+    .await;
+    let marker = publish(&client, "marker.done", "{}").await;
+    eventually("recording and acknowledging go on", || async {
+        count(
+            &client,
+            &format!("select count(*) from walhook.deliveries where event_id = {marker} and status = 'succeeded'"),
+        )
+        .await
+            == 1
+    })
+    .await;
+    match source {
+        Source::Replication => {
+            eventually("the slot is confirmed past everything", || async {
+                count(
+                    &client,
+                    "select count(*) from pg_replication_slots
+                      where slot_name = 'walhook' and confirmed_flush_lsn >= pg_current_wal_insert_lsn()",
+                )
+                .await
+                    == 1
+            })
+            .await
+        }
+        Source::Notify => wait_all_processed(&client).await,
+    }
+    daemon.stop().await;
+}
+
+/// While outcomes cannot be written (a lost privilege, say), the scheduler stops claiming: it does not send
+/// its due retries again every lease while their outcomes wait in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorder_that_cannot_write_stops_the_scheduler_claiming() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    client
+        .batch_execute(
+            "create table public.recording_refused (on_ boolean);
+             create function public.refuse_all() returns trigger language plpgsql as $$
+             begin
+               if exists (select 1 from public.recording_refused) then
+                 raise exception 'permission denied (test)' using errcode = 'insufficient_privilege';
+               end if;
+               return new;
+             end $$;
+             create trigger refuse_all before insert on walhook.attempts
+               for each row execute function public.refuse_all();",
+        )
+        .await
+        .unwrap();
+    let rx = Receiver::start().await.unwrap();
+    rx.set_responder(|_, _| Reply::Status(503));
+    add_endpoint(&client, &rx.url("/r"), &["*"]).await;
+    let daemon = Daemon::start(pg.config_with(|f| {
+        f.merge(("delivery.retry_schedule", vec!["1s"; 30]))
+            .merge(("delivery.breaker_threshold", 1000))
+    }));
+    wait_streaming(&client).await;
+    for i in 0..20 {
+        publish(&client, "order.created", &format!("{{\"i\": {i}}}")).await;
+    }
+    eventually("retries are under way", || async {
+        count(
+            &client,
+            "select count(*) from walhook.attempts where attempt >= 2",
+        )
+        .await
+            >= 20
+    })
+    .await;
+    client
+        .batch_execute("insert into public.recording_refused values (true)")
+        .await
+        .unwrap();
+    let since: std::time::SystemTime = client.query_one("select now()", &[]).await.unwrap().get(0);
+    let before = rx.count();
+    // two leases (the lease is at least the request timeout, 5 s, plus queue_wait and 5 s: 11 s)
+    eventually("two leases have passed", || async {
+        count(
+            &client,
+            &format!(
+                "select (now() - '{}'::timestamptz > interval '23 seconds')::int::int8",
+                humantime::format_rfc3339_micros(since)
+            ),
+        )
+        .await
+            == 1
+    })
+    .await;
+    let sent = rx.count() - before;
+    // what was in flight or claimed when recording began to fail, at most: one claim per delivery
+    assert!(
+        sent <= 40,
+        "{sent} requests while no outcome could be recorded: claims were sent again"
+    );
+    client
+        .batch_execute("delete from public.recording_refused")
+        .await
+        .unwrap();
+    rx.set_responder(|_, _| Reply::Status(200));
+    wait_succeeded(&client, 20).await;
+    daemon.stop().await;
+}
