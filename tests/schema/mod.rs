@@ -1,6 +1,7 @@
 //! The schema on a live primary: migrations in steps (the catalog they leave is the same whichever way a
 //! database got there, and an application's inserts never wait long behind them), the checks by which SQL
-//! refuses what the daemon cannot send, functions pinned against search_path shadowing, and grants.
+//! refuses what the daemon cannot send, functions pinned against search_path shadowing, and the README's roles
+//! set up exactly as written and each doing its job, with both sources.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +12,8 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
-use walhook::cluster::ClusterOptions;
+use walhook::cluster::{ClusterOptions, WalLevel};
+use walhook::receiver::Receiver;
 use walhook::schema::{self, MigrateError, MigrateOptions};
 use walhook::sign::{Ed25519Signer, Signer};
 
@@ -880,4 +882,398 @@ async fn a_migrator_that_cannot_create_roles_grants_those_that_exist() {
         .batch_execute("select * from walhook.slots; delete from walhook.outbox where false")
         .await
         .expect("the daemon's grants arrive with the next migrate");
+}
+
+/// Runs `sql` and expects PostgreSQL to refuse it for lack of privilege.
+async fn denied(client: &Client, who: &str, sql: &str) {
+    let err = client
+        .batch_execute(sql)
+        .await
+        .expect_err(&format!("{who} must not: {sql}"));
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::INSUFFICIENT_PRIVILEGE),
+        "{who}: {sql}: {err:?}"
+    );
+}
+
+/// The fenced blocks of `lang` in the README section under `heading` (up to the next heading of its level or
+/// higher), as written.
+fn readme_blocks(heading: &str, lang: &str) -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let level = heading.chars().take_while(|c| *c == '#').count();
+    let mut lines = readme.lines();
+    lines
+        .by_ref()
+        .find(|l| *l == heading)
+        .unwrap_or_else(|| panic!("README.md has no heading {heading:?}"));
+    let mut blocks = Vec::new();
+    let mut fence: Option<(bool, String)> = None;
+    for line in lines {
+        if let Some(info) = line.strip_prefix("```") {
+            match fence.take() {
+                Some((ours, text)) => {
+                    if ours {
+                        blocks.push(text);
+                    }
+                }
+                None => fence = Some((info.trim() == lang, String::new())),
+            }
+        } else if let Some((_, text)) = fence.as_mut() {
+            text.push_str(line);
+            text.push('\n');
+        } else if line.starts_with('#') && line.chars().take_while(|c| *c == '#').count() <= level {
+            break;
+        }
+    }
+    blocks
+}
+
+/// The README's host and port, replaced by the test cluster's.
+fn on_this_cluster(pg: &Pg, url: &str) -> String {
+    url.replace(
+        "db.internal:5432",
+        &format!("127.0.0.1:{}", pg.cluster.port()),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_roles_do_their_jobs_with_replication() {
+    the_readme_roles_do_their_jobs(Source::Replication).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_roles_do_their_jobs_with_notify() {
+    the_readme_roles_do_their_jobs(Source::Notify).await
+}
+
+/// Quick start steps 1 and 2 and every SQL block of "Roles", exactly as written, on a stock cluster whose
+/// database belongs to `app_owner`; then each role does its job and no more: the daemon (only
+/// `walhook_daemon`, and `REPLICATION` for replication) delivers, disables an endpoint that answers 410, runs
+/// `status` and `recover-slot`, and its retention prunes; the application publishes; the dashboard reads
+/// status but no secret; the operator manages endpoints, rotates secrets and redelivers.
+async fn the_readme_roles_do_their_jobs(source: Source) {
+    let pg = Pg::start_unmigrated(ClusterOptions {
+        wal_level: match source {
+            Source::Replication => WalLevel::Logical,
+            Source::Notify => WalLevel::Replica,
+        },
+        ..Default::default()
+    })
+    .await;
+    let superuser = pg.client().await;
+    // the user's own database, before walhook
+    superuser
+        .batch_execute("create role app_owner login; alter database app owner to app_owner;")
+        .await
+        .unwrap();
+
+    // quick start step 1, as a superuser
+    let step1 = readme_blocks("### 1. PostgreSQL settings and roles", "sql");
+    assert_eq!(step1.len(), 1, "{step1:?}");
+    superuser.batch_execute(&step1[0]).await.expect("step 1");
+
+    // step 2: the command as written, against this cluster; then once more, quietly
+    let step2 = readme_blocks("### 2. Create the schema", "sh");
+    let command = step2[0]
+        .lines()
+        .find(|l| l.contains("walhook migrate"))
+        .expect("step 2 runs walhook migrate");
+    let (assignment, rest) = command.split_once(' ').unwrap();
+    assert_eq!(rest.trim(), "walhook migrate");
+    let migrate_url = on_this_cluster(
+        &pg,
+        assignment.strip_prefix("WALHOOK_DATABASE_URL=").unwrap(),
+    );
+    let migrate = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_walhook"))
+            .arg("migrate")
+            .env("WALHOOK_DATABASE_URL", &migrate_url)
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    };
+    let output = migrate();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "step 2 as written: {stderr}");
+    assert!(!stderr.contains("WARN"), "{stderr}");
+    let output = migrate();
+    assert!(output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).trim().is_empty());
+
+    // the Roles section, block by block: its first line says as whom, and whether for notify only
+    for block in readme_blocks("## Roles", "sql") {
+        let first = block.lines().next().unwrap_or_default();
+        if first.contains("source = \"notify\" only") && source != Source::Notify {
+            continue;
+        }
+        if first.contains("as a superuser") {
+            superuser.batch_execute(&block).await.expect(&block);
+        } else if first.contains("as the role that migrates") {
+            let owner = pg.client_as("app_owner").await;
+            for statement in block
+                .lines()
+                .filter(|l| !l.starts_with("--") && !l.trim().is_empty())
+            {
+                owner.batch_execute(statement).await.expect(statement);
+            }
+        } else {
+            panic!("a README block under Roles does not say as whom to run it: {block}");
+        }
+    }
+    let attributes = superuser
+        .query_one(
+            "select rolsuper, rolreplication, rolcreaterole, rolcreatedb,
+                    array(select b.rolname::text from pg_auth_members m join pg_roles b on b.oid = m.roleid
+                           where m.member = r.oid)
+               from pg_roles r where rolname = 'walhook'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(
+        !attributes.get::<_, bool>(0)
+            && !attributes.get::<_, bool>(2)
+            && !attributes.get::<_, bool>(3)
+    );
+    assert_eq!(attributes.get::<_, bool>(1), source == Source::Replication);
+    assert_eq!(attributes.get::<_, Vec<String>>(4), ["walhook_daemon"]);
+
+    let app = pg.client_as("app").await;
+    let dashboard = pg.client_as("dashboard").await;
+    let ops = pg.client_as("ops").await;
+
+    // the operator subscribes an endpoint, and one that is off, whose URL carries credentials
+    let rx = Receiver::start().await.unwrap();
+    let (endpoint, secret) = add_endpoint(&ops, &rx.url("/hook"), &["order.*"]).await;
+    rx.set_secret("/hook", &secret);
+    ops.batch_execute(
+        "insert into walhook.endpoints (url, enabled, headers)
+         values ('https://user:password@hooks.example/in?token=abc', false, '{\"x-api-key\": \"k\"}')",
+    )
+    .await
+    .expect("the operator adds endpoints");
+    // and one that answers 410 Gone, which the daemon disables
+    rx.set_responder(|r, _| match r.path.as_str() {
+        "/gone" => walhook::receiver::Reply::Status(410),
+        _ => walhook::receiver::Reply::Status(200),
+    });
+    let (gone, _) = add_endpoint(&ops, &rx.url("/gone"), &["order.*"]).await;
+
+    // the daemon, as the README's `walhook` role
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let daemon_url = readme
+        .split("database_url = \"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .find(|url| url.starts_with("postgres://walhook:"))
+        .map(|url| on_this_cluster(&pg, url))
+        .expect("the README names the daemon's database_url");
+    let config = |retention: bool| {
+        pg.config_for_with(source, |f| {
+            let f = f.merge(("database_url", daemon_url.as_str()));
+            if retention {
+                f.merge(("retention.succeeded", "1s"))
+                    .merge(("retention.dead", "1s"))
+                    .merge(("retention.outbox", "1s"))
+                    .merge(("retention.interval", "1s"))
+            } else {
+                f.merge(("retention.enabled", false))
+            }
+        })
+    };
+    let daemon = Daemon::start(config(false));
+    wait_ready(source, &superuser).await;
+
+    // the application publishes, and reads back what identifies its events
+    for i in 0..10 {
+        app.query_one(
+            "insert into walhook.outbox (event_type, payload, ordering_key) values ('order.created', $1::text::jsonb, 'k')
+             returning id, uid, created_at",
+            &[&format!("{{\"n\": {i}}}")],
+        )
+        .await
+        .expect("the application publishes");
+    }
+    wait_succeeded(&superuser, 10).await;
+    if source == Source::Notify {
+        wait_all_processed(&superuser).await;
+    }
+    let hook_requests = || {
+        rx.received()
+            .into_iter()
+            .filter(|r| r.path == "/hook")
+            .collect::<Vec<_>>()
+    };
+    assert!(hook_requests().iter().all(|r| r.verified == Some(true)));
+    eventually(
+        "the daemon disables the endpoint that answered 410",
+        || async {
+            count(
+                &superuser,
+                &format!(
+                    "select count(*) from walhook.endpoints
+                  where id = {gone} and not enabled and disabled_reason like '%410%'"
+                ),
+            )
+            .await
+                == 1
+        },
+    )
+    .await;
+    for sql in [
+        "select * from walhook.endpoints",
+        "select secret from walhook.endpoints",
+        "select secret from walhook.endpoint_secrets",
+        "select * from walhook.deliveries",
+        "select payload from walhook.outbox",
+        "insert into walhook.outbox (event_type, payload, created_at) values ('order.created', '{}', now() - interval '30 days')",
+        "update walhook.outbox set payload = '{}'",
+        "delete from walhook.outbox",
+        "insert into walhook.endpoints (url) values ('https://evil.example/x')",
+        "select walhook.redeliver()",
+    ] {
+        denied(&app, "the application", sql).await;
+    }
+
+    // the dashboard reads status, never a secret
+    dashboard
+        .batch_execute(
+            "select * from walhook.deliveries;
+             select id, delivery_id, attempt, attempted_at, duration_ms, status_code, error from walhook.attempts;
+             select id, event_types, enabled, description, disabled_reason, metadata from walhook.endpoints;
+             select * from walhook.endpoint_state;
+             select event_type, payload, created_at from walhook.outbox;",
+        )
+        .await
+        .expect("the dashboard reads status");
+    let urls: Vec<String> = dashboard
+        .query(
+            "select url from walhook.endpoint_health order by endpoint_id",
+            &[],
+        )
+        .await
+        .expect("and health")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        urls,
+        [
+            rx.url("/hook"),
+            "https://hooks.example/in".to_string(),
+            rx.url("/gone")
+        ]
+    );
+    for sql in [
+        "select url from walhook.endpoints",
+        "select secret from walhook.endpoints",
+        "select headers from walhook.endpoints",
+        "select signing_key from walhook.endpoints",
+        "select * from walhook.endpoint_secrets",
+        "select response_body from walhook.attempts",
+        "update walhook.endpoints set enabled = false",
+        "insert into walhook.outbox (event_type, payload) values ('order.created', '{}')",
+        "select walhook.redeliver()",
+    ] {
+        denied(&dashboard, "the dashboard", sql).await;
+    }
+
+    // the operator rotates the secret and redelivers; the old secret still signs during the grace period
+    let rotated: String = ops
+        .query_one("select walhook.rotate_secret($1)", &[&endpoint])
+        .await
+        .expect("the operator rotates secrets")
+        .get(0);
+    assert!(rotated != secret && Signer::new(&rotated).is_ok());
+    let redelivered: i64 = ops
+        .query_one(
+            "select walhook.redeliver(endpoint_id => $1, status => 'succeeded')",
+            &[&endpoint],
+        )
+        .await
+        .expect("and redelivers")
+        .get(0);
+    assert_eq!(redelivered, 10);
+    eventually("the redelivered events arrive", || async {
+        hook_requests().len() >= 20
+            && count(
+                &superuser,
+                "select count(*) from walhook.deliveries where status = 'succeeded' and attempts = 2",
+            )
+            .await
+                == 10
+    })
+    .await;
+    assert!(hook_requests().iter().all(|r| r.verified == Some(true)));
+    ops.batch_execute(
+        "select url, secret, headers from walhook.endpoints;
+         select response_body from walhook.attempts;
+         select * from walhook.endpoint_secrets;
+         update walhook.endpoints set rate_limit = 50 where enabled;
+         delete from walhook.endpoints where not enabled;",
+    )
+    .await
+    .expect("the operator reads everything and manages endpoints");
+    denied(&ops, "the operator", "delete from walhook.deliveries").await;
+
+    // `walhook status` as the daemon's role
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_walhook"))
+        .arg("status")
+        .env("WALHOOK_DATABASE_URL", &daemon_url)
+        .env(
+            "WALHOOK_SOURCE",
+            if source == Source::Notify {
+                "notify"
+            } else {
+                "replication"
+            },
+        )
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    daemon.stop().await;
+
+    // retention, as the daemon's role: old deliveries and attempts go, and with replication the outbox rows
+    let daemon = Daemon::start(config(true));
+    eventually("retention removes what it may", || async {
+        count(&superuser, "select count(*) from walhook.deliveries").await == 0
+            && count(&superuser, "select count(*) from walhook.attempts").await == 0
+            && (source == Source::Notify
+                || count(&superuser, "select count(*) from walhook.outbox").await == 0)
+    })
+    .await;
+    daemon.stop().await;
+
+    // `walhook recover-slot` as the daemon's role: a healthy slot, then one dropped by hand
+    if source == Source::Replication {
+        let recover = || {
+            let output = std::process::Command::new(env!("CARGO_BIN_EXE_walhook"))
+                .arg("recover-slot")
+                .env("WALHOOK_DATABASE_URL", &daemon_url)
+                .env_remove("RUST_LOG")
+                .output()
+                .unwrap();
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            )
+        };
+        let said = recover();
+        assert!(said.contains("is healthy"), "{said}");
+        superuser
+            .batch_execute("select pg_drop_replication_slot('walhook')")
+            .await
+            .unwrap();
+        let said = recover();
+        assert!(said.contains("re-created"), "{said}");
+    }
 }
