@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-/// The migrations, in order: (version, name, SQL). Shipped files are not edited, only added; see
-/// `sql/003_policies.sql` for the one exception.
+/// The migrations, in order: (version, name, SQL). Shipped files are not edited, only added; the header of
+/// `sql/003_policies.sql` says why 003 and 004 were split into steps after they shipped.
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "core", include_str!("../sql/001_core.sql")),
     (2, "notify", include_str!("../sql/002_notify.sql")),
@@ -71,7 +71,7 @@ impl Default for MigrateOptions {
 pub enum MigrateError {
     #[error("{step} failed: {}{}", describe(error), fix(error))]
     Migration {
-        /// "migration 3 (policies), step 4 of 10 (outbox: …)", or the grants.
+        /// "migration 3 (policies), step 2 of 9: outbox: …", or the grants.
         step: String,
         error: tokio_postgres::Error,
     },

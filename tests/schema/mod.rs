@@ -25,6 +25,15 @@ const SHIPPED: &[(i32, &str, &str)] = &[
     (4, "ops", include_str!("shipped/004_ops.sql")),
 ];
 
+/// The versions a database at `version` still has to apply.
+fn versions_after(version: i32) -> Vec<i32> {
+    schema::MIGRATIONS
+        .iter()
+        .map(|m| m.0)
+        .filter(|v| *v > version)
+        .collect()
+}
+
 fn options_up_to(version: i32) -> MigrateOptions {
     MigrateOptions {
         target: Some(version),
@@ -162,12 +171,18 @@ async fn every_path_to_the_latest_schema_gives_the_same_catalog() {
     for &(version, name, sql) in SHIPPED {
         apply_shipped(&mut client, version, name, sql).await;
     }
-    assert_eq!(schema::migrate(&mut client).await.unwrap(), vec![5]);
+    assert_eq!(
+        schema::migrate(&mut client).await.unwrap(),
+        versions_after(4)
+    );
     assert_same_catalog("shipped 003/004", &expected, &catalog(&client).await);
 
     let (_, mut client) = database_at(&pg, "upgraded", 2).await;
     populate_v2(&client, 2000, 2000).await;
-    assert_eq!(schema::migrate(&mut client).await.unwrap(), vec![3, 4, 5]);
+    assert_eq!(
+        schema::migrate(&mut client).await.unwrap(),
+        versions_after(2)
+    );
     assert_same_catalog(
         "upgraded from version 2",
         &expected,
@@ -254,7 +269,10 @@ async fn an_index_build_interrupted_midway_is_built_again() {
         "the cancelled build left an invalid index"
     );
 
-    assert_eq!(schema::migrate(&mut client).await.unwrap(), vec![4, 5]);
+    assert_eq!(
+        schema::migrate(&mut client).await.unwrap(),
+        versions_after(3)
+    );
     assert_same_catalog(
         "after an interrupted index build",
         &expected,
@@ -335,7 +353,8 @@ async fn upgrading_a_populated_database_never_holds_an_insert_for_a_second() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "migrate failed: {stderr}");
     assert!(
-        String::from_utf8_lossy(&output.stdout).contains("applied migrations [3, 4, 5]"),
+        String::from_utf8_lossy(&output.stdout)
+            .contains(&format!("applied migrations {:?}", versions_after(2))),
         "{stderr}"
     );
 
@@ -428,7 +447,7 @@ async fn a_step_that_cannot_get_its_lock_names_who_holds_it() {
     });
     assert_eq!(
         schema::migrate_with(&mut client, &patient).await.unwrap(),
-        vec![3, 4, 5]
+        versions_after(2)
     );
     ending.await.unwrap();
 }
@@ -447,7 +466,8 @@ async fn a_second_migrate_prints_only_that_it_is_up_to_date() {
     };
     let first = run();
     assert!(first.status.success());
-    assert!(String::from_utf8_lossy(&first.stdout).contains("applied migrations [1, 2, 3, 4, 5]"));
+    assert!(String::from_utf8_lossy(&first.stdout)
+        .contains(&format!("applied migrations {:?}", versions_after(0))));
     let second = run();
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(second.status.success(), "{stderr}");
