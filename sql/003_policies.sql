@@ -1,7 +1,17 @@
--- Per-endpoint delivery policy, endpoint health, secret rotation, ordered delivery, payload limits and
--- least-privilege roles. Every policy column is NULL for "use the daemon's configured default".
+-- Per-endpoint delivery policy, endpoint health, secret rotation, ordered delivery and payload limits. Every
+-- policy column is NULL for "use the daemon's configured default". The roles' grants are in sql/grants.sql,
+-- applied after every migration.
+--
+-- Shipped as one transaction, this file was later split into steps (see src/schema.rs), because it runs on
+-- live primaries: as one transaction it held ACCESS EXCLUSIVE on walhook.outbox through index builds on
+-- walhook.deliveries and a full scan of the outbox, so every insert of the application waited. Databases that
+-- applied it before never run it again; a database at version 2 gets the same schema without the outage. Each
+-- step is idempotent (a migration interrupted between steps is run again from its first step); the outbox
+-- is locked only by catalog-only changes, the payload check is validated under a lock that lets inserts
+-- through, and the indexes on deliveries are built concurrently.
 
-create function walhook.check_retry_schedule(s interval[]) returns boolean
+-- walhook:step endpoints: policy columns and checks, rotated secrets, health (endpoints is small)
+create or replace function walhook.check_retry_schedule(s interval[]) returns boolean
 language plpgsql immutable as $$
 begin
   if s is not null and (cardinality(s) > 100 or exists (select 1 from unnest(s) d where d is null or d <= interval '0')) then
@@ -13,7 +23,7 @@ end $$;
 
 -- Static extra headers: a JSON object of string values. Names walhook owns or that would break the
 -- request are refused: host, content-*, user-agent, hop-by-hop headers and webhook-*.
-create function walhook.check_headers(h jsonb) returns boolean
+create or replace function walhook.check_headers(h jsonb) returns boolean
 language plpgsql immutable as $$
 declare
   k text;
@@ -42,7 +52,7 @@ begin
 end $$;
 
 -- ed25519 signing keys: 'whsk_' + base64 of the 64-byte key (seed followed by public key).
-create function walhook.check_signing_key(s text) returns boolean
+create or replace function walhook.check_signing_key(s text) returns boolean
 language plpgsql immutable as $$
 declare
   key bytea;
@@ -62,23 +72,28 @@ begin
   return true;
 end $$;
 
-alter table walhook.endpoints
-  add column timeout interval,
-  add column retry_schedule interval[],
-  add column rate_limit double precision,
-  add column max_in_flight integer,
-  add column headers jsonb not null default '{}',
-  add column metadata jsonb not null default '{}',
-  add column ordered boolean not null default false,
-  add column signing_key text,
-  add column disabled_reason text,
-  add constraint endpoints_timeout_valid check (timeout is null or (timeout > interval '0' and timeout <= interval '10 minutes')),
-  add constraint endpoints_retry_schedule_valid check (walhook.check_retry_schedule(retry_schedule)),
-  add constraint endpoints_rate_limit_valid check (rate_limit is null or rate_limit > 0),
-  add constraint endpoints_max_in_flight_valid check (max_in_flight is null or max_in_flight between 1 and 100000),
-  add constraint endpoints_headers_valid check (walhook.check_headers(headers)),
-  add constraint endpoints_metadata_valid check (jsonb_typeof(metadata) = 'object'),
-  add constraint endpoints_signing_key_valid check (walhook.check_signing_key(signing_key));
+do $$
+begin
+  if not exists (select from pg_attribute where attrelid = 'walhook.endpoints'::regclass and attname = 'disabled_reason') then
+    alter table walhook.endpoints
+      add column timeout interval,
+      add column retry_schedule interval[],
+      add column rate_limit double precision,
+      add column max_in_flight integer,
+      add column headers jsonb not null default '{}',
+      add column metadata jsonb not null default '{}',
+      add column ordered boolean not null default false,
+      add column signing_key text,
+      add column disabled_reason text,
+      add constraint endpoints_timeout_valid check (timeout is null or (timeout > interval '0' and timeout <= interval '10 minutes')),
+      add constraint endpoints_retry_schedule_valid check (walhook.check_retry_schedule(retry_schedule)),
+      add constraint endpoints_rate_limit_valid check (rate_limit is null or rate_limit > 0),
+      add constraint endpoints_max_in_flight_valid check (max_in_flight is null or max_in_flight between 1 and 100000),
+      add constraint endpoints_headers_valid check (walhook.check_headers(headers)),
+      add constraint endpoints_metadata_valid check (jsonb_typeof(metadata) = 'object'),
+      add constraint endpoints_signing_key_valid check (walhook.check_signing_key(signing_key));
+  end if;
+end $$;
 
 -- Re-enabling an endpoint clears the reason it was disabled.
 create or replace function walhook.endpoints_touch() returns trigger
@@ -92,20 +107,20 @@ begin
 end $$;
 
 -- Secrets that still sign during a rotation's grace period (at most 10 per endpoint).
-create table walhook.endpoint_secrets (
+create table if not exists walhook.endpoint_secrets (
   endpoint_id bigint not null references walhook.endpoints (id) on delete cascade,
   secret text not null,
   expires_at timestamptz not null,
   constraint endpoint_secrets_secret_valid check (walhook.check_secret(secret))
 );
-create index endpoint_secrets_endpoint on walhook.endpoint_secrets (endpoint_id);
+create index if not exists endpoint_secrets_endpoint on walhook.endpoint_secrets (endpoint_id);
 
-create trigger endpoint_secrets_bump after insert or update or delete on walhook.endpoint_secrets
+create or replace trigger endpoint_secrets_bump after insert or update or delete on walhook.endpoint_secrets
   for each statement execute function walhook.endpoints_bump();
 
 -- Replaces the endpoint's secret with a new one and returns it; the old one keeps signing (a second v1
 -- signature on every delivery) until the grace period ends.
-create function walhook.rotate_secret(endpoint bigint, grace interval default '24 hours') returns text
+create or replace function walhook.rotate_secret(endpoint bigint, grace interval default '24 hours') returns text
 language plpgsql as $$
 declare
   old_secret text;
@@ -132,7 +147,7 @@ begin
 end $$;
 
 -- What the daemon knows of each endpoint's health, written by it every few seconds.
-create table walhook.endpoint_state (
+create table if not exists walhook.endpoint_state (
   endpoint_id bigint primary key,
   breaker text not null default 'closed',
   consecutive_failures integer not null default 0,
@@ -147,7 +162,7 @@ create table walhook.endpoint_state (
   constraint endpoint_state_breaker_valid check (breaker in ('closed', 'open', 'half_open'))
 );
 
-create view walhook.endpoint_health as
+create or replace view walhook.endpoint_health as
 select e.id as endpoint_id, e.url, e.enabled, e.disabled_reason,
        coalesce(s.breaker, 'closed') as breaker,
        coalesce(s.consecutive_failures, 0) as consecutive_failures,
@@ -159,20 +174,37 @@ select e.id as endpoint_id, e.url, e.enabled, e.disabled_reason,
   from walhook.endpoints e
   left join walhook.endpoint_state s on s.endpoint_id = e.id;
 
+-- walhook:step outbox: ordering_key column (catalog only, no rewrite)
 -- Ordered delivery: events with the same ordering_key reach an ordered endpoint in commit order.
-alter table walhook.outbox add column ordering_key text;
+alter table walhook.outbox add column if not exists ordering_key text;
+
+-- walhook:step deliveries: ordering columns (catalog only); the old due index steps aside for its successor
 alter table walhook.deliveries
-  add column ordering_key text,
-  add column commit_lsn pg_lsn;
--- due deliveries are claimed per endpoint, each no more than it has room for
-drop index walhook.deliveries_due;
-create index deliveries_due on walhook.deliveries (endpoint_id, next_attempt_at)
+  add column if not exists ordering_key text,
+  add column if not exists commit_lsn pg_lsn;
+do $$
+begin
+  if exists (select from pg_index i
+              where i.indexrelid = to_regclass('walhook.deliveries_due') and i.indnkeyatts = 1) then
+    alter index walhook.deliveries_due rename to deliveries_due_before_v3;
+  end if;
+end $$;
+
+-- walhook:step deliveries: due deliveries are claimed per endpoint, each no more than it has room for
+create index concurrently if not exists deliveries_due on walhook.deliveries (endpoint_id, next_attempt_at)
   where status = 'pending' and ordering_key is null;
-create index deliveries_ordered_heads on walhook.deliveries (endpoint_id, ordering_key, commit_lsn, event_id)
+
+-- walhook:step deliveries: drop the index the previous step replaced
+drop index concurrently if exists walhook.deliveries_due_before_v3;
+
+-- walhook:step deliveries: the heads of ordered keys
+create index concurrently if not exists deliveries_ordered_heads
+  on walhook.deliveries (endpoint_id, ordering_key, commit_lsn, event_id)
   where status = 'pending' and ordering_key is not null;
 
+-- walhook:step outbox: payload size check for new rows (catalog only)
 -- Payload size limit, enforced at INSERT. walhook.set_max_payload_bytes(n) changes it.
-create function walhook.check_payload_size(payload jsonb, max_bytes integer) returns boolean
+create or replace function walhook.check_payload_size(payload jsonb, max_bytes integer) returns boolean
 language plpgsql immutable as $$
 declare
   size integer := pg_column_size(payload);
@@ -184,9 +216,31 @@ begin
   return true;
 end $$;
 
-alter table walhook.outbox add constraint outbox_payload_size check (walhook.check_payload_size(payload, 262144));
+do $$
+begin
+  if not exists (select from pg_constraint where conrelid = 'walhook.outbox'::regclass and conname = 'outbox_payload_size') then
+    alter table walhook.outbox add constraint outbox_payload_size check (walhook.check_payload_size(payload, 262144)) not valid;
+  end if;
+end $$;
 
-create function walhook.set_max_payload_bytes(max_bytes integer) returns void
+-- walhook:step outbox: validate the payload check on existing rows (a scan under a lock inserts pass)
+do $$
+declare
+  problem text;
+begin
+  if exists (select from pg_constraint where conrelid = 'walhook.outbox'::regclass
+                                          and conname = 'outbox_payload_size' and not convalidated) then
+    begin
+      alter table walhook.outbox validate constraint outbox_payload_size;
+    exception when check_violation then
+      get stacked diagnostics problem = message_text;
+      raise warning 'walhook: existing outbox rows are over the payload limit (%); new rows are checked, existing ones were kept as they are', problem;
+    end;
+  end if;
+end $$;
+
+-- walhook:step set_max_payload_bytes and the publication
+create or replace function walhook.set_max_payload_bytes(max_bytes integer) returns void
 language plpgsql as $$
 begin
   if max_bytes is null or max_bytes < 1024 or max_bytes > 67108864 then
@@ -202,67 +256,9 @@ end $$;
 do $$
 begin
   if not exists (select 1 from pg_publication where pubname = 'walhook') then
+    -- with wal_level below logical (source = "notify") PostgreSQL warns that it cannot publish yet: that is
+    -- no news to a notify user, and `walhook run` says what to change when replication is wanted
+    set local client_min_messages = error;
     create publication walhook for table walhook.outbox with (publish = 'insert');
   end if;
-end $$;
-
--- Least privilege. Functions are not callable by everyone: each role gets what it needs.
-revoke execute on all functions in schema walhook from public;
-
--- Group roles, created when the migrating role may create roles (they are cluster-wide; grants are
--- per database). Log-in roles are made members: GRANT walhook_writer TO app;
---   walhook_writer: insert events into the outbox (and read back their id/uid), nothing else;
---   walhook_reader: read delivery status, attempts, health, and endpoints without their secrets;
---   walhook_admin:  manage endpoints, rotate secrets, redeliver; reads everything;
---   walhook_daemon: what `walhook run` needs (its log-in role also needs the REPLICATION attribute).
-do $$
-declare
-  may boolean := (select rolsuper or rolcreaterole from pg_roles where rolname = current_user);
-  r text;
-begin
-  if not may then
-    raise notice 'walhook: this role may not create roles; create walhook_writer, walhook_reader, walhook_admin and walhook_daemon as described in the README';
-    return;
-  end if;
-  foreach r in array array['walhook_writer', 'walhook_reader', 'walhook_admin', 'walhook_daemon'] loop
-    if not exists (select 1 from pg_roles where rolname = r) then
-      begin
-        execute format('create role %I nologin', r);
-      exception when duplicate_object or unique_violation then
-        null; -- created concurrently by a migration of another database in this cluster
-      end;
-    end if;
-  end loop;
-
-  grant usage on schema walhook to walhook_writer, walhook_reader, walhook_admin, walhook_daemon;
-
-  grant insert (event_type, payload, created_at, ordering_key) on walhook.outbox to walhook_writer;
-  grant select (id, uid, created_at) on walhook.outbox to walhook_writer;
-  grant execute on function walhook.check_event_type(text), walhook.check_payload_size(jsonb, integer)
-    to walhook_writer, walhook_admin, walhook_daemon;
-
-  grant select on walhook.deliveries, walhook.attempts, walhook.endpoint_state, walhook.endpoint_health,
-    walhook.outbox, walhook.schema_migrations to walhook_reader;
-  grant select (id, url, event_types, enabled, description, created_at, updated_at, timeout, retry_schedule,
-    rate_limit, max_in_flight, metadata, ordered, disabled_reason) on walhook.endpoints to walhook_reader;
-  grant execute on function walhook.matches(text, text[]) to walhook_reader, walhook_admin, walhook_daemon;
-
-  grant walhook_reader to walhook_admin;
-  grant select, insert, update, delete on walhook.endpoints, walhook.endpoint_secrets to walhook_admin;
-  grant select on walhook.endpoints_generation to walhook_admin;
-  grant update on walhook.endpoints_generation to walhook_admin;
-  grant update (status, schedule_step, next_attempt_at, updated_at) on walhook.deliveries to walhook_admin;
-  grant execute on function walhook.redeliver(bigint[]), walhook.redeliver(bigint, text, timestamptz),
-    walhook.rotate_secret(bigint, interval), walhook.generate_secret(), walhook.check_url(text),
-    walhook.check_event_patterns(text[]), walhook.check_secret(text), walhook.check_headers(jsonb),
-    walhook.check_retry_schedule(interval[]), walhook.check_signing_key(text), walhook.endpoints_touch(),
-    walhook.endpoints_bump()
-    to walhook_admin;
-
-  grant select on all tables in schema walhook to walhook_daemon;
-  grant insert, update, delete on walhook.deliveries, walhook.attempts, walhook.endpoint_state to walhook_daemon;
-  grant update (enabled, disabled_reason) on walhook.endpoints to walhook_daemon;
-  grant update (processed_at, claimed_until) on walhook.outbox to walhook_daemon;
-  grant update on walhook.endpoints_generation to walhook_daemon;
-  grant execute on all functions in schema walhook to walhook_daemon;
 end $$;

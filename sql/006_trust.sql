@@ -1,6 +1,8 @@
 -- Trust: pausing without losing events, recovering what a disabled endpoint missed, endpoint health shared
--- by every instance and kept across restarts, and the slot's progress for retention.
+-- by every instance and kept across restarts, the slot's progress for retention, and hosts the daemon can
+-- reach. Only walhook's small tables are changed here; the outbox and deliveries are not touched.
 
+-- walhook:step endpoints: paused, resumed_at, hosts in ASCII
 -- A paused endpoint keeps receiving deliveries, held as pending until it is resumed; a disabled one
 -- (enabled = false) receives none, and walhook.recover() re-creates what it missed.
 alter table walhook.endpoints
@@ -9,7 +11,9 @@ alter table walhook.endpoints
   add column if not exists resumed_at timestamptz;
 
 create or replace function walhook.endpoints_touch() returns trigger
-language plpgsql set search_path = pg_catalog, walhook as $$
+language plpgsql
+set search_path = pg_catalog, walhook, pg_temp
+as $$
 begin
   new.updated_at := now();
   if new.enabled and not old.enabled then
@@ -21,8 +25,40 @@ begin
   return new;
 end $$;
 
--- The breaker as the newest change by any instance left it (instances adopt a change newer than their own),
--- and the failing streak that `delivery.disable_after` measures: both survive restarts.
+-- The daemon percent-encodes what the path and query hold, but a host name must be ASCII: an international
+-- domain name is written in punycode (xn--...), which only the application can do right.
+create or replace function walhook.check_url_host(u text) returns boolean
+language plpgsql immutable
+set search_path = pg_catalog, walhook, pg_temp
+as $$
+begin
+  if u is not null and substring(u from '^[A-Za-z]+://([^/?#]*)') ~ '[^\x01-\x7f]' then
+    raise exception 'invalid endpoint url %: its host is not ASCII; write an international domain name in punycode (xn--...)',
+      quote_literal(u)
+      using errcode = 'check_violation', schema = 'walhook', table = 'endpoints', constraint = 'endpoints_url_host_ascii';
+  end if;
+  return true;
+end $$;
+
+do $$
+begin
+  if not exists (select from pg_constraint where conname = 'endpoints_url_host_ascii'
+                  and conrelid = 'walhook.endpoints'::regclass) then
+    alter table walhook.endpoints
+      add constraint endpoints_url_host_ascii check (walhook.check_url_host(url)) not valid;
+  end if;
+end $$;
+
+-- walhook:step endpoints: validate the host check where existing rows allow it
+do $$
+begin
+  alter table walhook.endpoints validate constraint endpoints_url_host_ascii;
+exception when check_violation then
+  raise warning 'walhook: some endpoints have a host that is not ASCII; their deliveries are recorded dead until the url is fixed; then run: ALTER TABLE walhook.endpoints VALIDATE CONSTRAINT endpoints_url_host_ascii';
+end $$;
+
+-- walhook:step health shared by instances: breaker changes, attempt counts
+-- The breaker as the newest change by any instance left it (instances adopt a change newer than their own).
 alter table walhook.endpoint_state
   add column if not exists open_until timestamptz,
   add column if not exists breaker_changed_at timestamptz;
@@ -37,18 +73,19 @@ create table if not exists walhook.endpoint_stats (
   primary key (endpoint_id, bucket)
 );
 
-drop view if exists walhook.endpoint_health;
-alter table walhook.endpoint_state drop column if exists successes_1h, drop column if exists failures_1h;
-create view walhook.endpoint_health as
-select e.id as endpoint_id, e.url, e.enabled, e.paused, e.disabled_reason,
+-- the same columns as before (so grants and users' queries keep working), counted from endpoint_stats, and
+-- two more at the end
+create or replace view walhook.endpoint_health as
+select e.id as endpoint_id, walhook.display_url(e.url) as url, e.enabled, e.disabled_reason,
        coalesce(s.breaker, 'closed') as breaker,
-       s.open_until,
        coalesce(s.consecutive_failures, 0) as consecutive_failures,
        s.failing_since, s.last_success_at, s.last_failure_at, s.last_status_code, s.last_error,
-       coalesce(h.successes, 0) as successes_1h, coalesce(h.failures, 0) as failures_1h,
+       coalesce(h.successes, 0)::bigint as successes_1h, coalesce(h.failures, 0)::bigint as failures_1h,
        case when coalesce(h.successes, 0) + coalesce(h.failures, 0) = 0 then null
-            else round(h.successes::numeric / (h.successes + h.failures), 4) end as success_rate_1h,
-       s.updated_at
+            else round(h.successes / (h.successes + h.failures), 4) end as success_rate_1h,
+       s.updated_at,
+       e.paused,
+       s.open_until
   from walhook.endpoints e
   left join walhook.endpoint_state s on s.endpoint_id = e.id
   left join lateral (
@@ -56,18 +93,24 @@ select e.id as endpoint_id, e.url, e.enabled, e.paused, e.disabled_reason,
           from walhook.endpoint_stats t
          where t.endpoint_id = e.id and t.bucket > now() - interval '1 hour') h on true;
 
--- The commit time of the newest transaction the slot has confirmed: retention never deletes an outbox row
--- the slot may not have streamed yet (`walhook recover-slot` would need it).
+alter table walhook.endpoint_state drop column if exists successes_1h, drop column if exists failures_1h;
+
+-- walhook:step slots: the commit time the slot has confirmed
+-- Retention never deletes an outbox row the slot may not have streamed yet (`walhook recover-slot` would need
+-- it): rows committed after this, less a margin, are kept.
 alter table walhook.slots add column if not exists confirmed_at timestamptz;
 
--- Re-creates, as pending deliveries due now, every event of the outbox committed in [since, until) that
--- matches the endpoint and has no delivery for it yet: what it missed while disabled (or while the daemon
--- could not use its row). Idempotent; the deliveries keep the event's webhook-id and carry their own copy
--- of it, so they do not depend on the outbox row any more. Outbox rows already removed by retention
+-- walhook:step recover(): what a disabled endpoint missed
+-- Re-creates, as pending deliveries due now, every event of the outbox created in [since, until) that matches
+-- the endpoint and has no delivery for it yet: what it missed while disabled (or while the daemon could not
+-- use its row). Idempotent; the deliveries keep the event's webhook-id and carry their own copy of it, so
+-- they do not depend on the outbox row any more. Outbox rows already removed by retention
 -- (`retention.outbox`) cannot be recovered.
 create or replace function walhook.recover(endpoint_id bigint, since timestamptz,
                                            until timestamptz default now()) returns bigint
-language plpgsql set search_path = pg_catalog, walhook as $$
+language plpgsql
+set search_path = pg_catalog, walhook, pg_temp
+as $$
 declare
   e walhook.endpoints;
   n bigint;
@@ -92,22 +135,3 @@ begin
   get diagnostics n = row_count;
   return n;
 end $$;
-
--- Privileges on what this migration created or re-created.
-do $$
-begin
-  if exists (select 1 from pg_roles where rolname = 'walhook_reader') then
-    grant select on walhook.endpoint_health, walhook.endpoint_stats to walhook_reader;
-  end if;
-  if exists (select 1 from pg_roles where rolname = 'walhook_daemon') then
-    grant select, insert, update, delete on walhook.endpoint_stats to walhook_daemon;
-    grant select on walhook.endpoint_health to walhook_daemon;
-    grant execute on function walhook.recover(bigint, timestamptz, timestamptz) to walhook_daemon;
-  end if;
-  if exists (select 1 from pg_roles where rolname = 'walhook_admin') then
-    grant insert on walhook.deliveries to walhook_admin;
-    grant update (paused) on walhook.endpoints to walhook_admin;
-    grant execute on function walhook.recover(bigint, timestamptz, timestamptz) to walhook_admin;
-  end if;
-end $$;
-revoke execute on function walhook.recover(bigint, timestamptz, timestamptz) from public;

@@ -12,7 +12,7 @@
 //!
 //! Module map, in the order the data flows:
 //! - [`config`]: figment layers (defaults < TOML < `WALHOOK_*`), validation naming the key.
-//! - [`schema`]: the embedded, numbered migrations under `sql/` (`walhook migrate`).
+//! - [`schema`]: the embedded, numbered migrations under `sql/`, applied in steps, then the roles' grants (`walhook migrate`).
 //! - [`source`]: where events come from: the replication slot ([`source::replication`]) over a hand-written
 //!   walsender client ([`source::walconn`]) with leadership among instances, or leased claims of outbox rows woken by `LISTEN/NOTIFY`
 //!   ([`source::notify`]); the shared fan-out ([`source::Pipeline`]) and acknowledgements ([`source::ack`]).

@@ -1458,13 +1458,13 @@ pub async fn endpoint_status(client: &Client) -> Result<Vec<EndpointStatus>, Sto
                 where last_error is not null and last_attempt_at > now() - interval '1 hour'
                 order by endpoint_id, last_attempt_at desc
              )
-             select e.id, e.url, e.enabled, coalesce(c.succeeded, 0), coalesce(c.pending, 0),
-                    coalesce(c.dead, 0), x.last_error, x.age, coalesce(st.breaker, 'closed')
-               from walhook.endpoints e
-               left join counts c on c.endpoint_id = e.id
-               left join errors x on x.endpoint_id = e.id
-               left join walhook.endpoint_state st on st.endpoint_id = e.id
-              order by coalesce(c.dead, 0) desc, coalesce(c.pending, 0) desc, e.id",
+             select e.endpoint_id, e.url, e.enabled, coalesce(c.succeeded, 0), coalesce(c.pending, 0),
+                    coalesce(c.dead, 0), x.last_error, x.age, e.breaker
+               -- the health view: URLs without credentials, readable by walhook_reader
+               from walhook.endpoint_health e
+               left join counts c on c.endpoint_id = e.endpoint_id
+               left join errors x on x.endpoint_id = e.endpoint_id
+              order by coalesce(c.dead, 0) desc, coalesce(c.pending, 0) desc, e.endpoint_id",
             &[],
         )
         .await?;

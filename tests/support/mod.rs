@@ -55,6 +55,16 @@ impl Pg {
     }
 
     pub async fn start_with(options: ClusterOptions) -> Pg {
+        let pg = Pg::start_unmigrated(options).await;
+        let mut client = pg.client().await;
+        walhook::schema::migrate(&mut client)
+            .await
+            .expect("migrate");
+        pg
+    }
+
+    /// A new cluster with an empty database `app` (no walhook schema, no walhook roles).
+    pub async fn start_unmigrated(options: ClusterOptions) -> Pg {
         // RUST_LOG=walhook=debug shows the daemon's logs in a failing test's output
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -68,12 +78,19 @@ impl Pg {
             .create_database("app")
             .await
             .expect("create database");
-        let pg = Pg { cluster, url };
-        let mut client = pg.client().await;
-        walhook::schema::migrate(&mut client)
+        Pg { cluster, url }
+    }
+
+    /// This database's URL for another role (the cluster trusts loopback, so any password passes).
+    pub fn url_as(&self, user: &str) -> String {
+        self.url.replacen("postgres@", &format!("{user}@"), 1)
+    }
+
+    /// A connection as another role.
+    pub async fn client_as(&self, user: &str) -> Client {
+        walhook::store::connect_client(&self.url_as(user).parse().unwrap())
             .await
-            .expect("migrate");
-        pg
+            .unwrap_or_else(|e| panic!("connect as {user}: {e}"))
     }
 
     pub async fn client(&self) -> Client {
