@@ -342,6 +342,7 @@ pub async fn run(
                 db: db.clone(),
                 config: config.retention.clone(),
                 prune_outbox: config.source == SourceKind::Replication,
+                slot: config.replication.slot.clone(),
             }
             .run(workers.clone()),
         )

@@ -18,6 +18,8 @@ pub struct Retention {
     pub config: RetentionConfig,
     /// Outbox rows are pruned only with the replication source, which streams events from the WAL.
     pub prune_outbox: bool,
+    /// `replication.slot`: outbox rows the slot may not have streamed yet are kept.
+    pub slot: String,
 }
 
 impl Retention {
@@ -75,7 +77,7 @@ impl Retention {
         if self.prune_outbox {
             let outbox = self.config.outbox;
             let deleted = walk(stop, |after| {
-                store::prune_outbox(client, after, limit, outbox)
+                store::prune_outbox(client, after, limit, outbox, &self.slot)
             })
             .await?;
             if deleted.rows > 0 {

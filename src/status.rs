@@ -95,6 +95,14 @@ impl Status {
                     "slot       {name}: MISSING (a first start creates it; otherwise see `walhook recover-slot`)"
                 );
             }
+            Some(s) if s.foreign.is_some() => {
+                let _ = writeln!(
+                    out,
+                    "slot       {name}: NOT THIS DATABASE'S ({}): slot names are shared by the cluster; set \
+                     replication.slot to a name of this database's own",
+                    s.foreign.as_deref().unwrap_or_default()
+                );
+            }
             Some(s) => {
                 let state = match (s.wal_status.as_deref(), s.active_pid) {
                     (Some("lost"), _) => {

@@ -298,8 +298,11 @@ pub async fn backfill_before_slot(client: &mut Client, snapshot: &str) -> Result
     let tx = snapshot_transaction(client, snapshot).await?;
     let n = tx
         .execute(
-            "insert into walhook.deliveries (event_id, endpoint_id, webhook_id, status, next_attempt_at)
-             select o.id, e.id, o.uid, 'pending', now()
+            // with their own copy of the event: retention (of another instance) may delete the outbox row
+            "insert into walhook.deliveries (event_id, endpoint_id, webhook_id, status, next_attempt_at,
+                                             event_type, payload, event_created_at, ordering_key)
+             select o.id, e.id, o.uid, 'pending', now(), o.event_type, o.payload, o.created_at,
+                    case when e.ordered then o.ordering_key end
                from walhook.outbox o
                join walhook.endpoints e on e.enabled and walhook.matches(o.event_type, e.event_types)
               where not exists (select 1 from walhook.deliveries d where d.event_id = o.id)
@@ -1141,7 +1144,7 @@ select (pg_current_wal_lsn() - s.confirmed_flush_lsn)::int8,
        s.wal_status,
        (select count(*) from walhook.deliveries where status = 'pending'),
        (select count(*) from walhook.deliveries where status = 'dead')
-  from (select 1) one left join pg_replication_slots s on s.slot_name = $1";
+  from (select 1) one left join pg_replication_slots s on s.slot_name = $1 and s.database = current_database()";
 
 pub async fn slot_sample(
     client: &Client,
@@ -1158,10 +1161,93 @@ pub async fn slot_sample(
     })
 }
 
+/// The columns of `walhook.outbox` an event is made of: a publication that leaves one out streams events
+/// walhook cannot build.
+pub const OUTBOX_COLUMNS: [&str; 6] = [
+    "id",
+    "uid",
+    "event_type",
+    "payload",
+    "created_at",
+    "ordering_key",
+];
+
+/// What is wrong with `publication` for walhook, each with its fix; empty when it streams every insert into
+/// `walhook.outbox` with all its columns. A publication is trusted by more than its name: one that leaves out
+/// the table, inserts, columns or rows would have the slot confirmed past events that were never streamed.
+pub async fn publication_problems(
+    client: &Client,
+    publication: &str,
+) -> Result<Vec<String>, StoreError> {
+    let quoted = format!("\"{}\"", publication.replace('"', "\"\""));
+    let Some(row) = client
+        .query_opt(
+            "select p.pubinsert,
+                    (select to_jsonb(t)::text from pg_publication_tables t
+                      where t.pubname = p.pubname and t.schemaname = 'walhook' and t.tablename = 'outbox')
+               from pg_publication p where p.pubname = $1",
+            &[&publication],
+        )
+        .await?
+    else {
+        return Ok(vec![format!(
+            "publication {publication:?} does not exist; create it as the owner of walhook.outbox: CREATE \
+             PUBLICATION {quoted} FOR TABLE walhook.outbox WITH (publish = 'insert')"
+        )]);
+    };
+    let mut problems = Vec::new();
+    if !row.get::<_, bool>(0) {
+        problems.push(format!(
+            "publication {publication:?} does not publish inserts; as its owner: ALTER PUBLICATION {quoted} \
+             SET (publish = 'insert')"
+        ));
+    }
+    let reset = format!("ALTER PUBLICATION {quoted} SET TABLE walhook.outbox");
+    let table = row
+        .get::<_, Option<String>>(1)
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    match table {
+        None => problems.push(format!(
+            "publication {publication:?} does not include walhook.outbox; as its owner: ALTER PUBLICATION \
+             {quoted} ADD TABLE walhook.outbox"
+        )),
+        Some(table) => {
+            // PostgreSQL 15 and later: a row filter, or a column list
+            if let Some(filter) = table.get("rowfilter").and_then(|f| f.as_str()) {
+                problems.push(format!(
+                    "publication {publication:?} filters the rows of walhook.outbox (WHERE {filter}): the \
+                     events it leaves out would never be delivered; remove the filter as its owner: {reset}"
+                ));
+            }
+            if let Some(names) = table.get("attnames").and_then(|a| a.as_array()) {
+                let missing: Vec<&str> = OUTBOX_COLUMNS
+                    .iter()
+                    .filter(|c| !names.iter().any(|n| n.as_str() == Some(**c)))
+                    .copied()
+                    .collect();
+                if !missing.is_empty() {
+                    problems.push(format!(
+                        "publication {publication:?} leaves out columns of walhook.outbox ({}); remove its \
+                         column list as its owner: {reset}",
+                        missing.join(", ")
+                    ));
+                }
+            }
+        }
+    }
+    Ok(problems)
+}
+
 /// A slot row of `pg_replication_slots`.
 #[derive(Clone, Debug)]
 pub struct SlotRow {
     pub wal_status: Option<String>,
+    /// The database a logical slot decodes (`None` for a physical slot).
+    pub database: Option<String>,
+    pub plugin: Option<String>,
+    /// True when the slot is a logical slot of this database: slot names are cluster-wide, so a slot of
+    /// this name may belong to another deployment.
+    pub ours: bool,
 }
 
 /// The slot as the server lists it, and when walhook recorded creating it (text, for messages); `None`s
@@ -1170,20 +1256,27 @@ pub async fn slot_state(
     client: &Client,
     slot: &str,
 ) -> Result<(Option<SlotRow>, Option<String>), StoreError> {
-    let row = client
-        .query_one(
-            "select to_regclass('walhook.slots') is not null,
-                    (select wal_status from pg_replication_slots where slot_name = $1),
-                    exists (select 1 from pg_replication_slots where slot_name = $1)",
-            &[&slot],
-        )
-        .await?;
-    if !row.get::<_, bool>(0) {
+    let migrated: bool = client
+        .query_one("select to_regclass('walhook.slots') is not null", &[])
+        .await?
+        .get(0);
+    if !migrated {
         return Err(StoreError::NotMigrated);
     }
-    let slot_row = row.get::<_, bool>(2).then(|| SlotRow {
-        wal_status: row.get(1),
-    });
+    let slot_row = client
+        .query_opt(
+            "select wal_status, database::text, plugin::text,
+                    slot_type = 'logical' and database = current_database() and plugin = 'pgoutput'
+               from pg_replication_slots where slot_name = $1",
+            &[&slot],
+        )
+        .await?
+        .map(|row| SlotRow {
+            wal_status: row.get(0),
+            database: row.get(1),
+            plugin: row.get(2),
+            ours: row.get::<_, Option<bool>>(3).unwrap_or(false),
+        });
     let recorded = client
         .query_opt(
             "select to_char(created_at, 'YYYY-MM-DD HH24:MI:SS TZ') from walhook.slots where slot_name = $1",
@@ -1198,7 +1291,7 @@ pub async fn slot_state(
 pub async fn slot_active_pid(client: &Client, slot: &str) -> Result<Option<i32>, StoreError> {
     Ok(client
         .query_opt(
-            "select active_pid from pg_replication_slots where slot_name = $1",
+            "select active_pid from pg_replication_slots where slot_name = $1 and database = current_database()",
             &[&slot],
         )
         .await?
@@ -1257,8 +1350,10 @@ pub async fn backfill_recovery(
     let tx = snapshot_transaction(client, snapshot).await?;
     let n = tx
         .execute(
-            "insert into walhook.deliveries (event_id, endpoint_id, webhook_id, status, next_attempt_at)
-             select o.id, e.id, o.uid, 'pending', now()
+            "insert into walhook.deliveries (event_id, endpoint_id, webhook_id, status, next_attempt_at,
+                                             event_type, payload, event_created_at, ordering_key)
+             select o.id, e.id, o.uid, 'pending', now(), o.event_type, o.payload, o.created_at,
+                    case when e.ordered then o.ordering_key end
                from walhook.outbox o
                join walhook.endpoints e on e.enabled and e.created_at <= o.created_at
                                        and walhook.matches(o.event_type, e.event_types)
@@ -1286,6 +1381,8 @@ pub struct SlotStatus {
     pub safe_bytes: Option<i64>,
     /// The walsender's `replay_lag` in seconds (null when caught up or idle).
     pub replay_lag: Option<f64>,
+    /// Set when a slot of this name exists but is not this database's (another deployment's): whose it is.
+    pub foreign: Option<String>,
 }
 
 /// Backlog and per-endpoint numbers for `walhook status`.
@@ -1372,13 +1469,17 @@ pub async fn slot_status(client: &Client, slot: &str) -> Result<Option<SlotStatu
             "select s.active_pid, host(r.client_addr), s.wal_status, s.confirmed_flush_lsn::text,
                     (pg_current_wal_lsn() - s.confirmed_flush_lsn)::int8,
                     (pg_current_wal_lsn() - s.restart_lsn)::int8,
-                    s.safe_wal_size, extract(epoch from r.replay_lag)::float8
+                    s.safe_wal_size, extract(epoch from r.replay_lag)::float8,
+                    case when s.slot_type <> 'logical' then 'a physical slot'
+                         when s.database <> current_database() then format('database %s', s.database)
+                         when s.plugin <> 'pgoutput' then format('plugin %s', s.plugin) end
                from pg_replication_slots s left join pg_stat_replication r on r.pid = s.active_pid
               where s.slot_name = $1",
             &[&slot],
         )
         .await?;
     Ok(row.map(|r| SlotStatus {
+        foreign: r.get(8),
         active_pid: r.get(0),
         client_addr: r.get(1),
         wal_status: r.get(2),
@@ -1504,20 +1605,28 @@ with batch as (
 select (select max(id) from batch), (select count(*) from gone), (select count(*) from attempts_gone),
        coalesce((select max(created_at) from batch) >= now() - make_interval(secs => least($3, $4)), true)";
 
-/// One retention batch over the outbox (replication source): rows older than `now - outbox` with no
-/// pending delivery. Deleting a row never loses its event: the slot streams inserts from the WAL, and a
-/// pending or dead delivery keeps its own copy of the event (backfilled ones have none, hence the check).
+/// One retention batch over the outbox (replication source): rows older than `now - outbox`, committed
+/// well before what the slot has confirmed, with no pending delivery. Deleting a row never loses its event:
+/// the slot streams inserts from the WAL, and a pending or dead delivery keeps its own copy of the event
+/// (the check covers deliveries queued by releases that did not copy it).
 const PRUNE_OUTBOX: &str = "
 with batch as (
   select id, created_at from walhook.outbox where id > $1 order by id limit $2
+), horizon as (
+  -- rows committed after the slot's confirmed commit time (less an hour for transactions that ran long
+  -- between their insert and their commit) may not be streamed yet: `recover-slot` would need them. No
+  -- recorded time (a slot from before walhook recorded it, or none yet): nothing is old enough.
+  select case when s.confirmed_at is not null  -- (least() would ignore a null)
+              then least(now() - make_interval(secs => $3), s.confirmed_at - interval '1 hour') end as before
+    from (select 1) one left join walhook.slots s on s.slot_name = $4
 ), gone as (
-  delete from walhook.outbox o using batch b
-   where o.id = b.id and o.created_at < now() - make_interval(secs => $3)
+  delete from walhook.outbox o using batch b, horizon h
+   where o.id = b.id and o.created_at < h.before
      and not exists (select 1 from walhook.deliveries d where d.event_id = o.id and d.status = 'pending')
   returning o.id
 )
 select (select max(id) from batch), (select count(*) from gone),
-       coalesce((select max(created_at) from batch) >= now() - make_interval(secs => $3), true)";
+       coalesce((select max(created_at) from batch) >= (select coalesce(before, '-infinity') from horizon), true)";
 
 /// What one retention batch did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -1561,9 +1670,13 @@ pub async fn prune_outbox(
     after: i64,
     limit: i64,
     older_than: Duration,
+    slot: &str,
 ) -> Result<Pruned, StoreError> {
     let r = client
-        .query_one(PRUNE_OUTBOX, &[&after, &limit, &older_than.as_secs_f64()])
+        .query_one(
+            PRUNE_OUTBOX,
+            &[&after, &limit, &older_than.as_secs_f64(), &slot],
+        )
         .await?;
     Ok(Pruned {
         last_id: r.get(0),

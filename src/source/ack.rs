@@ -37,6 +37,9 @@ struct Inner {
     first: u64,
     txns: VecDeque<Txn>,
     confirmed: Lsn,
+    /// Every transaction committed before this was read and recorded (when known): retention keeps the
+    /// outbox rows committed after it.
+    confirmed_commit: Option<SystemTime>,
 }
 
 /// Tracks in-flight transactions of one stream session.
@@ -119,6 +122,12 @@ impl Tracker {
         self.lock().confirmed
     }
 
+    /// The commit time of the newest confirmed transaction (or, when the position follows an idle server,
+    /// a moment before the keepalive): every transaction committed before it was read and recorded.
+    pub fn confirmed_commit(&self) -> Option<SystemTime> {
+        self.lock().confirmed_commit
+    }
+
     /// Transactions begun and not yet confirmable.
     pub fn outstanding(&self) -> usize {
         self.lock().txns.len()
@@ -128,6 +137,15 @@ impl Tracker {
     /// outbox does not make the slot retain WAL written to other tables.
     pub fn follow_if_idle(&self, server: Lsn) -> bool {
         let mut inner = self.lock();
+        if inner.txns.is_empty() && server >= inner.confirmed {
+            // the keepalive was sent after every commit before `server`: a second of margin for the trip
+            let idle_since = SystemTime::now() - std::time::Duration::from_secs(1);
+            inner.confirmed_commit = Some(
+                inner
+                    .confirmed_commit
+                    .map_or(idle_since, |t| t.max(idle_since)),
+            );
+        }
         if inner.txns.is_empty() && server > inner.confirmed {
             inner.confirmed = server;
             self.advanced.notify_waiters();
@@ -142,6 +160,10 @@ impl Tracker {
             match front.end {
                 Some(end) if front.remaining == 0 => {
                     inner.confirmed = inner.confirmed.max(end);
+                    if let Some(at) = front.committed_at {
+                        inner.confirmed_commit =
+                            Some(inner.confirmed_commit.map_or(at, |t| t.max(at)));
+                    }
                     inner.txns.pop_front();
                     inner.first += 1;
                     advanced = true;

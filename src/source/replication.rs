@@ -109,6 +109,12 @@ enum SlotState {
     Dropped { created_at: String },
     /// Absent and never created: a first start.
     Missing,
+    /// A slot of this name that is not this database's pgoutput slot: another deployment's (slot names are
+    /// cluster-wide), or made by hand for something else. Never adopted, never dropped.
+    Foreign {
+        database: Option<String>,
+        plugin: Option<String>,
+    },
 }
 
 /// Which outbox rows a new slot's snapshot hands to the scheduler.
@@ -164,7 +170,8 @@ impl SlotKeeper {
             tracing::warn!(slot = %self.slot, "the slot's backfill did not finish: creating the slot again");
             client
                 .execute(
-                    "select pg_drop_replication_slot(slot_name) from pg_replication_slots where slot_name = $1",
+                    "select pg_drop_replication_slot(slot_name) from pg_replication_slots
+                      where slot_name = $1 and database = current_database()",
                     &[&self.slot],
                 )
                 .await
@@ -200,7 +207,50 @@ impl SlotKeeper {
                 self.create_slot(&mut client, Backfill::BeforeSlot).await?;
                 Ok(())
             }
+            SlotState::Foreign { database, plugin } => Err(self.foreign(database, plugin)),
         }
+    }
+
+    /// The error for a slot of our name that is not ours, with the fix.
+    fn foreign(&self, database: Option<String>, plugin: Option<String>) -> SourceError {
+        let whose = match (database, plugin) {
+            (Some(db), Some(plugin)) if plugin == "pgoutput" => {
+                format!(
+                    "the logical slot of database {db:?} (another walhook deployment, most likely)"
+                )
+            }
+            (Some(db), plugin) => format!(
+                "a logical slot of database {db:?} with plugin {:?}",
+                plugin.unwrap_or_default()
+            ),
+            (None, _) => "a physical slot (a standby's)".to_string(),
+        };
+        SourceError::Fatal(format!(
+            "replication slot {:?} is {whose}; slot names are shared by every database of a cluster, and \
+             walhook never adopts or drops a slot that is not its own: give this database's walhook a slot \
+             of its own, e.g. replication.slot = \"walhook_{}\" (WALHOOK_REPLICATION__SLOT=walhook_{})",
+            self.slot,
+            self.database_hint(),
+            self.database_hint()
+        ))
+    }
+
+    /// The configured database name as a slot-name suffix (lowercase letters, digits, underscores).
+    fn database_hint(&self) -> String {
+        self.db
+            .get_dbname()
+            .or(self.db.get_user())
+            .unwrap_or("app")
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
+            .take(40)
+            .collect()
     }
 
     /// Tries once to take the slot's leadership on `client`'s session; it is held until that session ends.
@@ -235,6 +285,7 @@ impl SlotKeeper {
         if wal_level != "logical" {
             return Err(SourceError::Fatal(WAL_LEVEL_FIX.into()));
         }
+        self.verify_publication(client).await?;
         drop(self.connect().await?);
         Ok(())
     }
@@ -252,6 +303,10 @@ impl SlotKeeper {
                     e => SourceError::from(e),
                 })?;
         Ok(match (slot, recorded) {
+            (Some(other), _) if !other.ours => SlotState::Foreign {
+                database: other.database,
+                plugin: other.plugin,
+            },
             (Some(status), _) if status.wal_status.as_deref() == Some("lost") => SlotState::Lost,
             (Some(_), recorded) => SlotState::Healthy {
                 recorded: recorded.is_some(),
@@ -327,6 +382,7 @@ impl SlotKeeper {
             )));
         }
         match self.slot_state(&client).await? {
+            SlotState::Foreign { database, plugin } => return Err(self.foreign(database, plugin)),
             SlotState::Healthy { recorded } => {
                 if !recorded {
                     store::record_slot(&client, &self.slot, false).await?;
@@ -384,7 +440,19 @@ impl SlotKeeper {
                 }
             }
         }
-        Ok(())
+        self.verify_publication(client).await
+    }
+
+    /// Fails unless the publication streams every insert into `walhook.outbox` with all its columns.
+    async fn verify_publication(&self, client: &tokio_postgres::Client) -> Result<(), SourceError> {
+        let problems = store::publication_problems(client, &self.publication).await?;
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(SourceError::Fatal(format!(
+            "{}; walhook does not stream from a publication that would skip events",
+            problems.join("; ")
+        )))
     }
 
     fn user(&self) -> &str {
@@ -543,7 +611,8 @@ impl ReplicationSource {
         let start: Lsn = store
             .client()
             .query_opt(
-                "select confirmed_flush_lsn::text from pg_replication_slots where slot_name = $1",
+                "select confirmed_flush_lsn::text from pg_replication_slots
+                  where slot_name = $1 and database = current_database()",
                 &[&self.slot],
             )
             .await
@@ -574,6 +643,10 @@ impl ReplicationSource {
             sent_at: tokio::time::Instant::now(),
             status_interval: self.status_interval,
             health: self.health.clone(),
+            slot: self.slot.clone(),
+            publication: self.publication.clone(),
+            publication_ok_at: SystemTime::now(),
+            checked_at: tokio::time::Instant::now(),
         };
         let result = session.run(stop).await;
         self.health.set_streaming(false);
@@ -603,6 +676,12 @@ struct Session {
     sent_at: tokio::time::Instant,
     status_interval: Duration,
     health: Arc<Health>,
+    slot: String,
+    publication: String,
+    /// When the publication was last found right.
+    publication_ok_at: SystemTime,
+    /// When the leadership session last checked the publication (and recorded the slot's progress).
+    checked_at: tokio::time::Instant,
 }
 
 impl Session {
@@ -688,21 +767,48 @@ impl Session {
                 }
             }
             Message::Relation { id, namespace, name, columns, .. } => {
-                let outbox = (namespace == "walhook" && name == "outbox").then(|| {
-                    let find = |n: &str| columns.iter().position(|c| c.name == n);
+                if namespace != "walhook" || name != "outbox" {
+                    // another table of the publication: its inserts are not events
+                    self.relations.insert(id, None);
+                    return Ok(());
+                }
+                let find = |n: &str| columns.iter().position(|c| c.name == n);
+                let missing: Vec<&str> =
+                    store::OUTBOX_COLUMNS.iter().filter(|c| find(c).is_none()).copied().collect();
+                if !missing.is_empty() {
+                    // refuse before any of its inserts is read, so nothing past here is confirmed
+                    return Err(SourceError::Fatal(format!(
+                        "the publication streams walhook.outbox without its columns {}: was a column list \
+                         set on the publication, or the table altered? Remove the column list as the \
+                         publication's owner (ALTER PUBLICATION ... SET TABLE walhook.outbox); events from \
+                         here on were not acknowledged and are streamed again then",
+                        missing.join(", ")
+                    )));
+                }
+                let at = |n: &str| find(n).expect("checked above");
+                self.relations.insert(
+                    id,
                     Some(OutboxColumns {
-                        id: find("id")?,
-                        uid: find("uid")?,
-                        event_type: find("event_type")?,
-                        payload: find("payload")?,
-                        created_at: find("created_at")?,
-                        ordering_key: find("ordering_key"),
-                    })
-                });
-                self.relations.insert(id, outbox.flatten());
+                        id: at("id"),
+                        uid: at("uid"),
+                        event_type: at("event_type"),
+                        payload: at("payload"),
+                        created_at: at("created_at"),
+                        ordering_key: Some(at("ordering_key")),
+                    }),
+                );
             }
             Message::Insert { relation_id, tuple } => {
-                let Some(Some(cols)) = self.relations.get(&relation_id).copied() else { return Ok(()) };
+                let cols = match self.relations.get(&relation_id) {
+                    Some(Some(cols)) => *cols,
+                    Some(None) => return Ok(()), // not the outbox
+                    None => {
+                        return Err(SourceError::Transient(format!(
+                            "an insert into relation {relation_id} arrived before its description; \
+                             streaming again from the confirmed position"
+                        )))
+                    }
+                };
                 let text = |i: usize| match tuple.columns.get(i) {
                     Some(Datum::Text(b)) => std::str::from_utf8(b).ok(),
                     _ => None,
@@ -852,33 +958,81 @@ impl Session {
         self.health.set_lag(lag);
         let confirmed = self.tracker.confirmed();
         let due = self.sent_at.elapsed() >= self.status_interval;
-        if !(force || due || confirmed > self.sent) {
+        // on its own clock: the server's requests for a reply (answered with `force`) may come more often
+        // than `status_interval` and must not postpone it forever
+        let check = self.checked_at.elapsed() >= self.status_interval;
+        if !(force || due || check || confirmed > self.sent) {
             return Ok(());
+        }
+        if check {
+            // before confirming more: is the publication still what walhook needs? (The leadership session
+            // is idle otherwise, so this also keeps `idle_session_timeout` away and notices a connection
+            // that died silently, so that a standby can take over.)
+            self.check_publication().await?;
+            self.checked_at = tokio::time::Instant::now();
         }
         let pos = confirmed.max(self.sent);
         self.stream
             .send_status(pos, pos, pos, due && !force)
             .await?;
-        if due {
-            // the leadership session is idle otherwise: a ping keeps `idle_session_timeout` away and notices
-            // a connection that died silently, so a standby can take over
-            match tokio::time::timeout(LEADER_PING_TIMEOUT, self.leader.simple_query("")).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    return Err(SourceError::Transient(format!(
-                        "lost the session holding the slot's leadership: {e}"
-                    )))
-                }
-                Err(_) => {
-                    return Err(SourceError::Transient(
-                        "the session holding the slot's leadership does not answer".into(),
-                    ))
+        if check {
+            if let Some(at) = self.tracker.confirmed_commit() {
+                // retention keeps the outbox rows the slot may not have streamed yet
+                let written = self
+                    .leader
+                    .execute(
+                        "update walhook.slots set confirmed_at = $2
+                          where slot_name = $1 and confirmed_at is distinct from $2",
+                        &[&self.slot, &at],
+                    )
+                    .await;
+                match written {
+                    Ok(n) => tracing::debug!(rows = n, "recorded the slot's confirmed commit time"),
+                    Err(e) => {
+                        tracing::debug!("recording the slot's confirmed commit time failed: {e}")
+                    }
                 }
             }
         }
         self.sent = pos;
         self.sent_at = tokio::time::Instant::now();
         Ok(())
+    }
+}
+
+impl Session {
+    /// Checks the publication on the leadership session (within `LEADER_PING_TIMEOUT`). A publication
+    /// changed while streaming (inserts no longer published, a row filter, a column list) stops the daemon:
+    /// the events it left out since the last check were never streamed, and the message says how to bring
+    /// them back.
+    async fn check_publication(&mut self) -> Result<(), SourceError> {
+        let check = store::publication_problems(&self.leader, &self.publication);
+        let problems = match tokio::time::timeout(LEADER_PING_TIMEOUT, check).await {
+            Ok(Ok(problems)) => problems,
+            Ok(Err(e)) if e.is_connection() => {
+                return Err(SourceError::Transient(format!(
+                    "lost the session holding the slot's leadership: {e}"
+                )))
+            }
+            Ok(Err(e)) => return Err(SourceError::from(e)),
+            Err(_) => {
+                return Err(SourceError::Transient(
+                    "the session holding the slot's leadership does not answer".into(),
+                ))
+            }
+        };
+        if problems.is_empty() {
+            self.publication_ok_at = SystemTime::now();
+            return Ok(());
+        }
+        let since = humantime::format_rfc3339_seconds(self.publication_ok_at);
+        Err(SourceError::Fatal(format!(
+            "{}. The publication was still right at {since}; events committed since then may not have been \
+             streamed. Once it is fixed, re-create what the endpoints missed with: SELECT e.id, \
+             walhook.recover(e.id, since => '{since}') FROM walhook.endpoints e WHERE e.enabled; then start \
+             walhook again",
+            problems.join("; ")
+        )))
     }
 }
 

@@ -955,3 +955,201 @@ async fn a_recorder_that_cannot_write_stops_the_scheduler_claiming() {
     wait_succeeded(&client, 20).await;
     daemon.stop().await;
 }
+
+// ---- slots of other databases, publications that would skip events, retention (items 4, 7, 13/21) ----
+
+/// Slot names are cluster-wide: a second deployment in another database with the default slot name must
+/// stop with the fix instead of adopting the first one's slot; with a slot of its own it gets everything,
+/// including what was committed before its first start, and the first deployment is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_databases_on_one_cluster_never_share_a_slot() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    add_endpoint(&client, &rx.url("/one"), &["*"]).await;
+    let first = Daemon::start(pg.config());
+    wait_streaming(&client).await;
+
+    let url2 = pg.cluster.create_database("shop").await.unwrap();
+    let mut client2 = walhook::store::connect_client(&url2.parse().unwrap())
+        .await
+        .unwrap();
+    walhook::schema::migrate(&mut client2).await.unwrap();
+    add_endpoint(&client2, &rx.url("/two"), &["*"]).await;
+    publish(&client2, "order.created", "{\"before\": true}").await;
+    let second = Daemon::start(pg.config_with(|f| f.merge(("database_url", url2.as_str()))));
+    let error = second
+        .result()
+        .await
+        .expect_err("the other database's slot is refused");
+    let message = error.to_string();
+    assert!(
+        message.contains("database \"app\"")
+            && message.contains("replication.slot = \"walhook_shop\""),
+        "{message}"
+    );
+    // the first deployment's slot is still its own, streaming
+    publish(&client, "order.created", "{}").await;
+    eventually("the first deployment delivers", || async {
+        rx.distinct_ids("/one").len() == 1
+    })
+    .await;
+
+    let second = Daemon::start(pg.config_with(|f| {
+        f.merge(("database_url", url2.as_str()))
+            .merge(("replication.slot", "walhook_shop"))
+    }));
+    publish(&client2, "order.created", "{\"after\": true}").await;
+    eventually(
+        "the second deployment delivers before and after its start",
+        || async { rx.distinct_ids("/two").len() == 2 },
+    )
+    .await;
+    assert_eq!(
+        count(
+            &client,
+            "select count(*) from pg_replication_slots where slot_name = 'walhook' and database = 'app' and active"
+        )
+        .await,
+        1
+    );
+    second.stop().await;
+    first.stop().await;
+}
+
+/// A publication that leaves out inserts, rows or columns of the outbox is refused at start with the fix;
+/// changed while streaming, it stops the daemon with the way to bring back what it skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_that_would_skip_events_is_refused() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    let (endpoint, _) = add_endpoint(&client, &rx.url("/p"), &["*"]).await;
+    let reset = "alter publication walhook set table walhook.outbox;
+                 alter publication walhook set (publish = 'insert')";
+    for (change, expected) in [
+        ("alter publication walhook set (publish = 'update')", "does not publish inserts"),
+        (
+            "alter publication walhook set table walhook.outbox where (event_type <> 'secret.thing')",
+            "filters the rows",
+        ),
+        (
+            "alter publication walhook set table walhook.outbox (id, event_type, payload, created_at)",
+            "leaves out columns of walhook.outbox (uid, ordering_key)",
+        ),
+        ("alter publication walhook drop table walhook.outbox", "does not include walhook.outbox"),
+    ] {
+        client.batch_execute(change).await.unwrap();
+        let daemon = Daemon::start(pg.config());
+        let message = daemon.result().await.expect_err(change).to_string();
+        assert!(message.contains(expected), "{change}: {message}");
+        assert!(message.contains("ALTER PUBLICATION"), "{change}: {message}");
+        client.batch_execute(reset).await.unwrap();
+    }
+
+    // changed while streaming: the daemon stops and says how to recover what was skipped
+    let daemon = Daemon::start(pg.config_with(|f| f.merge(("replication.status_interval", "1s"))));
+    wait_streaming(&client).await;
+    publish(&client, "order.created", "{\"n\": 1}").await;
+    wait_succeeded(&client, 1).await;
+    client
+        .batch_execute("alter publication walhook set (publish = 'update')")
+        .await
+        .unwrap();
+    publish(&client, "order.created", "{\"n\": 2}").await;
+    let message = daemon
+        .result()
+        .await
+        .expect_err("the changed publication stops the daemon")
+        .to_string();
+    assert!(
+        message.contains("does not publish inserts") && message.contains("walhook.recover("),
+        "{message}"
+    );
+    // the fix, as the message says it
+    client.batch_execute(reset).await.unwrap();
+    let since = message
+        .split("since => '")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .expect("the message names the time to recover from")
+        .to_string();
+    client
+        .query_one(
+            "select walhook.recover($1, since => $2::text::timestamptz)",
+            &[&endpoint, &since],
+        )
+        .await
+        .unwrap();
+    let daemon = Daemon::start(pg.config());
+    wait_succeeded(&client, 2).await;
+    assert_eq!(rx.distinct_ids("/p").len(), 2);
+    daemon.stop().await;
+}
+
+/// Outbox retention never deletes a row the slot may not have streamed yet: the leader records the commit
+/// time it has confirmed, and rows committed after it (less a margin) are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_retention_keeps_rows_the_slot_has_not_confirmed() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    add_endpoint(&client, &rx.url("/r"), &["*"]).await;
+    let daemon = Daemon::start(pg.config_with(|f| f.merge(("replication.status_interval", "1s"))));
+    wait_streaming(&client).await;
+    publish(&client, "order.created", "{}").await;
+    wait_succeeded(&client, 1).await;
+    eventually("the leader records the commit time it confirmed", || async {
+        count(
+            &client,
+            "select count(*) from walhook.slots where slot_name = 'walhook' and confirmed_at > now() - interval '1 minute'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    daemon.stop().await;
+    // rows written two days ago (by the superuser: applications may not set created_at)
+    client
+        .batch_execute(
+            "insert into walhook.outbox (event_type, payload, created_at)
+             select 'old.event', '{}', now() - interval '2 days' from generate_series(1, 10)",
+        )
+        .await
+        .unwrap();
+    let retention = |slot_confirmed: &'static str| {
+        let pg = &pg;
+        let client = &client;
+        async move {
+            client
+                .batch_execute(&format!(
+                    "update walhook.slots set confirmed_at = {slot_confirmed} where slot_name = 'walhook'"
+                ))
+                .await
+                .unwrap();
+            let config = pg.config_with(|f| f.merge(("retention.outbox", "1d")));
+            walhook::retention::Retention {
+                db: pg.url.parse().unwrap(),
+                config: config.retention.clone(),
+                prune_outbox: true,
+                slot: "walhook".into(),
+            }
+            .pass(client, &tokio_util::sync::CancellationToken::new())
+            .await
+            .unwrap();
+            count(
+                client,
+                "select count(*) from walhook.outbox where event_type = 'old.event'",
+            )
+            .await
+        }
+    };
+    // a slot stuck three days ago has not streamed them: they stay, recover-slot may need them
+    assert_eq!(retention("now() - interval '3 days'").await, 10);
+    assert_eq!(
+        retention("null").await,
+        10,
+        "no recorded position: nothing is old enough"
+    );
+    assert_eq!(retention("now()").await, 0);
+}
