@@ -153,9 +153,10 @@ pub struct DeliveryConfig {
     /// A PEM file of extra CA certificates to trust (for example a private CA); empty for none.
     #[serde(deserialize_with = "string_like")]
     pub ca_file: String,
-    /// Consecutive failed attempts (timeouts, connection errors, 5xx, 408, 429) that open an endpoint's breaker.
+    /// Consecutive failed attempts (timeouts, connection errors, 5xx, 408, 429) that open an endpoint's breaker
+    /// (provided nearly all recent attempts failed, retries included).
     pub breaker_threshold: u32,
-    /// How long an open breaker refuses requests before one probe; doubles per failed probe.
+    /// How long an open breaker refuses requests before a round of probes; doubles per failed round.
     #[serde(with = "duration")]
     pub breaker_cooldown: Duration,
     #[serde(with = "duration")]
