@@ -1613,11 +1613,13 @@ const PRUNE_OUTBOX: &str = "
 with batch as (
   select id, created_at from walhook.outbox where id > $1 order by id limit $2
 ), horizon as (
-  -- rows committed after the slot's confirmed commit time (less an hour for transactions that ran long
-  -- between their insert and their commit) may not be streamed yet: `recover-slot` would need them. No
-  -- recorded time (a slot from before walhook recorded it, or none yet): nothing is old enough.
+  -- rows committed after the slot's confirmed commit time may not be streamed yet: `recover-slot` would need
+  -- them. created_at is when the inserting transaction began, so a margin (an hour, or the retention if
+  -- shorter) covers transactions that ran long between their insert and their commit. No recorded time (a
+  -- slot from before walhook recorded it, or none yet): nothing is old enough.
   select case when s.confirmed_at is not null  -- (least() would ignore a null)
-              then least(now() - make_interval(secs => $3), s.confirmed_at - interval '1 hour') end as before
+              then least(now() - make_interval(secs => $3),
+                         s.confirmed_at - least(interval '1 hour', make_interval(secs => $3))) end as before
     from (select 1) one left join walhook.slots s on s.slot_name = $4
 ), gone as (
   delete from walhook.outbox o using batch b, horizon h

@@ -267,11 +267,18 @@ async fn a_partly_failing_endpoint_keeps_flowing(source: Source, how: Partly) {
     let (partly, _) = add_endpoint(&client, &rx.url("/partly"), &["*"]).await;
     let (healthy, _) = add_endpoint(&client, &rx.url("/healthy"), &["*"]).await;
     let schedule = ["1s", "1s", "2s", "2s", "5s"];
+    // disable_after far shorter than the test: an endpoint that keeps answering is never disabled either
+    let disable_after = match how {
+        Partly::FirstAttemptFails => "3s",
+        // (a delivery that dies last leaves a failure after the last success: that is failing)
+        Partly::HalfAtRandom => "5days",
+    };
     let daemon = Daemon::start(pg.config_for_with(source, |f| {
         f.merge(("delivery.retry_schedule", schedule.to_vec()))
             .merge(("delivery.breaker_threshold", 5))
             .merge(("delivery.breaker_cooldown", "30s"))
             .merge(("delivery.breaker_max_cooldown", "10m"))
+            .merge(("delivery.disable_after", disable_after))
     }));
     wait_ready(source, &client).await;
     for i in 0..300 {
@@ -368,6 +375,15 @@ async fn a_partly_failing_endpoint_keeps_flowing(source: Source, how: Partly) {
         rate.is_some_and(|r| (0.35..=0.65).contains(&r))
     })
     .await;
+    assert_eq!(
+        count(
+            &client,
+            &format!("select count(*) from walhook.endpoints where id = {partly} and enabled")
+        )
+        .await,
+        1,
+        "a partly working endpoint is not disabled"
+    );
     let _ = healthy;
     daemon.stop().await;
 }
