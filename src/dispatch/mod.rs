@@ -456,13 +456,11 @@ impl Dispatcher {
             }
         };
         self.observe(
-            endpoint,
+            job,
             &attempted,
             admission,
             started.into_std(),
-            job.schedule_step > 0,
             attempted_at,
-            status_code,
             error.as_deref(),
         );
 
@@ -556,18 +554,23 @@ impl Dispatcher {
     /// Feeds the attempt to the endpoint's breaker and health counters. The breaker counts only signs that
     /// the endpoint is unavailable (timeouts, connection failures, 5xx, 408, 429); a 4xx rejection is the
     /// receiver working as designed.
-    #[allow(clippy::too_many_arguments)]
+    /// `began` and `at` are when the attempt began, on the monotonic and the wall clock.
     fn observe(
         &self,
-        endpoint: &Endpoint,
+        job: &Job,
         attempted: &Attempted,
         admission: Admission,
         began: Instant,
-        retry: bool,
         at: SystemTime,
-        status: Option<i32>,
         error: Option<&str>,
     ) {
+        let endpoint = &job.endpoint;
+        // a delivery that failed before and fails again: the endpoint is not just refusing new deliveries
+        let retry = job.schedule_step > 0;
+        let status = match attempted {
+            Attempted::Status { code, .. } => Some(i32::from(*code)),
+            _ => None,
+        };
         let ok = matches!(attempted, Attempted::Status { code, .. } if (200..300).contains(code));
         let unavailable = match attempted {
             Attempted::Status { code, .. } => *code >= 500 || *code == 408 || *code == 429,

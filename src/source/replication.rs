@@ -143,7 +143,7 @@ struct OutboxColumns {
     event_type: usize,
     payload: usize,
     created_at: usize,
-    ordering_key: Option<usize>,
+    ordering_key: usize,
 }
 
 /// The publication and the slot: created on first start, checked on every (re)connect, re-created by
@@ -779,10 +779,15 @@ impl Session {
                     // refuse before any of its inserts is read, so nothing past here is confirmed
                     return Err(SourceError::Fatal(format!(
                         "the publication streams walhook.outbox without its columns {}: was a column list \
-                         set on the publication, or the table altered? Remove the column list as the \
-                         publication's owner (ALTER PUBLICATION ... SET TABLE walhook.outbox); events from \
-                         here on were not acknowledged and are streamed again then",
-                        missing.join(", ")
+                         set on publication {:?}, or the table altered? Remove the column list as the \
+                         publication's owner (ALTER PUBLICATION ... SET TABLE walhook.outbox). Nothing from \
+                         here on was acknowledged, but this slot decodes the inserts made while the list was \
+                         set with it: then stop walhook, drop the slot (SELECT \
+                         pg_drop_replication_slot('{}')) and run `walhook recover-slot --since <when the list \
+                         was set>`, which queues them from the outbox",
+                        missing.join(", "),
+                        self.publication,
+                        self.slot
                     )));
                 }
                 let at = |n: &str| find(n).expect("checked above");
@@ -794,7 +799,7 @@ impl Session {
                         event_type: at("event_type"),
                         payload: at("payload"),
                         created_at: at("created_at"),
-                        ordering_key: Some(at("ordering_key")),
+                        ordering_key: at("ordering_key"),
                     }),
                 );
             }
@@ -826,7 +831,7 @@ impl Session {
                             .into(),
                     ));
                 };
-                let ordering_key = cols.ordering_key.and_then(text).map(str::to_string);
+                let ordering_key = text(cols.ordering_key).map(str::to_string);
                 let mut event = Event::new(id, uid, event_type, created_at, payload)
                     .with_ordering(ordering_key, Some(self.commit_lsn));
                 event.committed_at = self.committed_at;
