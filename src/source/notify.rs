@@ -75,6 +75,17 @@ impl NotifySource {
         if installed.index {
             tracing::info!("created index walhook.outbox_unprocessed");
         }
+        if installed.keys_index {
+            tracing::info!("created index walhook.outbox_unprocessed_keys");
+        }
+        if let Some(why) = &installed.keys_index_refused {
+            tracing::warn!(
+                "cannot create index walhook.outbox_unprocessed_keys: {why}; ordered endpoints' deliveries \
+                 read more of the outbox per claim until the owner of walhook.outbox runs (on its own, not in \
+                 a transaction block): {}",
+                store::notify_keys_index_sql()
+            );
+        }
         if installed.trigger {
             tracing::info!("created trigger outbox_wake on walhook.outbox");
         }

@@ -154,3 +154,180 @@ async fn notify_leases_are_renewed_while_a_backlog_keeps_claims_full() {
     assert_eq!(per_id.len(), slow as usize);
     daemon.stop().await;
 }
+
+/// A store whose session is named `name` (the test's trigger tells the claimers apart by it).
+async fn claimer(pg: &Pg, name: &str) -> walhook::store::Store {
+    let mut config: tokio_postgres::Config = pg.url.parse().unwrap();
+    config.application_name(name);
+    walhook::store::Store::connect(&config).await.unwrap()
+}
+
+/// Review finding 8 (issue "Trust" item 13): the ordered-head claim tested "pending" and "due" on the head as
+/// its snapshot saw it, not on the row it locked. Under READ COMMITTED, a claimer that reaches a row another
+/// claimer changed and committed after its snapshot locks the new version and re-evaluates only the
+/// conditions on that row (EvalPlanQual), so it claimed a head already claimed, or already delivered.
+///
+/// Deterministic: a trigger holds claimer B on an advisory lock right after it locked its first head, with the
+/// rest of its statement still to run under its old snapshot; meanwhile claimer A claims the other heads and
+/// one of them is finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_head_claimed_or_finished_meanwhile_is_not_claimed_again() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let (endpoint, _) = add_endpoint(&client, "http://127.0.0.1:9/ordered", &["*"]).await;
+    client
+        .batch_execute(&format!(
+            "update walhook.endpoints set ordered = true where id = {endpoint};
+             -- one due head per key, a and b and c, each with a follower
+             insert into walhook.deliveries
+               (event_id, endpoint_id, webhook_id, status, next_attempt_at, ordering_key, commit_lsn,
+                event_type, payload, event_created_at)
+             select n, {endpoint}, gen_random_uuid(), 'pending', now() - interval '1 minute',
+                    chr(ascii('a') + (n - 1) % 3), ('0/' || to_hex(n * 16))::pg_lsn,
+                    'item.changed', '{{}}', now()
+               from generate_series(1, 6) n;
+             -- and some history, so the planner claims row by row as it does on a real table
+             insert into walhook.deliveries (event_id, endpoint_id, webhook_id, status)
+             select n, {endpoint}, gen_random_uuid(), 'succeeded' from generate_series(7, 5000) n;
+             analyze walhook.deliveries;
+             create function public.hold_claims() returns trigger language plpgsql as $$
+             begin
+               if current_setting('application_name') = 'claimer-b' then
+                 perform pg_advisory_xact_lock(4242);
+               end if;
+               return new;
+             end $$;
+             create trigger hold_claims before update on walhook.deliveries
+               for each row execute function public.hold_claims();
+             select pg_advisory_lock(4242);"
+        ))
+        .await
+        .unwrap();
+    let head = |key: &'static str| {
+        let client = &client;
+        async move {
+            count(
+                client,
+                &format!(
+                    "select id from walhook.deliveries where ordering_key = '{key}' order by commit_lsn limit 1"
+                ),
+            )
+            .await
+        }
+    };
+    let (a, b, c) = (head("a").await, head("b").await, head("c").await);
+    let lease = Duration::from_secs(60);
+
+    let claimer_b = claimer(&pg, "claimer-b").await;
+    let b_claims = tokio::spawn(async move {
+        claimer_b
+            .claim_ordered(10, lease, &[endpoint], &[10], false)
+            .await
+            .unwrap()
+    });
+    eventually("claimer B holds its first head and waits", || async {
+        count(
+            &client,
+            "select count(*) from pg_stat_activity
+              where application_name = 'claimer-b' and wait_event_type = 'Lock'",
+        )
+        .await
+            == 1
+    })
+    .await;
+
+    // A finds the head B holds locked and skips it; it claims the other two, and one of them is delivered
+    let claimer_a = claimer(&pg, "claimer-a").await;
+    let got_a: HashSet<i64> = claimer_a
+        .claim_ordered(10, lease, &[endpoint], &[10], false)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.delivery_id)
+        .collect();
+    assert_eq!(got_a, HashSet::from([b, c]));
+    client
+        .execute(
+            "update walhook.deliveries set status = 'succeeded', next_attempt_at = null where id = $1",
+            &[&c],
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute("select pg_advisory_unlock(4242)")
+        .await
+        .unwrap();
+
+    let got_b: HashSet<i64> = b_claims
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.delivery_id)
+        .collect();
+    assert_eq!(
+        got_b,
+        HashSet::from([a]),
+        "B claims only the head it locked first: not b, which A holds, nor c, which A delivered"
+    );
+}
+
+/// The notify source's index by key came after its first release: a daemon whose role may not create it (the
+/// owner ran the statements printed by an older walhook) starts without it, warns, and delivers ordered
+/// endpoints' events in order all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notify_installation_without_the_index_by_key_keeps_delivering_in_order() {
+    let pg = Pg::start_for(Source::Notify).await;
+    let client = pg.client().await;
+    client
+        .batch_execute(
+            "create role app_daemon login in role walhook_daemon;
+             create index outbox_unprocessed on walhook.outbox (id) where processed_at is null;
+             create trigger outbox_wake after insert on walhook.outbox
+               for each statement execute function walhook.outbox_wake();",
+        )
+        .await
+        .unwrap();
+    let rx = Receiver::start().await.unwrap();
+    let (ordered, _) = add_endpoint(&client, &rx.url("/ordered"), &["*"]).await;
+    client
+        .execute(
+            "update walhook.endpoints set ordered = true where id = $1",
+            &[&ordered],
+        )
+        .await
+        .unwrap();
+    let url = pg.url_as("app_daemon");
+    let daemon = Daemon::start(
+        pg.config_for_with(Source::Notify, |f| f.merge(("database_url", url.as_str()))),
+    );
+    wait_listening(&client, 1).await;
+    for n in 0..6 {
+        client
+            .execute(
+                "insert into walhook.outbox (event_type, payload, ordering_key) values ('item.changed', $1::text::jsonb, 'k')",
+                &[&format!("{{\"n\": {n}}}")],
+            )
+            .await
+            .unwrap();
+    }
+    wait_succeeded(&client, 6).await;
+    let order: Vec<i64> = rx
+        .received()
+        .iter()
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            v["data"]["n"].as_i64().unwrap()
+        })
+        .collect();
+    assert_eq!(order, (0..6).collect::<Vec<_>>());
+    assert_eq!(
+        count(
+            &client,
+            "select count(*) from pg_class where oid = to_regclass('walhook.outbox_unprocessed_keys')"
+        )
+        .await,
+        0,
+        "the daemon's role may not create it"
+    );
+    daemon.stop().await;
+}
