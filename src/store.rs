@@ -1203,15 +1203,20 @@ impl OutboxQueue {
 
 // ---- operations: sampling, status, retention, slot bookkeeping ----
 
-/// Slot position, retained WAL and backlog in one statement, for the periodic sampler. The counts use the
-/// partial indexes on pending and dead deliveries; with no slot the slot columns are null.
+/// Slot position, retained WAL and backlog in one statement, for the periodic sampler; with no slot the slot
+/// columns are null. Every instance runs it every `health.interval`, so it reads indexes only: pending rows
+/// are counted in two parts whose conditions are exactly those of the partial indexes `deliveries_due` and
+/// `deliveries_ordered_heads` (`status = 'pending'` alone implies neither, and would scan the table), dead ones
+/// through `deliveries_dead`.
 const SLOT_SAMPLE: &str = "
 select (pg_current_wal_lsn() - s.confirmed_flush_lsn)::int8,
        (pg_current_wal_lsn() - s.restart_lsn)::int8,
        s.wal_status,
-       (select count(*) from walhook.deliveries where status = 'pending'),
+       (select count(*) from walhook.deliveries where status = 'pending' and ordering_key is null)
+         + (select count(*) from walhook.deliveries where status = 'pending' and ordering_key is not null),
        (select count(*) from walhook.deliveries where status = 'dead')
-  from (select 1) one left join pg_replication_slots s on s.slot_name = $1";
+  from (select 1) one
+  left join pg_replication_slots s on s.slot_name = $1 and s.database = current_database()";
 
 pub async fn slot_sample(
     client: &Client,
@@ -1373,7 +1378,7 @@ pub struct EndpointStatus {
     pub id: i64,
     pub url: String,
     pub enabled: bool,
-    /// Succeeded and dead in the last hour, pending now.
+    /// Successful attempts and dead deliveries in the last hour, pending deliveries now.
     pub succeeded: i64,
     pub pending: i64,
     pub dead: i64,
@@ -1444,7 +1449,7 @@ pub async fn slot_status(client: &Client, slot: &str) -> Result<Option<SlotStatu
                     (pg_current_wal_lsn() - s.restart_lsn)::int8,
                     s.safe_wal_size, extract(epoch from r.replay_lag)::float8
                from pg_replication_slots s left join pg_stat_replication r on r.pid = s.active_pid
-              where s.slot_name = $1",
+              where s.slot_name = $1 and s.database = current_database()",
             &[&slot],
         )
         .await?;
@@ -1488,13 +1493,26 @@ pub async fn outbox_backlog(client: &Client) -> Result<OutboxBacklog, StoreError
     })
 }
 
+/// The deliveries that are pending now, as a query whose two parts match the partial indexes
+/// `deliveries_due` and `deliveries_ordered_heads` (a plain `status = 'pending'` matches neither and scans).
+const PENDING: &str = "
+  select endpoint_id, status, next_attempt_at, created_at, last_error, last_attempt_at
+    from walhook.deliveries where status = 'pending' and ordering_key is null
+  union all
+  select endpoint_id, status, next_attempt_at, created_at, last_error, last_attempt_at
+    from walhook.deliveries where status = 'pending' and ordering_key is not null";
+
+/// The backlog for `walhook status`: pending deliveries through their partial indexes, dead ones through
+/// `deliveries_dead`. It reads every pending and dead row (no table scan), so it costs what the backlog holds.
 pub async fn backlog(client: &Client) -> Result<Backlog, StoreError> {
     let r = client
         .query_one(
-            "select count(*), count(*) filter (where next_attempt_at <= now()),
-                    extract(epoch from now() - min(created_at))::float8,
-                    (select count(*) from walhook.deliveries where status = 'dead')
-               from walhook.deliveries where status = 'pending'",
+            &format!(
+                "select count(*), count(*) filter (where next_attempt_at <= now()),
+                        extract(epoch from now() - min(created_at))::float8,
+                        (select count(*) from walhook.deliveries where status = 'dead')
+                   from ({PENDING}) p"
+            ),
             &[],
         )
         .await?;
@@ -1506,35 +1524,41 @@ pub async fn backlog(client: &Client) -> Result<Backlog, StoreError> {
     })
 }
 
-/// Per endpoint: succeeded and dead deliveries updated in the last hour, pending ones now, and the most
-/// recent error of the last hour. One pass over the recent and pending deliveries.
+/// Per endpoint: successful attempts of the last hour (`walhook.endpoint_stats`, which the daemons add to
+/// every couple of seconds, as `walhook.endpoint_health` shows them), pending deliveries now, dead ones of the
+/// last hour, and the most recent error of the last hour. Pending deliveries are read through their partial
+/// indexes and dead ones through `deliveries_dead`; succeeded deliveries, the bulk of the table, are not read
+/// at all (counting them by `updated_at` would scan it: no index serves that, and one would cost every write).
+/// Only pending and dead rows carry an error: a success clears it.
 pub async fn endpoint_status(client: &Client) -> Result<Vec<EndpointStatus>, StoreError> {
     let rows = client
         .query(
-            "with recent as (
-               select endpoint_id, status, last_error, last_attempt_at
-                 from walhook.deliveries
-                where status = 'pending' or updated_at > now() - interval '1 hour'
-             ), counts as (
-               select endpoint_id,
-                      count(*) filter (where status = 'succeeded') as succeeded,
-                      count(*) filter (where status = 'pending') as pending,
-                      count(*) filter (where status = 'dead') as dead
-                 from recent group by endpoint_id
-             ), errors as (
-               select distinct on (endpoint_id) endpoint_id, last_error,
-                      extract(epoch from now() - last_attempt_at)::float8 as age
-                 from recent
-                where last_error is not null and last_attempt_at > now() - interval '1 hour'
-                order by endpoint_id, last_attempt_at desc
-             )
-             select e.endpoint_id, e.url, e.enabled, coalesce(c.succeeded, 0), coalesce(c.pending, 0),
-                    coalesce(c.dead, 0), x.last_error, x.age, e.breaker
-               -- the health view: URLs without credentials, readable by walhook_reader
-               from walhook.endpoint_health e
-               left join counts c on c.endpoint_id = e.endpoint_id
-               left join errors x on x.endpoint_id = e.endpoint_id
-              order by coalesce(c.dead, 0) desc, coalesce(c.pending, 0) desc, e.endpoint_id",
+            &format!(
+                "with recent as materialized (
+                   {PENDING}
+                   union all
+                   select endpoint_id, status, next_attempt_at, created_at, last_error, last_attempt_at
+                     from walhook.deliveries where status = 'dead' and updated_at > now() - interval '1 hour'
+                 ), counts as (
+                   select endpoint_id,
+                          count(*) filter (where status = 'pending') as pending,
+                          count(*) filter (where status = 'dead') as dead
+                     from recent group by endpoint_id
+                 ), errors as (
+                   select distinct on (endpoint_id) endpoint_id, last_error,
+                          extract(epoch from now() - last_attempt_at)::float8 as age
+                     from recent
+                    where last_error is not null and last_attempt_at > now() - interval '1 hour'
+                    order by endpoint_id, last_attempt_at desc
+                 )
+                 select e.endpoint_id, e.url, e.enabled, e.successes_1h, coalesce(c.pending, 0),
+                        coalesce(c.dead, 0), x.last_error, x.age, e.breaker
+                   -- the health view: URLs without credentials, readable by walhook_reader
+                   from walhook.endpoint_health e
+                   left join counts c on c.endpoint_id = e.endpoint_id
+                   left join errors x on x.endpoint_id = e.endpoint_id
+                  order by coalesce(c.dead, 0) desc, coalesce(c.pending, 0) desc, e.endpoint_id"
+            ),
             &[],
         )
         .await?;
