@@ -145,7 +145,7 @@ begin
   -- endpoint health, shared by instances: state merged, attempt counts added up and pruned
   grant select, insert, update on walhook.endpoint_state to walhook_daemon;
   grant select, insert, update, delete on walhook.endpoint_stats to walhook_daemon;
-  -- `walhook status` (URLs without credentials)
+  -- `walhook status`, which the README runs as the daemon's role: per-endpoint health as dashboards see it
   grant select on walhook.endpoint_health to walhook_daemon;
   grant execute on function walhook.display_url(text) to walhook_daemon;
   -- the slots walhook created (replication source)

@@ -102,12 +102,11 @@ impl Scheduler {
             // what each endpoint accepts now (in-flight room, breaker, rate limit): the claim takes no more,
             // so nothing claimed is parked straight back; the order rotates so no endpoint starves the rest
             let snapshot = self.endpoints.snapshot();
-            let mut skip = Vec::new();
-            let mut open: Vec<(i64, i32)> = Vec::new();
+            let mut open: Vec<(i64, i32, bool)> = Vec::new();
             for e in snapshot.iter() {
                 match self.dispatcher.room(e, 2) {
-                    0 => skip.push(e.id),
-                    r => open.push((e.id, r.min(i32::MAX as usize) as i32)),
+                    0 => {}
+                    r => open.push((e.id, r.min(i32::MAX as usize) as i32, e.policy.ordered)),
                 }
             }
             if !open.is_empty() {
@@ -115,29 +114,52 @@ impl Scheduler {
                 open.rotate_left(turn);
             }
             round = round.wrapping_add(1);
-            let (ids, caps): (Vec<i64>, Vec<i32>) = open.into_iter().unzip();
+            // ordered keys exist only where an endpoint is (or was) ordered: look for their heads at those
+            // endpoints, and at every endpoint with room at each tick (one index probe each when it has none)
+            let (ordered_ids, ordered_caps): (Vec<i64>, Vec<i32>) = open
+                .iter()
+                .filter(|(_, _, ordered)| ticked || *ordered)
+                .map(|(id, cap, _)| (*id, *cap))
+                .unzip();
+            let (ids, caps): (Vec<i64>, Vec<i32>) =
+                open.into_iter().map(|(id, cap, _)| (id, cap)).unzip();
             let longest = snapshot
                 .iter()
                 .filter_map(|e| e.policy.timeout)
                 .map(|t| t + self.queue_wait)
                 .fold(self.attempt_bound, Duration::max);
             let lease = self.lease.max(longest + LEASE_MARGIN);
-            let ordered = ticked || snapshot.iter().any(|e| e.policy.ordered);
-            if ids.is_empty() && !ordered {
+            if ids.is_empty() {
                 // every endpoint with claimed work is still busy with it: nothing to ask the database
                 continue;
             }
-            // ordered keys exist only where an endpoint is (or was) ordered: check them then, and at every tick
             let result = async {
-                let mut c = if ordered {
-                    s.claim_ordered(room as i64, lease, &skip, self.ordered_by_outbox)
-                        .await?
-                } else {
+                let mut c = if ordered_ids.is_empty() {
                     Vec::new()
+                } else {
+                    s.claim_ordered(
+                        room as i64,
+                        lease,
+                        &ordered_ids,
+                        &ordered_caps,
+                        self.ordered_by_outbox,
+                    )
+                    .await?
                 };
+                // what each endpoint got of its share there is not claimed again below
+                let mut taken: std::collections::HashMap<i64, i32> = Default::default();
+                for x in &c {
+                    *taken.entry(x.endpoint_id).or_default() += 1;
+                }
+                let (due_ids, due_caps): (Vec<i64>, Vec<i32>) = ids
+                    .iter()
+                    .zip(&caps)
+                    .map(|(id, cap)| (*id, cap - taken.get(id).copied().unwrap_or(0)))
+                    .filter(|(_, cap)| *cap > 0)
+                    .unzip();
                 let rest = room - c.len();
-                if rest > 0 && !ids.is_empty() {
-                    c.extend(s.claim_due(rest as i64, lease, &ids, &caps).await?);
+                if rest > 0 && !due_ids.is_empty() {
+                    c.extend(s.claim_due(rest as i64, lease, &due_ids, &due_caps).await?);
                 }
                 Ok::<_, crate::store::StoreError>(c)
             }

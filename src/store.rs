@@ -255,22 +255,49 @@ const DUE: &str = "
    limit $1";
 
 /// Ordered deliveries: per (endpoint, key) only the head (oldest in commit order) may go, and only when it is
-/// due; a head in flight or backing off holds its key back and no other.
+/// due; a head in flight or backing off holds its key back and no other. Like [`DUE`], only the endpoints in
+/// $3/$4 (those with room now) are looked at, each for at most its cap, so an endpoint that is down or busy
+/// costs nothing however many deliveries it has pending.
+///
+/// Heads are found key by key, one probe of `deliveries_ordered_heads` per key (a skip scan: PostgreSQL 15
+/// has none of its own, and `distinct on` would read every pending row of the endpoint), stopping as soon as
+/// the cap is reached. The cost is the number of keys passed over, not the number of rows waiting behind them.
+///
+/// "Pending" and "due" are tested again on the locked row `d`: under READ COMMITTED, a row that another
+/// instance claimed (or finished) after this statement's snapshot is locked in its new version and only the
+/// conditions on the locked row are evaluated again (EvalPlanQual); the head's columns still show it due.
 const DUE_ORDERED: &str = "
   select d.id
-    from (select distinct on (endpoint_id, ordering_key) id, next_attempt_at
-            from walhook.deliveries
-           where status = 'pending' and ordering_key is not null
-           order by endpoint_id, ordering_key, commit_lsn, event_id) h
+    from unnest($3::bigint[], $4::int[]) as c(endpoint_id, cap)
+   cross join lateral (
+         with recursive heads as (
+           (select h.id, h.event_id, h.ordering_key, h.next_attempt_at
+              from walhook.deliveries h
+             where h.endpoint_id = c.endpoint_id and h.status = 'pending' and h.ordering_key is not null
+             order by h.ordering_key, h.commit_lsn, h.event_id
+             limit 1)
+           union all
+           select n.* from heads p
+            cross join lateral (
+                  select h.id, h.event_id, h.ordering_key, h.next_attempt_at
+                    from walhook.deliveries h
+                   where h.endpoint_id = c.endpoint_id and h.status = 'pending'
+                     and h.ordering_key is not null and h.ordering_key > p.ordering_key
+                   order by h.ordering_key, h.commit_lsn, h.event_id
+                   limit 1) n
+         )
+         select heads.id from heads
+          where heads.next_attempt_at <= now()
+            -- notify source ($5): no outbox row of the key with a lower id is still unprocessed (its
+            -- deliveries are recorded in the statement that marks it, so a head is never chosen before an
+            -- older row is parked); `outbox_unprocessed_keys` makes this one probe
+            and ($5::bool is not true or not exists (
+                  select 1 from walhook.outbox o
+                   where o.processed_at is null and o.ordering_key is not null
+                     and o.ordering_key = heads.ordering_key and o.id < heads.event_id))
+          limit c.cap) h
     join walhook.deliveries d on d.id = h.id
-    join walhook.endpoints e on e.id = d.endpoint_id and e.enabled
-   where h.next_attempt_at <= now()
-     and d.endpoint_id <> all($3::bigint[])
-     -- notify source ($4): no outbox row of the key with a lower id is still unprocessed (its deliveries are
-     -- recorded in the statement that marks it, so a head is never chosen before an older row is parked)
-     and ($4::bool is not true or not exists (
-           select 1 from walhook.outbox o
-            where o.processed_at is null and o.id < d.event_id and o.ordering_key = d.ordering_key))
+   where d.status = 'pending' and d.next_attempt_at <= now()
    limit $1
      for update of d skip locked";
 
@@ -801,20 +828,22 @@ impl Store {
         Ok(())
     }
 
-    /// Claims due heads of ordered keys. `by_outbox` (the notify source): a key's head also waits for older
-    /// outbox rows of the key that are not processed yet.
+    /// Claims due heads of ordered keys, up to `limit` in all and `caps[i]` of endpoint `endpoints[i]` (the
+    /// endpoints with room now). `by_outbox` (the notify source): a key's head also waits for older outbox
+    /// rows of the key that are not processed yet.
     pub async fn claim_ordered(
         &self,
         limit: i64,
         lease: Duration,
-        skip: &[i64],
+        endpoints: &[i64],
+        caps: &[i32],
         by_outbox: bool,
     ) -> Result<Vec<Claimed>, StoreError> {
         let rows = self
             .client
             .query(
                 &self.claim_ordered,
-                &[&limit, &lease.as_secs_f64(), &skip, &by_outbox],
+                &[&limit, &lease.as_secs_f64(), &endpoints, &caps, &by_outbox],
             )
             .await?;
         Ok(rows.iter().map(claimed).collect())
@@ -830,6 +859,12 @@ const UNPROCESSED_INDEX: &str = "walhook.outbox_unprocessed";
 const CREATE_UNPROCESSED_INDEX: &str =
     "create index concurrently if not exists outbox_unprocessed \
      on walhook.outbox (id) where processed_at is null";
+/// The same rows by key, for the ordered-head claim's check that no older row of a key is still unprocessed
+/// (without it, that check reads every unprocessed row below the head). Optional: an older installation
+/// whose role may not create it keeps working, only slower, and is told how to add it.
+const KEYS_INDEX: &str = "walhook.outbox_unprocessed_keys";
+const CREATE_KEYS_INDEX: &str = "create index concurrently if not exists outbox_unprocessed_keys \
+     on walhook.outbox (ordering_key, id) where processed_at is null and ordering_key is not null";
 const CREATE_WAKE_TRIGGER: &str =
     "create or replace trigger outbox_wake after insert on walhook.outbox \
      for each statement execute function walhook.outbox_wake()";
@@ -871,10 +906,16 @@ pub struct Installed {
     pub trigger: bool,
     /// `notify.wake_trigger = false` and the trigger was there.
     pub trigger_dropped: bool,
+    /// The index by key was created now.
+    pub keys_index: bool,
+    /// Why the optional index by key could not be created (the server's refusal), when it could not.
+    pub keys_index_refused: Option<String>,
 }
 
-/// Creates the unprocessed-rows index and the wake-up trigger when they are missing. Creating them needs
+/// Creates the unprocessed-rows indexes and the wake-up trigger when they are missing. Creating them needs
 /// ownership of `walhook.outbox`; checking first lets an owner create them once for a less privileged role.
+/// The index by key came later and is optional: a role that may not create it is not stopped for it
+/// (`keys_index_refused` says why, for a warning).
 /// The index is built `concurrently` so applications keep inserting meanwhile; an advisory lock makes a
 /// second daemon wait instead of racing the build, so an invalid index found under it is a leftover of an
 /// interrupted build and is rebuilt. The trigger takes a short lock that queues inserts, so it waits at most
@@ -909,6 +950,30 @@ pub async fn install_notify(
     if valid != Some(true) {
         client.batch_execute(CREATE_UNPROCESSED_INDEX).await?;
         installed.index = true;
+    }
+    let valid: Option<bool> = client
+        .query_opt(
+            "select indisvalid from pg_index where indexrelid = to_regclass($1)",
+            &[&KEYS_INDEX],
+        )
+        .await?
+        .map(|r| r.get(0));
+    if valid != Some(true) {
+        // one statement per call: a concurrent build refuses to run inside the implicit transaction of several
+        let drop_invalid = format!("drop index concurrently {KEYS_INDEX}");
+        let build = async {
+            if valid == Some(false) {
+                client.batch_execute(&drop_invalid).await?;
+            }
+            client.batch_execute(CREATE_KEYS_INDEX).await
+        };
+        match build.await {
+            Ok(()) => installed.keys_index = true,
+            Err(e) if e.code().is_some_and(|c| c.code() == "42501") => {
+                installed.keys_index_refused = Some(crate::pgerror::facts(&e));
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     let trigger = client
         .query_opt(
@@ -945,7 +1010,12 @@ pub fn notify_install_sql(wake_trigger: bool) -> String {
     } else {
         DROP_WAKE_TRIGGER
     };
-    format!("{CREATE_UNPROCESSED_INDEX};\n{trigger};")
+    format!("{CREATE_UNPROCESSED_INDEX};\n{CREATE_KEYS_INDEX};\n{trigger};")
+}
+
+/// The statement an owner of `walhook.outbox` runs to add the optional index by key (see [`install_notify`]).
+pub fn notify_keys_index_sql() -> String {
+    format!("{CREATE_KEYS_INDEX};")
 }
 
 /// Why the notify source cannot start when its role may not create its index and trigger (`facts`: the
@@ -1136,15 +1206,20 @@ impl OutboxQueue {
 
 // ---- operations: sampling, status, retention, slot bookkeeping ----
 
-/// Slot position, retained WAL and backlog in one statement, for the periodic sampler. The counts use the
-/// partial indexes on pending and dead deliveries; with no slot the slot columns are null.
+/// Slot position, retained WAL and backlog in one statement, for the periodic sampler; with no slot the slot
+/// columns are null. Every instance runs it every `health.interval`, so it reads indexes only: pending rows
+/// are counted in two parts whose conditions are exactly those of the partial indexes `deliveries_due` and
+/// `deliveries_ordered_heads` (`status = 'pending'` alone implies neither, and would scan the table), dead ones
+/// through `deliveries_dead`.
 const SLOT_SAMPLE: &str = "
 select (pg_current_wal_lsn() - s.confirmed_flush_lsn)::int8,
        (pg_current_wal_lsn() - s.restart_lsn)::int8,
        s.wal_status,
-       (select count(*) from walhook.deliveries where status = 'pending'),
+       (select count(*) from walhook.deliveries where status = 'pending' and ordering_key is null)
+         + (select count(*) from walhook.deliveries where status = 'pending' and ordering_key is not null),
        (select count(*) from walhook.deliveries where status = 'dead')
-  from (select 1) one left join pg_replication_slots s on s.slot_name = $1 and s.database = current_database()";
+  from (select 1) one
+  left join pg_replication_slots s on s.slot_name = $1 and s.database = current_database()";
 
 pub async fn slot_sample(
     client: &Client,
@@ -1400,7 +1475,7 @@ pub struct EndpointStatus {
     pub id: i64,
     pub url: String,
     pub enabled: bool,
-    /// Succeeded and dead in the last hour, pending now.
+    /// Successful attempts and dead deliveries in the last hour, pending deliveries now.
     pub succeeded: i64,
     pub pending: i64,
     pub dead: i64,
@@ -1519,13 +1594,26 @@ pub async fn outbox_backlog(client: &Client) -> Result<OutboxBacklog, StoreError
     })
 }
 
+/// The deliveries that are pending now, as a query whose two parts match the partial indexes
+/// `deliveries_due` and `deliveries_ordered_heads` (a plain `status = 'pending'` matches neither and scans).
+const PENDING: &str = "
+  select endpoint_id, status, next_attempt_at, created_at, last_error, last_attempt_at
+    from walhook.deliveries where status = 'pending' and ordering_key is null
+  union all
+  select endpoint_id, status, next_attempt_at, created_at, last_error, last_attempt_at
+    from walhook.deliveries where status = 'pending' and ordering_key is not null";
+
+/// The backlog for `walhook status`: pending deliveries through their partial indexes, dead ones through
+/// `deliveries_dead`. It reads every pending and dead row (no table scan), so it costs what the backlog holds.
 pub async fn backlog(client: &Client) -> Result<Backlog, StoreError> {
     let r = client
         .query_one(
-            "select count(*), count(*) filter (where next_attempt_at <= now()),
-                    extract(epoch from now() - min(created_at))::float8,
-                    (select count(*) from walhook.deliveries where status = 'dead')
-               from walhook.deliveries where status = 'pending'",
+            &format!(
+                "select count(*), count(*) filter (where next_attempt_at <= now()),
+                        extract(epoch from now() - min(created_at))::float8,
+                        (select count(*) from walhook.deliveries where status = 'dead')
+                   from ({PENDING}) p"
+            ),
             &[],
         )
         .await?;
@@ -1537,35 +1625,41 @@ pub async fn backlog(client: &Client) -> Result<Backlog, StoreError> {
     })
 }
 
-/// Per endpoint: succeeded and dead deliveries updated in the last hour, pending ones now, and the most
-/// recent error of the last hour. One pass over the recent and pending deliveries.
+/// Per endpoint: successful attempts of the last hour (`walhook.endpoint_stats`, which the daemons add to
+/// every couple of seconds, as `walhook.endpoint_health` shows them), pending deliveries now, dead ones of the
+/// last hour, and the most recent error of the last hour. Pending deliveries are read through their partial
+/// indexes and dead ones through `deliveries_dead`; succeeded deliveries, the bulk of the table, are not read
+/// at all (counting them by `updated_at` would scan it: no index serves that, and one would cost every write).
+/// Only pending and dead rows carry an error: a success clears it.
 pub async fn endpoint_status(client: &Client) -> Result<Vec<EndpointStatus>, StoreError> {
     let rows = client
         .query(
-            "with recent as (
-               select endpoint_id, status, last_error, last_attempt_at
-                 from walhook.deliveries
-                where status = 'pending' or updated_at > now() - interval '1 hour'
-             ), counts as (
-               select endpoint_id,
-                      count(*) filter (where status = 'succeeded') as succeeded,
-                      count(*) filter (where status = 'pending') as pending,
-                      count(*) filter (where status = 'dead') as dead
-                 from recent group by endpoint_id
-             ), errors as (
-               select distinct on (endpoint_id) endpoint_id, last_error,
-                      extract(epoch from now() - last_attempt_at)::float8 as age
-                 from recent
-                where last_error is not null and last_attempt_at > now() - interval '1 hour'
-                order by endpoint_id, last_attempt_at desc
-             )
-             select e.endpoint_id, e.url, e.enabled, coalesce(c.succeeded, 0), coalesce(c.pending, 0),
-                    coalesce(c.dead, 0), x.last_error, x.age, e.breaker
-               -- the health view: URLs without credentials, readable by walhook_reader
-               from walhook.endpoint_health e
-               left join counts c on c.endpoint_id = e.endpoint_id
-               left join errors x on x.endpoint_id = e.endpoint_id
-              order by coalesce(c.dead, 0) desc, coalesce(c.pending, 0) desc, e.endpoint_id",
+            &format!(
+                "with recent as materialized (
+                   {PENDING}
+                   union all
+                   select endpoint_id, status, next_attempt_at, created_at, last_error, last_attempt_at
+                     from walhook.deliveries where status = 'dead' and updated_at > now() - interval '1 hour'
+                 ), counts as (
+                   select endpoint_id,
+                          count(*) filter (where status = 'pending') as pending,
+                          count(*) filter (where status = 'dead') as dead
+                     from recent group by endpoint_id
+                 ), errors as (
+                   select distinct on (endpoint_id) endpoint_id, last_error,
+                          extract(epoch from now() - last_attempt_at)::float8 as age
+                     from recent
+                    where last_error is not null and last_attempt_at > now() - interval '1 hour'
+                    order by endpoint_id, last_attempt_at desc
+                 )
+                 select e.endpoint_id, e.url, e.enabled, e.successes_1h, coalesce(c.pending, 0),
+                        coalesce(c.dead, 0), x.last_error, x.age, e.breaker
+                   -- the health view: URLs without credentials, readable by walhook_reader
+                   from walhook.endpoint_health e
+                   left join counts c on c.endpoint_id = e.endpoint_id
+                   left join errors x on x.endpoint_id = e.endpoint_id
+                  order by coalesce(c.dead, 0) desc, coalesce(c.pending, 0) desc, e.endpoint_id"
+            ),
             &[],
         )
         .await?;

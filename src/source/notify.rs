@@ -75,6 +75,17 @@ impl NotifySource {
         if installed.index {
             tracing::info!("created index walhook.outbox_unprocessed");
         }
+        if installed.keys_index {
+            tracing::info!("created index walhook.outbox_unprocessed_keys");
+        }
+        if let Some(why) = &installed.keys_index_refused {
+            tracing::warn!(
+                "cannot create index walhook.outbox_unprocessed_keys: {why}; ordered endpoints' deliveries \
+                 read more of the outbox per claim until the owner of walhook.outbox runs (on its own, not in \
+                 a transaction block): {}",
+                store::notify_keys_index_sql()
+            );
+        }
         if installed.trigger {
             tracing::info!("created trigger outbox_wake on walhook.outbox");
         }
@@ -174,12 +185,12 @@ impl Poller<'_> {
         let longest = self.source.max_poll_interval.max(shortest);
         let mut idle = shortest;
         let mut next_poll = tokio::time::Instant::now() + idle;
-        let mut renew =
-            tokio::time::interval((self.source.lease / 3).max(Duration::from_millis(100)));
-        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // leases are renewed by the clock, checked on every turn of the loop: while a backlog keeps claims
+        // full the loop never waits below, and rows in flight to a slow endpoint must not lose their lease
+        let mut renew = Renewal::new(self.source.lease);
         let mut backoff = Duration::from_millis(100);
         // `want`: rows may be waiting (a wake-up, a tick, or the last claim was full)
-        let (mut want, mut renew_due, mut draining) = (true, false, false);
+        let (mut want, mut draining) = (true, false);
         loop {
             if draining && self.held.is_empty() {
                 return Ok(());
@@ -194,12 +205,12 @@ impl Poller<'_> {
                     _ = self.marks.wake.notified() => {}
                     _ = wake.notified() => want = true,
                     _ = tokio::time::sleep_until(next_poll) => want = true,
-                    _ = renew.tick() => renew_due = true,
+                    _ = tokio::time::sleep_until(renew.at) => {}
                     // the budget has room again (the permit goes straight back)
                     _ = budget.acquire(), if want && !draining => {}
                 }
             }
-            match self.step(&mut want, &mut renew_due, draining).await {
+            match self.step(&mut want, &mut renew, draining).await {
                 Ok(claimed) => {
                     backoff = Duration::from_millis(100);
                     if let Some(n) = claimed {
@@ -230,7 +241,7 @@ impl Poller<'_> {
     async fn step(
         &mut self,
         want: &mut bool,
-        renew_due: &mut bool,
+        renew: &mut Renewal,
         draining: bool,
     ) -> Result<Option<usize>, SourceError> {
         if self.queue.as_ref().is_none_or(|q| q.is_closed()) {
@@ -255,14 +266,17 @@ impl Poller<'_> {
                 self.held.remove(&id);
             }
         }
-        if *renew_due && !self.held.is_empty() {
-            let ids: Vec<i64> = self.held.iter().copied().collect();
-            queue
-                .renew(&ids, self.source.lease)
-                .await
-                .map_err(classify)?;
+        if renew.due(tokio::time::Instant::now()) {
+            if !self.held.is_empty() {
+                let ids: Vec<i64> = self.held.iter().copied().collect();
+                queue
+                    .renew(&ids, self.source.lease)
+                    .await
+                    .map_err(classify)?;
+            }
+            // only once done: a failed renewal is tried again on the next turn
+            renew.done(tokio::time::Instant::now());
         }
-        *renew_due = false;
 
         let budget = &self.source.pipeline.budget;
         let room = budget.available_permits().min(self.source.batch_size);
@@ -302,6 +316,31 @@ impl Poller<'_> {
                 .fan_out(event, &recorded, target, permit);
         }
         Ok(Some(claimed))
+    }
+}
+
+/// When the leases of held rows are renewed next: every third of the lease, so two renewals may fail or come
+/// late before a row's lease lapses.
+struct Renewal {
+    every: Duration,
+    at: tokio::time::Instant,
+}
+
+impl Renewal {
+    fn new(lease: Duration) -> Renewal {
+        let every = (lease / 3).max(Duration::from_millis(100));
+        Renewal {
+            every,
+            at: tokio::time::Instant::now() + every,
+        }
+    }
+
+    fn due(&self, now: tokio::time::Instant) -> bool {
+        now >= self.at
+    }
+
+    fn done(&mut self, now: tokio::time::Instant) {
+        self.at = now + self.every;
     }
 }
 

@@ -600,6 +600,16 @@ async fn walhook_status_summarises_slot_backlog_and_endpoints() {
             == 7
     })
     .await;
+    // the succeeded column counts attempts as the daemon writes them to walhook.endpoint_stats
+    eventually("the successes are counted", || async {
+        count(
+            &client,
+            &format!("select successes_1h from walhook.endpoint_health where endpoint_id = {ok}"),
+        )
+        .await
+            == 4
+    })
+    .await;
 
     let env = pg.env();
     let (success, out, err) = tokio::task::block_in_place(|| run_binary(&["status"], &env));

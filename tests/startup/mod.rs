@@ -321,7 +321,7 @@ async fn the_notify_ddl_for_the_table_owner_runs_as_printed() {
         .skip(1)
         .filter(|l| !l.trim().is_empty())
         .collect();
-    assert_eq!(statements.len(), 2, "{err}");
+    assert_eq!(statements.len(), 3, "{err}");
     for statement in &statements {
         assert!(statement.ends_with(';'), "{statement}");
         let out = Command::new("psql")
