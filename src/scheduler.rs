@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::{Dispatcher, Job};
+use crate::dispatch::{Claim, Dispatcher, Job};
 use crate::event::Event;
 use crate::fanout::EndpointCache;
 use crate::record::{Outcome, Recorder};
@@ -133,6 +133,8 @@ impl Scheduler {
                 // every endpoint with claimed work is still busy with it: nothing to ask the database
                 continue;
             }
+            // the leases run from about now (the statement sets them with the server's clock)
+            let claimed_at = std::time::Instant::now();
             let result = async {
                 let mut c = if ordered_ids.is_empty() {
                     Vec::new()
@@ -220,12 +222,17 @@ impl Scheduler {
                     .expect("claimed no more than the free permits");
                 let event = Event::new(c.event_id, &c.uid, &event_type, &created_at, &payload)
                     .with_ordering(c.ordering_key, c.commit_lsn);
+                let attempt = endpoint
+                    .policy
+                    .timeout
+                    .unwrap_or(self.attempt_bound.saturating_sub(self.queue_wait));
+                let start_by = claimed_at + lease.saturating_sub(attempt + LEASE_MARGIN);
                 self.dispatcher.submit(Job {
                     event: Arc::new(event),
                     endpoint,
                     schedule_step: c.schedule_step,
                     ack: None,
-                    claim: Some(permit),
+                    claim: Some(Claim { permit, start_by }),
                 });
             }
         }

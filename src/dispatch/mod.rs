@@ -43,8 +43,18 @@ pub struct Job {
     pub schedule_step: i32,
     /// The streamed event's acknowledgement (`None` for deliveries claimed by the scheduler).
     pub ack: Option<Arc<EventAck>>,
-    /// The scheduler's share of its claim budget, released when the job ends.
-    pub claim: Option<OwnedSemaphorePermit>,
+    /// For deliveries claimed by the scheduler: its share of the claim budget (released when the outcome is
+    /// written) and the lease's deadline.
+    pub claim: Option<Claim>,
+}
+
+/// A scheduler claim: the delivery is this instance's until its lease lapses.
+#[derive(Debug)]
+pub struct Claim {
+    pub permit: OwnedSemaphorePermit,
+    /// The latest moment the attempt may begin and still end within the lease. A job that waited past it
+    /// for the global concurrency limit is dropped unsent: another instance may have claimed it since.
+    pub start_by: Instant,
 }
 
 impl Job {
@@ -233,6 +243,32 @@ impl Dispatcher {
                 .acquire_owned()
                 .await
                 .expect("semaphore is never closed");
+            if job
+                .claim
+                .as_ref()
+                .is_some_and(|c| Instant::now() > c.start_by)
+            {
+                // its lease ends before the attempt could: leave the row to whoever claims it next (writing
+                // anything now could overwrite that instance's outcome)
+                tracing::debug!(
+                    endpoint_id = job.endpoint.id,
+                    event_id = job.event.id,
+                    "a claimed delivery waited past its lease for the concurrency limit; left for the next claim"
+                );
+                drop(permit);
+                job.endpoint
+                    .rt
+                    .limits
+                    .lock()
+                    .expect("never poisoned")
+                    .breaker
+                    .release(&admission);
+                job.endpoint.rt.in_flight.fetch_sub(1, Ordering::AcqRel);
+                let endpoint = job.endpoint.clone();
+                drop(job);
+                this.pump(&endpoint, false);
+                return;
+            }
             this.in_flight.fetch_add(1, Ordering::Relaxed);
             metrics::gauge!(crate::metrics::IN_FLIGHT).increment(1.0);
             let row = this.attempt(&job, admission).await;
@@ -244,7 +280,7 @@ impl Dispatcher {
             this.recorder.record(Outcome {
                 row,
                 ack: job.ack,
-                claim: job.claim,
+                claim: job.claim.map(|c| c.permit),
             });
             this.pump(&endpoint, false);
         });
@@ -365,7 +401,7 @@ impl Dispatcher {
         self.recorder.record(Outcome {
             row,
             ack: job.ack,
-            claim: job.claim,
+            claim: job.claim.map(|c| c.permit),
         });
     }
 
@@ -387,7 +423,7 @@ impl Dispatcher {
         self.recorder.record(Outcome {
             row,
             ack: job.ack,
-            claim: job.claim,
+            claim: job.claim.map(|c| c.permit),
         });
     }
 
