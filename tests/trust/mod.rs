@@ -1223,3 +1223,34 @@ async fn claims_that_wait_past_their_lease_for_the_concurrency_limit_are_deliver
     .await;
     daemon.stop().await;
 }
+
+/// Lowering the payload limit below a row already committed (and not yet delivered) must not stop the notify
+/// source, whose claims update that row: the limit applies to inserts only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lowering_the_payload_limit_below_a_waiting_row_does_not_stop_the_notify_source() {
+    let pg = Pg::start_for(Source::Notify).await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    add_endpoint(&client, &rx.url("/big"), &["*"]).await;
+    client
+        .batch_execute("select walhook.set_max_payload_bytes(1048576)")
+        .await
+        .unwrap();
+    let big = format!("{{\"blob\": \"{}\"}}", "x".repeat(500 * 1024));
+    client
+        .execute(
+            "insert into walhook.outbox (event_type, payload) values ('big.event', $1::text::jsonb)",
+            &[&big],
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute("select walhook.set_max_payload_bytes(262144)")
+        .await
+        .unwrap();
+    let daemon = Daemon::start(pg.config_for(Source::Notify));
+    wait_succeeded(&client, 1).await;
+    wait_all_processed(&client).await;
+    assert_eq!(rx.distinct_ids("/big").len(), 1);
+    daemon.stop().await;
+}
