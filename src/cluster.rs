@@ -225,6 +225,86 @@ impl Cluster {
         Ok(self.url(name))
     }
 
+    /// A streaming standby of this cluster (`pg_basebackup -R`), started on a port of its own: a primary and
+    /// its standby, for failover tests. It has this cluster's databases, roles and settings.
+    pub fn start_standby(&self) -> Result<Cluster, ClusterError> {
+        let basebackup = server_binary("pg_basebackup")?;
+        let root = make_root(self.run_as)?;
+        let mut standby = Cluster {
+            data: root.join("data"),
+            log: root.join("postgres.log"),
+            root,
+            port: 0,
+            password: self.password.clone(),
+            pg_ctl: self.pg_ctl.clone(),
+            run_as: self.run_as,
+        };
+        let mut command = standby.command(&basebackup);
+        command
+            .arg("-D")
+            .arg(&standby.data)
+            .args(["-h", "127.0.0.1", "-U", SUPERUSER, "-R", "-X", "stream"])
+            .args(["--checkpoint=fast", "--no-sync", "-p"])
+            .arg(self.port.to_string());
+        if let Some(password) = &self.password {
+            command.env("PGPASSWORD", password);
+        }
+        let output = run(&mut command, &basebackup)?;
+        if !output.status.success() {
+            return Err(ClusterError::PgCtl {
+                action: "pg_basebackup",
+                output: output_text(&output),
+            });
+        }
+        // its own socket directory, appended last so that it wins over the copied setting
+        let socket_dir = standby.root.join("sock");
+        fs::create_dir(&socket_dir).map_err(|source| fs_error("create", &socket_dir, source))?;
+        standby.give_to_server(&socket_dir)?;
+        let config = standby.data.join("postgresql.conf");
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&config)
+            .and_then(|mut file| {
+                file.write_all(
+                    format!(
+                        "\nunix_socket_directories = {}\n",
+                        quote_literal(&socket_dir.to_string_lossy())
+                    )
+                    .as_bytes(),
+                )
+            })
+            .map_err(|source| fs_error("append to", &config, source))?;
+        let mut attempt = 1;
+        loop {
+            standby.port = free_port()?;
+            standby.write_port()?;
+            let log_start = fs::metadata(&standby.log).map(|m| m.len()).unwrap_or(0);
+            match standby.pg_ctl_start() {
+                Ok(()) => return Ok(standby),
+                Err(e)
+                    if attempt < PORT_ATTEMPTS
+                        && standby.log_since(log_start).contains("already in use") =>
+                {
+                    tracing::debug!(port = standby.port, error = %e, "port taken, retrying");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Promotes a standby to primary (a new timeline), waiting until it accepts writes.
+    pub fn promote(&self) -> Result<(), ClusterError> {
+        let output = self.pg_ctl(&["promote"])?;
+        check_pg_ctl("promote", output)
+    }
+
+    /// Stops the server as a crash would (`-m immediate`), keeping the data.
+    pub fn crash(&self) -> Result<(), ClusterError> {
+        let output = self.pg_ctl(&["stop", "-m", "immediate"])?;
+        check_pg_ctl("stop", output)
+    }
+
     /// Stops the server (`-m fast`), keeping the data for `start_again`.
     pub fn stop(&self) -> Result<(), ClusterError> {
         let output = self.pg_ctl(&["stop", "-m", "fast"])?;
