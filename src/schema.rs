@@ -30,6 +30,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (4, "ops", include_str!("../sql/004_ops.sql")),
     (5, "hardening", include_str!("../sql/005_hardening.sql")),
     (6, "trust", include_str!("../sql/006_trust.sql")),
+    (8, "proxy", include_str!("../sql/008_proxy.sql")),
 ];
 
 /// Privileges of walhook's group roles, applied after every migrate: repeatable and idempotent.
