@@ -35,8 +35,6 @@ pub struct Seen {
 
 pub struct TestProxy {
     pub port: u16,
-    /// The `Proxy-Authorization` value it insists on, if any.
-    expected: Option<String>,
     seen: Arc<Mutex<Vec<Seen>>>,
     refuse: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
@@ -68,9 +66,8 @@ impl TestProxy {
     pub async fn start(credentials: Option<(&str, &str)>) -> TestProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let expected = credentials.map(|(u, p)| basic(u, p));
         let shared = Arc::new(Shared {
-            expected: expected.clone(),
+            expected: credentials.map(|(u, p)| basic(u, p)),
             seen: Arc::default(),
             refuse: Arc::default(),
         });
@@ -95,7 +92,6 @@ impl TestProxy {
         });
         TestProxy {
             port,
-            expected,
             seen,
             refuse,
             task,
@@ -125,10 +121,6 @@ impl TestProxy {
     /// While on, every request is answered 403.
     pub fn refuse(&self, on: bool) {
         self.refuse.store(on, Ordering::SeqCst);
-    }
-
-    pub fn expects(&self) -> Option<&str> {
-        self.expected.as_deref()
     }
 }
 
