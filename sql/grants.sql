@@ -59,7 +59,7 @@ end $$;
 
 -- walhook_reader: dashboards. Delivery status, attempts without the receivers' response bodies (which may
 -- echo the endpoints' secret headers), health with URLs stripped of credentials and query, and endpoints
--- without their URL, secret, headers or signing key.
+-- without their URL, secret, headers, signing key or proxy (whose URL may hold a password).
 do $$
 begin
   if not exists (select from pg_roles where rolname = 'walhook_reader') then
@@ -111,7 +111,8 @@ begin
     walhook.check_secret(text), walhook.check_secret_canonical(text), walhook.check_headers(jsonb),
     walhook.check_header_values(jsonb), walhook.check_retry_schedule(interval[]),
     walhook.check_retry_intervals(interval[]), walhook.check_rate_limit(double precision),
-    walhook.check_signing_key(text), walhook.check_signing_key_canonical(text), walhook.check_url_host(text)
+    walhook.check_signing_key(text), walhook.check_signing_key_canonical(text), walhook.check_url_host(text),
+    walhook.check_proxy(text)
     to walhook_admin;
 end $$;
 
@@ -158,6 +159,7 @@ begin
     walhook.check_header_values(jsonb), walhook.check_retry_schedule(interval[]),
     walhook.check_retry_intervals(interval[]), walhook.check_rate_limit(double precision),
     walhook.check_signing_key(text), walhook.check_signing_key_canonical(text), walhook.check_url_host(text),
+    walhook.check_proxy(text),
     -- creating the notify source's trigger, where the daemon's role owns the outbox
     walhook.outbox_wake()
     to walhook_daemon;

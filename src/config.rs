@@ -18,6 +18,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::{Figment, Metadata, Source};
 use serde::{Deserialize, Serialize};
 
+use crate::dispatch::proxy::{NoProxy, ProxyUrl, PROXY_URL_HINT};
+
 /// Prefix of the environment layer; `__` separates nesting levels (`WALHOOK_DELIVERY__TIMEOUT`).
 const ENV_PREFIX: &str = "WALHOOK_";
 const ENV_SPLIT: &str = "__";
@@ -153,6 +155,13 @@ pub struct DeliveryConfig {
     /// A PEM file of extra CA certificates to trust (for example a private CA); empty for none.
     #[serde(deserialize_with = "string_like")]
     pub ca_file: String,
+    /// Egress proxy for deliveries, `http://[user:password@]host:port`; empty for none. May hold a password.
+    #[serde(deserialize_with = "string_like", serialize_with = "redacted_proxy")]
+    pub proxy: String,
+    /// Hosts reached directly although `proxy` is set: domains (with their subdomains), addresses, networks,
+    /// or `*`.
+    #[serde(deserialize_with = "string_list")]
+    pub no_proxy: Vec<String>,
     /// Consecutive failed attempts (timeouts, connection errors, 5xx, 408, 429) that open an endpoint's breaker
     /// (provided nearly all recent attempts failed, retries included).
     pub breaker_threshold: u32,
@@ -164,6 +173,26 @@ pub struct DeliveryConfig {
     /// An endpoint failing continuously for this long is disabled ("0s" never disables).
     #[serde(with = "duration")]
     pub disable_after: Duration,
+}
+
+impl DeliveryConfig {
+    /// `delivery.proxy`, parsed; `None` when empty. The error never repeats the URL (it may hold a password).
+    pub fn proxy(&self) -> Result<Option<ProxyUrl>, ConfigError> {
+        if self.proxy.trim().is_empty() {
+            return Ok(None);
+        }
+        ProxyUrl::parse(self.proxy.trim()).map(Some).map_err(|e| {
+            invalid(
+                "delivery.proxy",
+                format!("invalid proxy URL: {e}; {PROXY_URL_HINT}, or \"\" for none"),
+            )
+        })
+    }
+
+    /// `delivery.no_proxy`, parsed.
+    pub fn no_proxy(&self) -> Result<NoProxy, ConfigError> {
+        NoProxy::parse(&self.no_proxy).map_err(|message| invalid("delivery.no_proxy", message))
+    }
 }
 
 /// Trusted roots for HTTPS deliveries.
@@ -210,6 +239,8 @@ impl Default for DeliveryConfig {
             https_only: false,
             tls_roots: TlsRoots::System,
             ca_file: String::new(),
+            proxy: String::new(),
+            no_proxy: Vec::new(),
             breaker_threshold: 5,
             breaker_cooldown: Duration::from_secs(30),
             breaker_max_cooldown: Duration::from_secs(600),
@@ -559,6 +590,8 @@ impl Config {
             let message = "expected a non-empty header value of visible ASCII characters";
             return Err(invalid("delivery.user_agent", message));
         }
+        d.proxy()?;
+        d.no_proxy()?;
 
         if !(1..=10_000).contains(&self.record.batch_size) {
             let message = format!(
@@ -877,6 +910,15 @@ fn redacted_database_url<S: serde::Serializer>(
             Ok(parsed) if parsed.get_password().is_none() => s.serialize_some(url),
             _ => s.serialize_some("(set; not shown because it may contain a password)"),
         },
+    }
+}
+
+/// `delivery.proxy` for dumps: shown only when it carries no credentials.
+fn redacted_proxy<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    match ProxyUrl::parse(url.trim()) {
+        _ if url.trim().is_empty() => s.serialize_str(url),
+        Ok(parsed) if parsed.authorization().is_none() => s.serialize_str(url),
+        _ => s.serialize_str("(set; not shown because it may contain a password)"),
     }
 }
 
@@ -1463,6 +1505,106 @@ mod tests {
             assert!(!e.contains(secret), "{e}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn proxy_settings_load_and_bad_ones_name_the_key_without_the_password() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            let config = load_in(
+                jail,
+                Some(
+                    "[delivery]\nproxy = \"http://walhook:s3cret@proxy.internal:3128\"\n\
+                     no_proxy = [\"internal.example.com\", \"10.0.0.0/8\"]\n",
+                ),
+            )
+            .expect("loads");
+            let proxy = config.delivery.proxy().unwrap().expect("a proxy is set");
+            assert_eq!(proxy.address(), "proxy.internal:3128");
+            assert!(proxy.authorization().is_some());
+            assert!(config
+                .delivery
+                .no_proxy()
+                .unwrap()
+                .matches("a.internal.example.com"));
+            assert_eq!(Config::default().delivery.proxy().unwrap(), None);
+
+            let secret = "s3cret";
+            let cases = [
+                ("http://walhook:s3cret@proxy.internal", "it names no port"),
+                (
+                    "https://walhook:s3cret@proxy.internal:3128",
+                    "its scheme is \"https\"",
+                ),
+                ("walhook:s3cret@proxy.internal:3128", "it has no scheme"),
+                (
+                    "http://walhook:s3cret@proxy.internal:3128/path",
+                    "it has a path",
+                ),
+                (
+                    "http://walhook:s3 cret@proxy.internal:3128",
+                    "its user name or password has a character",
+                ),
+            ];
+            for (url, why) in cases {
+                let e = err_in(jail, Some(&format!("[delivery]\nproxy = \"{url}\"\n")));
+                assert!(
+                    e.starts_with(&format!("delivery.proxy: invalid proxy URL: {why}")),
+                    "{url}: {e}"
+                );
+                assert!(e.contains(PROXY_URL_HINT), "{url}: {e}");
+                assert!(e.contains("in config file"), "{url}: {e}");
+                assert!(!e.contains(secret), "{url}: password shown in {e}");
+            }
+            jail.set_env(
+                "WALHOOK_DELIVERY__PROXY",
+                "http://walhook:s3cret@proxy.internal",
+            );
+            let e = err_in(jail, None);
+            assert!(
+                e.starts_with("delivery.proxy: invalid proxy URL: it names no port"),
+                "{e}"
+            );
+            assert!(
+                e.ends_with("(from environment variable WALHOOK_DELIVERY__PROXY)"),
+                "{e}"
+            );
+            assert!(!e.contains(secret), "{e}");
+            jail.set_env(
+                "WALHOOK_DELIVERY__PROXY",
+                "http://walhook:s3cret@127.0.0.1:3128",
+            );
+            jail.set_env(
+                "WALHOOK_DELIVERY__NO_PROXY",
+                "localhost, .example.com, 10.0.0.1/8",
+            );
+            let e = err_in(jail, None);
+            assert!(
+                e.starts_with("delivery.no_proxy: entry \"10.0.0.1/8\": "),
+                "{e}"
+            );
+            assert!(
+                e.ends_with("(from environment variable WALHOOK_DELIVERY__NO_PROXY)"),
+                "{e}"
+            );
+            jail.set_env("WALHOOK_DELIVERY__NO_PROXY", "localhost:8080");
+            assert!(err_in(jail, None)
+                .starts_with("delivery.no_proxy: entry \"localhost:8080\" is not a host name"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn print_redacts_proxy_passwords() {
+        let mut config = Config::default();
+        let shown = |c: &Config| serde_json::to_string(c).unwrap();
+        config.delivery.proxy = "http://proxy.internal:3128".into();
+        assert!(shown(&config).contains(r#""proxy":"http://proxy.internal:3128""#));
+        config.delivery.proxy = "http://walhook:s3cret@proxy.internal:3128".into();
+        assert!(!shown(&config).contains("s3cret"));
+        // one that does not parse could hold a password anywhere
+        config.delivery.proxy = "http://walhook:s3cret@proxy.internal".into();
+        assert!(!shown(&config).contains("s3cret"));
     }
 
     #[test]

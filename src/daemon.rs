@@ -133,6 +133,8 @@ fn build(config: &Config) -> Result<(tokio_postgres::Config, HttpClient), RunErr
             tls_roots: config.delivery.tls_roots,
             ca_file: (!config.delivery.ca_file.is_empty())
                 .then(|| config.delivery.ca_file.clone().into()),
+            proxy: config.delivery.proxy()?,
+            no_proxy: config.delivery.no_proxy()?,
         },
         policy,
     )?;

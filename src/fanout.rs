@@ -14,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
 
 use crate::dispatch::limits::{Breaker, TokenBucket};
+use crate::dispatch::proxy::EndpointProxy;
 use crate::dispatch::Job;
 use crate::sign::{Ed25519Signer, Signer};
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
@@ -81,6 +82,8 @@ pub struct Policy {
     pub max_in_flight: Option<usize>,
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
     pub ordered: bool,
+    /// The `proxy` column: the configured proxy, none, or the endpoint's own.
+    pub proxy: EndpointProxy,
 }
 
 /// What changes while the endpoint is used: requests in flight, the breaker, the rate limiter, and health
@@ -199,6 +202,8 @@ pub struct EndpointRow {
     pub ordered: bool,
     pub signing_key: Option<String>,
     pub paused: bool,
+    /// NULL, `'direct'` or a proxy URL (which may hold a password).
+    pub proxy: Option<String>,
 }
 
 impl EndpointRow {
@@ -344,6 +349,9 @@ fn build(
             Ok((name, value))
         })
         .collect::<Result<Vec<_>, String>>()?;
+    // the message never repeats the URL: it may hold the proxy's password
+    let proxy = EndpointProxy::parse(row.proxy.as_deref())
+        .map_err(|e| format!("proxy: invalid proxy URL: {e}"))?;
     let ms = |v: i64| Duration::from_millis(v.max(1) as u64);
     let policy = Policy {
         timeout: row.timeout_ms.map(ms),
@@ -355,6 +363,7 @@ fn build(
         max_in_flight: row.max_in_flight.map(|v| v.max(1) as usize),
         headers,
         ordered: row.ordered,
+        proxy,
     };
     let rt = match rt {
         Some(rt) => {

@@ -19,7 +19,8 @@
 //! - [`pgoutput`]: pure decoder of the pgoutput protocol.
 //! - [`event`]: an outbox row and its Standard Webhooks envelope.
 //! - [`fanout`]: the endpoint cache and event-type patterns.
-//! - [`dispatch`]: signing ([`sign`]), the guarded HTTP client, the retry policy, per-endpoint limits.
+//! - [`dispatch`]: signing ([`sign`]), the guarded HTTP client (directly or through an egress proxy), the retry policy,
+//!   per-endpoint limits.
 //! - [`record`]: batched writes of outcomes, releasing acknowledgements once durable.
 //! - [`scheduler`]: claims due retries with `FOR UPDATE SKIP LOCKED` leases.
 //! - [`store`]: every SQL statement the daemon runs.

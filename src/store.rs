@@ -213,7 +213,7 @@ select e.id, e.url, e.event_types, e.secret,
        array(select s.secret from walhook.endpoint_secrets s
               where s.endpoint_id = e.id and s.expires_at > now() order by s.expires_at desc),
        (select min(s.expires_at) from walhook.endpoint_secrets s where s.endpoint_id = e.id and s.expires_at > now()),
-       e.paused
+       e.paused, e.proxy
   from walhook.endpoints e
  where e.enabled
  order by e.id";
@@ -589,6 +589,7 @@ impl Store {
                     signing_key: r.get(10),
                     old_secrets: r.get(11),
                     paused: r.get(13),
+                    proxy: r.get(14),
                 }
             })
             .collect();

@@ -1,5 +1,5 @@
 //! The HTTP client: pooled keep-alive HTTP/1.1 (hyper-util), HTTPS with rustls, a guarded connector, no
-//! redirects.
+//! redirects, and optionally an egress proxy.
 //!
 //! TLS certificates are always verified, against the system store or the bundled Mozilla roots, plus an
 //! optional extra CA file; there is no switch to turn verification off.
@@ -7,26 +7,41 @@
 //! dialling, then dials exactly the vetted address, so a DNS answer cannot change between check and connect
 //! (DNS rebinding). IP-literal hosts go through the same check. The whole exchange (request and the capped
 //! read of the response body) runs under one timeout: hyper only bounds the connect.
+//!
+//! Through a proxy ([`super::proxy`]) the connector dials the proxy instead, and for `https://` endpoints
+//! opens a `CONNECT` tunnel that rustls then runs TLS through, verified against the endpoint's host name;
+//! `http://` endpoints get absolute-form requests on the proxy connection. The proxy's own address is vetted
+//! like any other unless it is the operator's `delivery.proxy`; the endpoint's host is the proxy's to resolve,
+//! so only an IP-literal host can be vetted here. hyper-util pools connections by the endpoint's scheme and
+//! authority, so each proxy gets a client (and a pool) of its own: a pooled connection is keyed by
+//! (proxy, endpoint authority) and never reused for another route.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Uri};
 use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::guard::{self, NetworkPolicy};
+use super::proxy::{self, EndpointProxy, NoProxy, ProxyUrl};
 use crate::config::TlsRoots;
+
+/// The most of a proxy's answer to `CONNECT` that is read (its status line and headers).
+const MAX_CONNECT_ANSWER: usize = 16 * 1024;
 
 /// Why no response was obtained. Texts go into `walhook.attempts.error`.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +52,10 @@ pub enum SendError {
     Blocked(String),
     #[error("connection failed: {0}")]
     Connect(String),
+    /// The proxy could not be reached, or refused the delivery (`407`, a refused `CONNECT`); retried like a
+    /// connection failure.
+    #[error("{0}")]
+    Proxy(String),
     #[error("request failed: {0}")]
     Request(String),
 }
@@ -53,6 +72,8 @@ pub struct Outgoing<'a> {
     pub timeout: Duration,
     /// The endpoint's static extra headers (validated by the schema).
     pub headers: &'a [(http::HeaderName, HeaderValue)],
+    /// The endpoint's `proxy` column.
+    pub proxy: &'a EndpointProxy,
 }
 
 /// A response: status, `Retry-After` and the start of the body.
@@ -68,19 +89,57 @@ enum ConnectError {
     #[error("{0}")]
     Blocked(String),
     #[error("{0}")]
+    Proxy(String),
+    #[error("{0}")]
     Other(String),
 }
 
-/// Resolves, vets and dials.
+/// The proxy a connector goes through.
+struct Hop {
+    url: Arc<ProxyUrl>,
+    /// The operator's `delivery.proxy`: its addresses are not vetted (it is usually in a private network).
+    /// A proxy named in an endpoint row is vetted like an endpoint, since endpoint rows are written by users
+    /// of the database.
+    trusted: bool,
+}
+
+impl Hop {
+    fn describe(&self) -> String {
+        describe_proxy(&self.url, self.trusted)
+    }
+}
+
+/// "the proxy 10.0.5.7:3128 (delivery.proxy)" or "the endpoint's proxy 10.0.5.7:3128": which one, never its
+/// credentials.
+fn describe_proxy(url: &ProxyUrl, configured: bool) -> String {
+    match configured {
+        true => format!("the proxy {} (delivery.proxy)", url.address()),
+        false => format!("the endpoint's proxy {}", url.address()),
+    }
+}
+
+/// A proxy's refusal, status first (`walhook status` shows the start of an error): "407 Proxy
+/// Authentication Required from the proxy 10.0.5.7:3128 (delivery.proxy) for the tunnel to host:443; check …".
+fn refusal(status: &str, proxy: &str, what: &str) -> String {
+    let mut message = format!("{status} from {proxy} for {what}");
+    if status.starts_with("407") {
+        message.push_str("; check the user name and password in the proxy URL");
+    }
+    message
+}
+
+/// Resolves, vets and dials: the endpoint, or its proxy (and opens the tunnel for https).
 #[derive(Clone)]
 struct GuardedConnector {
     policy: Arc<NetworkPolicy>,
     connect_timeout: Duration,
     https_only: bool,
+    user_agent: HeaderValue,
+    proxy: Option<Arc<Hop>>,
 }
 
 impl tower_service::Service<Uri> for GuardedConnector {
-    type Response = TokioIo<TcpStream>;
+    type Response = Conn;
     type Error = ConnectError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -95,7 +154,7 @@ impl tower_service::Service<Uri> for GuardedConnector {
 }
 
 impl GuardedConnector {
-    async fn connect(&self, uri: Uri) -> Result<TokioIo<TcpStream>, ConnectError> {
+    async fn connect(&self, uri: Uri) -> Result<Conn, ConnectError> {
         let default_port = match uri.scheme_str() {
             Some("http") if self.https_only => {
                 return Err(ConnectError::Blocked(
@@ -111,6 +170,41 @@ impl GuardedConnector {
             .host()
             .ok_or_else(|| ConnectError::Other("url has no host".into()))?;
         let port = uri.port_u16().unwrap_or(default_port);
+        let Some(hop) = &self.proxy else {
+            let stream = self.dial(host, port, true).await?;
+            return Ok(Conn::new(stream, false));
+        };
+        let target = proxy::tunnel_target(&self.policy, host, port)
+            .map_err(|blocked| ConnectError::Blocked(blocked.to_string()))?;
+        let stream = self
+            .dial(hop.url.host(), hop.url.port(), !hop.trusted)
+            .await
+            .map_err(|e| match e {
+                ConnectError::Blocked(m) => {
+                    ConnectError::Blocked(format!("{}: {m}", hop.describe()))
+                }
+                other => {
+                    ConnectError::Proxy(format!("could not connect to {}: {other}", hop.describe()))
+                }
+            })?;
+        if default_port == 80 {
+            // absolute-form requests on the proxy connection (hyper-util writes them for a proxied one)
+            return Ok(Conn::new(stream, true));
+        }
+        let tunnel = tokio::time::timeout(self.connect_timeout, self.tunnel(stream, hop, &target));
+        match tunnel.await {
+            Ok(result) => result.map(|stream| Conn::new(stream, false)),
+            Err(_) => Err(ConnectError::Proxy(format!(
+                "{} did not answer CONNECT {target} within {:?} (delivery.connect_timeout)",
+                hop.describe(),
+                self.connect_timeout
+            ))),
+        }
+    }
+
+    /// Resolves `host` (unless it is an IP literal), vets every address unless `vet` is false, and connects
+    /// to the first allowed one that answers.
+    async fn dial(&self, host: &str, port: u16, vet: bool) -> Result<TcpStream, ConnectError> {
         let candidates: Vec<SocketAddr> = match guard::parse_host(host) {
             guard::Host::Ip(ip) => vec![SocketAddr::new(ip, port)],
             guard::Host::Name(name) => tokio::net::lookup_host((name, port))
@@ -123,6 +217,7 @@ impl GuardedConnector {
         for addr in candidates {
             match self.policy.permits(addr.ip()) {
                 Ok(()) => allowed.push(addr),
+                Err(_) if !vet => allowed.push(addr),
                 Err(blocked) => last_block = Some(blocked.to_string()),
             }
         }
@@ -135,7 +230,7 @@ impl GuardedConnector {
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
                 Ok(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
-                    return Ok(TokioIo::new(stream));
+                    return Ok(stream);
                 }
                 Ok(Err(e)) => last_err = Some(format!("{addr}: {e}")),
                 Err(_) => {
@@ -147,6 +242,133 @@ impl GuardedConnector {
             }
         }
         Err(ConnectError::Other(last_err.unwrap_or_default()))
+    }
+
+    /// Asks the proxy for a tunnel to `target` (`host:port`); the stream is the tunnel once it says yes.
+    async fn tunnel(
+        &self,
+        mut stream: TcpStream,
+        hop: &Hop,
+        target: &str,
+    ) -> Result<TcpStream, ConnectError> {
+        let failed = |what: String| ConnectError::Proxy(format!("{}: {what}", hop.describe()));
+        let mut request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+        if let Ok(agent) = self.user_agent.to_str() {
+            request.push_str(&format!("User-Agent: {agent}\r\n"));
+        }
+        if let Some(authorization) = hop.url.authorization() {
+            request.push_str(&format!("Proxy-Authorization: {authorization}\r\n"));
+        }
+        request.push_str("\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| failed(format!("sending CONNECT {target} failed: {e}")))?;
+        // Read up to the end of the answer's head. Nothing follows a 2xx head until TLS starts from our side,
+        // so whatever came with it would be a protocol error.
+        let mut head = Vec::with_capacity(512);
+        let end = loop {
+            if let Some(at) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            if head.len() >= MAX_CONNECT_ANSWER {
+                return Err(failed(format!(
+                    "its answer to CONNECT {target} has no end within {MAX_CONNECT_ANSWER} bytes"
+                )));
+            }
+            let mut chunk = [0u8; 1024];
+            let n = stream.read(&mut chunk).await.map_err(|e| {
+                failed(format!(
+                    "reading its answer to CONNECT {target} failed: {e}"
+                ))
+            })?;
+            if n == 0 {
+                return Err(failed(format!(
+                    "it closed the connection instead of answering CONNECT {target}"
+                )));
+            }
+            head.extend_from_slice(&chunk[..n]);
+        };
+        let Some((code, reason)) = proxy::connect_status(&head) else {
+            return Err(failed(format!(
+                "its answer to CONNECT {target} is not HTTP; is {} an HTTP proxy?",
+                hop.url.address()
+            )));
+        };
+        let status = format!("{code} {reason}").trim_end().to_string();
+        match code {
+            200..=299 if head.len() == end => Ok(stream),
+            200..=299 => Err(failed(format!(
+                "it sent data after its {status} to CONNECT {target}, before the TLS handshake"
+            ))),
+            _ => Err(ConnectError::Proxy(refusal(
+                &status,
+                &hop.describe(),
+                &format!("the tunnel to {target}"),
+            ))),
+        }
+    }
+}
+
+/// A connection from the connector: to the endpoint, a tunnel through a proxy, or a connection to a proxy
+/// that takes absolute-form requests (`proxied`).
+struct Conn {
+    io: TokioIo<TcpStream>,
+    proxied: bool,
+}
+
+impl Conn {
+    fn new(stream: TcpStream, proxied: bool) -> Conn {
+        Conn {
+            io: TokioIo::new(stream),
+            proxied,
+        }
+    }
+}
+
+impl Connection for Conn {
+    fn connected(&self) -> Connected {
+        self.io.connected().proxy(self.proxied)
+    }
+}
+
+impl hyper::rt::Read for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
     }
 }
 
@@ -162,6 +384,10 @@ pub struct ClientSettings {
     pub tls_roots: TlsRoots,
     /// Extra CA certificates (PEM), if any.
     pub ca_file: Option<PathBuf>,
+    /// `delivery.proxy`.
+    pub proxy: Option<ProxyUrl>,
+    /// `delivery.no_proxy`.
+    pub no_proxy: NoProxy,
 }
 
 /// Why the client could not be built (a bad CA file).
@@ -210,64 +436,161 @@ fn tls_config(settings: &ClientSettings) -> Result<rustls::ClientConfig, TlsErro
 }
 
 type Connector = hyper_rustls::HttpsConnector<GuardedConnector>;
+type PooledClient = Client<Connector, Full<Bytes>>;
 
 pub struct HttpClient {
-    client: Client<Connector, Full<Bytes>>,
+    /// Deliveries without a proxy.
+    direct: PooledClient,
+    /// One client per proxy URL (credentials included), made on first use: hyper-util keys its pool by the
+    /// endpoint's authority only, so separate pools keep each connection to its own route. Proxies are few
+    /// (the configured one, and those endpoint rows name), and an unused client holds nothing once its idle
+    /// connections time out (`delivery.pool_idle_timeout`).
+    proxied: Mutex<HashMap<Arc<ProxyUrl>, PooledClient>>,
+    routes: Routes,
+    no_proxy: NoProxy,
+    response_excerpt_bytes: usize,
+}
+
+/// What every client is built from.
+struct Routes {
+    policy: Arc<NetworkPolicy>,
+    tls: rustls::ClientConfig,
     settings: ClientSettings,
+    configured_proxy: Option<Arc<ProxyUrl>>,
     user_agent: HeaderValue,
+}
+
+impl Routes {
+    /// A client whose connections go directly, or through `proxy`.
+    fn client(&self, proxy: Option<&Arc<ProxyUrl>>) -> PooledClient {
+        let hop = proxy.map(|url| {
+            let trusted = self
+                .configured_proxy
+                .as_ref()
+                .is_some_and(|configured| configured.same_address(url));
+            Arc::new(Hop {
+                url: url.clone(),
+                trusted,
+            })
+        });
+        let guarded = GuardedConnector {
+            policy: self.policy.clone(),
+            connect_timeout: self.settings.connect_timeout,
+            https_only: self.settings.https_only,
+            user_agent: self.user_agent.clone(),
+            proxy: hop,
+        };
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(self.tls.clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(guarded);
+        Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(self.settings.pool_idle_timeout)
+            .pool_max_idle_per_host(self.settings.pool_max_idle_per_host)
+            .build(connector)
+    }
 }
 
 impl HttpClient {
     pub fn new(settings: ClientSettings, policy: NetworkPolicy) -> Result<HttpClient, TlsError> {
-        let guarded = GuardedConnector {
-            policy: Arc::new(policy),
-            connect_timeout: settings.connect_timeout,
-            https_only: settings.https_only,
-        };
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls_config(&settings)?)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(guarded);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(settings.pool_idle_timeout)
-            .pool_max_idle_per_host(settings.pool_max_idle_per_host)
-            .build(connector);
         let user_agent = HeaderValue::from_str(&settings.user_agent).unwrap_or_else(|_| {
             HeaderValue::from_static(concat!("walhook/", env!("CARGO_PKG_VERSION")))
         });
-        Ok(HttpClient {
-            client,
-            settings,
+        let routes = Routes {
+            policy: Arc::new(policy),
+            tls: tls_config(&settings)?,
+            configured_proxy: settings.proxy.clone().map(Arc::new),
             user_agent,
+            settings,
+        };
+        Ok(HttpClient {
+            direct: routes.client(None),
+            proxied: Mutex::default(),
+            no_proxy: routes.settings.no_proxy.clone(),
+            response_excerpt_bytes: routes.settings.response_excerpt_bytes,
+            routes,
         })
+    }
+
+    /// The client for a proxy, made on first use.
+    fn via(&self, proxy: &Arc<ProxyUrl>) -> PooledClient {
+        let mut clients = self.proxied.lock().expect("never poisoned");
+        clients
+            .entry(proxy.clone())
+            .or_insert_with(|| self.routes.client(Some(proxy)))
+            .clone()
     }
 
     /// POSTs a signed webhook.
     pub async fn post(&self, out: Outgoing<'_>) -> Result<Response, SendError> {
         let header =
             |v: &str| HeaderValue::from_str(v).map_err(|e| SendError::Request(e.to_string()));
-        let mut builder = Request::post(out.uri.clone());
+        let host = out.uri.host().unwrap_or_default();
+        let route = proxy::route(
+            self.routes.configured_proxy.as_ref(),
+            &self.no_proxy,
+            out.proxy,
+            host,
+        );
+        // absolute-form through a proxy: the request line carries the endpoint's authority
+        let plain_via_proxy = route.is_some() && out.uri.scheme_str() == Some("http");
+        let client = match &route {
+            Some(proxy) => self.via(proxy),
+            None => self.direct.clone(),
+        };
+        let uri = match plain_via_proxy {
+            true => absolute_uri(out.uri, &self.routes.policy).map_err(SendError::Blocked)?,
+            false => out.uri.clone(),
+        };
+        let target =
+            plain_via_proxy.then(|| uri.authority().map(|a| a.to_string()).unwrap_or_default());
+        let mut builder = Request::post(uri);
         for (name, value) in out.headers {
             builder = builder.header(name, value);
+        }
+        if plain_via_proxy {
+            // the endpoint's own Host, as a direct request would carry it
+            if let Some(authority) = out.uri.authority() {
+                let host = authority.as_str().rsplit('@').next().unwrap_or_default();
+                builder = builder.header(http::header::HOST, header(host)?);
+            }
+            if let Some(authorization) = route.as_ref().and_then(|p| p.authorization()) {
+                builder = builder.header(http::header::PROXY_AUTHORIZATION, header(authorization)?);
+            }
         }
         let request = builder
             .header(
                 http::header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             )
-            .header(http::header::USER_AGENT, self.user_agent.clone())
+            .header(http::header::USER_AGENT, self.routes.user_agent.clone())
             .header("webhook-id", header(out.webhook_id)?)
             .header("webhook-timestamp", HeaderValue::from(out.timestamp))
             .header("webhook-signature", header(out.signature)?)
             .body(Full::new(out.body))
             .map_err(|e| SendError::Request(e.to_string()))?;
         let timeout = out.timeout;
-        let limit = self.settings.response_excerpt_bytes;
+        let limit = self.response_excerpt_bytes;
         let exchange = async {
-            let response = self.client.request(request).await.map_err(classify)?;
+            let response = client.request(request).await.map_err(classify)?;
             let status = response.status().as_u16();
+            if plain_via_proxy && status == 407 {
+                // only a proxy answers 407: it refused the request, the endpoint never saw it
+                let proxy = route.as_ref().expect("plain_via_proxy implies a route");
+                let configured = self
+                    .routes
+                    .configured_proxy
+                    .as_ref()
+                    .is_some_and(|c| c.same_address(proxy));
+                let what = format!("the request to {}", target.as_deref().unwrap_or(host));
+                return Err(SendError::Proxy(refusal(
+                    "407 Proxy Authentication Required",
+                    &describe_proxy(proxy, configured),
+                    &what,
+                )));
+            }
             let retry_after = response
                 .headers()
                 .get(http::header::RETRY_AFTER)
@@ -300,6 +623,18 @@ impl HttpClient {
     }
 }
 
+/// The URI of an absolute-form request through a proxy: without userinfo (RFC 9112 forbids it there, and it
+/// would show the endpoint's credentials to the proxy), an IP-literal host vetted and written canonically.
+fn absolute_uri(uri: &Uri, policy: &NetworkPolicy) -> Result<Uri, String> {
+    let host = uri.host().unwrap_or_default();
+    let port = uri.port_u16().unwrap_or(80);
+    let target = proxy::tunnel_target(policy, host, port).map_err(|b| b.to_string())?;
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    format!("http://{target}{path}")
+        .parse()
+        .map_err(|e| format!("url is not usable through a proxy: {e}"))
+}
+
 /// Maps hyper-util's error to ours, finding the connector's own error in the chain.
 fn classify(e: hyper_util::client::legacy::Error) -> SendError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
@@ -307,6 +642,7 @@ fn classify(e: hyper_util::client::legacy::Error) -> SendError {
         if let Some(c) = s.downcast_ref::<ConnectError>() {
             return match c {
                 ConnectError::Blocked(m) => SendError::Blocked(m.clone()),
+                ConnectError::Proxy(m) => SendError::Proxy(m.clone()),
                 ConnectError::Other(m) => SendError::Connect(m.clone()),
             };
         }

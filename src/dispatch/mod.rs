@@ -15,6 +15,7 @@
 pub mod client;
 pub mod guard;
 pub mod limits;
+pub mod proxy;
 pub mod retry;
 
 use std::borrow::Cow;
@@ -455,6 +456,7 @@ impl Dispatcher {
                 body: event.body.clone(),
                 timeout: endpoint.policy.timeout.unwrap_or(self.settings.timeout),
                 headers: &endpoint.policy.headers,
+                proxy: &endpoint.policy.proxy,
             })
             .await;
         let elapsed = started.elapsed();
@@ -481,7 +483,9 @@ impl Dispatcher {
                 let attempted = match e {
                     SendError::Timeout(_) => Attempted::Timeout,
                     SendError::Blocked(_) => Attempted::Blocked,
-                    SendError::Connect(_) | SendError::Request(_) => Attempted::ConnectError,
+                    SendError::Connect(_) | SendError::Proxy(_) | SendError::Request(_) => {
+                        Attempted::ConnectError
+                    }
                 };
                 (
                     attempted,

@@ -938,7 +938,7 @@ async fn denied(client: &Client, who: &str, sql: &str) {
 
 /// The fenced blocks of `lang` in the README section under `heading` (up to the next heading of its level or
 /// higher), as written.
-fn readme_blocks(heading: &str, lang: &str) -> Vec<String> {
+pub(crate) fn readme_blocks(heading: &str, lang: &str) -> Vec<String> {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let level = heading.chars().take_while(|c| *c == '#').count();
@@ -1211,6 +1211,7 @@ async fn the_readme_roles_do_their_jobs(source: Source) {
         "select secret from walhook.endpoints",
         "select headers from walhook.endpoints",
         "select signing_key from walhook.endpoints",
+        "select proxy from walhook.endpoints",
         "select * from walhook.endpoint_secrets",
         "select response_body from walhook.attempts",
         "update walhook.endpoints set enabled = false",
