@@ -189,9 +189,17 @@ async fn replication(
             "replication slot {slot:?} was invalidated (wal_status = lost): stop every walhook instance and run \
              `walhook recover-slot`"
         ))),
-        Ok((None, Some(created_at))) => problems.push(Ok(format!(
-            "replication slot {slot:?} does not exist, but walhook created it on {created_at}: stop every \
-             walhook instance and run `walhook recover-slot`"
+        Ok((None, Some(recorded))) => problems.push(Ok(format!(
+            "replication slot {slot:?} does not exist, but walhook created it on {} (after a failover, \
+             `walhook run` re-creates it by itself): otherwise stop every walhook instance and run `walhook \
+             recover-slot`",
+            recorded.created_at
+        ))),
+        Ok((Some(row), _)) if !row.ours => problems.push(Ok(format!(
+            "replication slot {slot:?} is not this database's pgoutput slot (database {:?}, plugin {:?}): \
+             set replication.slot to a name of this database's own",
+            row.database.unwrap_or_default(),
+            row.plugin.unwrap_or_default()
         ))),
         Ok(_) => {}
         Err(e) => problems.push(Err(e)),

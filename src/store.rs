@@ -1331,7 +1331,7 @@ pub struct SlotRow {
 pub async fn slot_state(
     client: &Client,
     slot: &str,
-) -> Result<(Option<SlotRow>, Option<String>), StoreError> {
+) -> Result<(Option<SlotRow>, Option<RecordedSlot>), StoreError> {
     let migrated: bool = client
         .query_one("select to_regclass('walhook.slots') is not null", &[])
         .await?
@@ -1355,12 +1355,43 @@ pub async fn slot_state(
         });
     let recorded = client
         .query_opt(
-            "select to_char(created_at, 'YYYY-MM-DD HH24:MI:SS TZ') from walhook.slots where slot_name = $1",
+            "select to_char(created_at, 'YYYY-MM-DD HH24:MI:SS TZ'), timeline, confirmed_at
+               from walhook.slots where slot_name = $1",
             &[&slot],
         )
         .await?
-        .map(|r| r.get(0));
+        .map(|r| RecordedSlot {
+            created_at: r.get(0),
+            timeline: r.get(1),
+            confirmed_at: r.get(2),
+        });
     Ok((slot_row, recorded))
+}
+
+/// What `walhook.slots` says of a slot walhook created.
+#[derive(Clone, Debug)]
+pub struct RecordedSlot {
+    /// When it was created, as text for messages.
+    pub created_at: String,
+    /// The timeline of the server it was created or last streamed on (`None` before walhook recorded it).
+    pub timeline: Option<i32>,
+    /// The commit time of the newest transaction it confirmed.
+    pub confirmed_at: Option<SystemTime>,
+}
+
+/// Records the timeline of the server the slot streams from.
+pub async fn record_slot_timeline(
+    client: &Client,
+    slot: &str,
+    timeline: i32,
+) -> Result<(), StoreError> {
+    client
+        .execute(
+            "update walhook.slots set timeline = $2 where slot_name = $1 and timeline is distinct from $2",
+            &[&slot, &timeline],
+        )
+        .await?;
+    Ok(())
 }
 
 /// The pid of the walsender holding the slot, if any.

@@ -37,6 +37,9 @@ const REPLAY_CHECK_BATCH: usize = 512;
 const CONFIRM_EVERY: Duration = Duration::from_millis(50);
 /// How long the leadership session may take to answer its periodic ping.
 const LEADER_PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a failover, the slot is re-created and the outbox rows committed since this long before the last
+/// commit time it had confirmed are queued: transactions that ran that long between insert and commit.
+const FAILOVER_MARGIN: Duration = Duration::from_secs(3600);
 /// Advisory-lock class of slot leadership ("whsl" in ASCII); the second key is `hashtext(slot)`.
 pub const LEADER_LOCK_CLASS: i32 = 0x7768_736c;
 /// Microseconds between the Unix epoch and the PostgreSQL epoch (2000-01-01 00:00 UTC).
@@ -105,8 +108,13 @@ enum SlotState {
     Healthy { recorded: bool },
     /// Present but invalidated: the WAL it needs is gone.
     Lost,
-    /// Absent although walhook created it (at `created_at`).
-    Dropped { created_at: String },
+    /// Absent although walhook created it (at `created_at`) on timeline `timeline`; the commit time it had
+    /// confirmed when last recorded.
+    Dropped {
+        created_at: String,
+        timeline: Option<i32>,
+        confirmed_at: Option<SystemTime>,
+    },
     /// Absent and never created: a first start.
     Missing,
     /// A slot of this name that is not this database's pgoutput slot: another deployment's (slot names are
@@ -195,7 +203,33 @@ impl SlotKeeper {
                  and queues the outbox rows that have no deliveries yet), then start walhook again",
                 self.slot
             ))),
-            SlotState::Dropped { created_at } => Err(SourceError::Fatal(format!(
+            SlotState::Dropped {
+                timeline: Some(made_on),
+                confirmed_at,
+                ..
+            } if self.timeline().await? > made_on => {
+                // a standby was promoted: its server never had the slot, and what the old primary
+                // streamed is recorded here; queue what it had not, then stream
+                let since = confirmed_at.map(|t| t - FAILOVER_MARGIN);
+                tracing::warn!(
+                    slot = %self.slot,
+                    "replication slot {:?} is missing on this server, whose timeline is past the one the slot \
+                     was made on ({made_on}): a standby was promoted, and logical slots do not survive that \
+                     before PostgreSQL 17. Creating it again and queueing the outbox rows committed since {} \
+                     that have no deliveries yet, then streaming",
+                    self.slot,
+                    since.map_or("the oldest row".to_string(), |t| {
+                        humantime::format_rfc3339_seconds(t).to_string()
+                    })
+                );
+                let mut client = client;
+                let queued = self
+                    .create_slot(&mut client, Backfill::Recovery { since })
+                    .await?;
+                tracing::warn!(slot = %self.slot, queued, "recovered from the failover");
+                Ok(())
+            }
+            SlotState::Dropped { created_at, .. } => Err(SourceError::Fatal(format!(
                 "replication slot {:?} does not exist, but walhook created it on {created_at}: it was \
                  dropped, so events committed since its confirmed position were never streamed. To recover: \
                  stop every walhook instance, run `walhook recover-slot` (it re-creates the slot and queues \
@@ -233,6 +267,16 @@ impl SlotKeeper {
             self.database_hint(),
             self.database_hint()
         ))
+    }
+
+    /// The timeline of the server the replication connection reaches.
+    async fn timeline(&self) -> Result<i32, SourceError> {
+        let mut conn = self.connect().await?;
+        Ok(conn
+            .identify_system()
+            .await
+            .map_err(SourceError::from)?
+            .timeline as i32)
     }
 
     /// The configured database name as a slot-name suffix (lowercase letters, digits, underscores).
@@ -311,7 +355,11 @@ impl SlotKeeper {
             (Some(_), recorded) => SlotState::Healthy {
                 recorded: recorded.is_some(),
             },
-            (None, Some(created_at)) => SlotState::Dropped { created_at },
+            (None, Some(recorded)) => SlotState::Dropped {
+                created_at: recorded.created_at,
+                timeline: recorded.timeline,
+                confirmed_at: recorded.confirmed_at,
+            },
             (None, None) => SlotState::Missing,
         })
     }
@@ -324,6 +372,12 @@ impl SlotKeeper {
         backfill: Backfill,
     ) -> Result<u64, SourceError> {
         let mut conn = self.connect().await?;
+        // before the slot: the exported snapshot lasts only until the connection's next command
+        let timeline = conn
+            .identify_system()
+            .await
+            .map_err(SourceError::from)?
+            .timeline;
         store::mark_slot_backfill_pending(client, &self.slot).await?;
         let (lsn, snapshot) = match conn.create_logical_slot_exporting(&self.slot).await {
             Ok(created) => created,
@@ -346,6 +400,7 @@ impl SlotKeeper {
             matches!(backfill, Backfill::Recovery { .. }),
         )
         .await?;
+        store::record_slot_timeline(client, &self.slot, timeline as i32).await?;
         if n > 0 {
             tracing::info!(
                 deliveries = n,
@@ -620,7 +675,11 @@ impl ReplicationSource {
             .and_then(|r| r.get::<_, Option<String>>(0))
             .and_then(|s| s.parse().ok())
             .unwrap_or(Lsn::INVALID);
-        let conn = self.connect().await?;
+        let mut conn = self.connect().await?;
+        // the timeline this slot streams on: after a failover, a missing slot on a later timeline means the
+        // slot was lost with the old primary, not dropped by hand
+        let timeline = conn.identify_system().await?.timeline;
+        store::record_slot_timeline(store.client(), &self.slot, timeline as i32).await?;
         let options = [("proto_version", "1")];
         let stream = conn
             .start_replication(&self.slot, &self.publication, Lsn::INVALID, &options)
