@@ -24,7 +24,7 @@ pub async fn run() -> anyhow::Result<()> {
         .await?
         .context("starting PostgreSQL")?;
     let url = cluster.create_database("walhook_demo").await?;
-    let db: tokio_postgres::Config = url.parse()?;
+    let db: crate::conninfo::ConnInfo = url.parse()?;
     let mut client = crate::store::connect_client(&db).await?;
     crate::schema::migrate(&mut client).await?;
 

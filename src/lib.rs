@@ -36,6 +36,7 @@
 pub mod bench;
 pub mod cluster;
 pub mod config;
+pub mod conninfo;
 pub mod daemon;
 pub mod demo;
 pub mod dispatch;
@@ -48,6 +49,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod pgerror;
 pub mod pgoutput;
+pub mod pgtls;
 pub mod preflight;
 pub mod receiver;
 pub mod record;

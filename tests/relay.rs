@@ -41,7 +41,8 @@ macro_rules! both_sources {
     };
 }
 
-// after the macro, which it uses
+// after the macro, which they use
+mod connect;
 mod trust;
 
 both_sources!(committed_events_reach_every_matching_endpoint_once_signed);
