@@ -49,6 +49,10 @@ pub struct Config {
     pub health: HealthConfig,
     pub shutdown: ShutdownConfig,
     pub retention: RetentionConfig,
+    /// Set by `walhook demo`: `database_url` names its own throwaway cluster completely, so the `PG*`
+    /// variables and the password file, meant for the user's servers, are not read. Not a configuration key.
+    #[serde(skip)]
+    pub self_contained: bool,
 }
 
 /// Where committed outbox rows come from.
@@ -607,8 +611,11 @@ impl Config {
     /// environment variables, libpq's defaults and the password file. What the password file lookup had to
     /// say is logged (and kept in [`ConnInfo::warnings`] for `check-config`).
     pub fn database_url(&self) -> Result<ConnInfo, ConfigError> {
-        let info = ConnInfo::resolve(self.database_url.as_deref(), &Environment::process())
-            .map_err(setting_error)?;
+        let env = match self.self_contained {
+            true => Environment::default(),
+            false => Environment::process(),
+        };
+        let info = ConnInfo::resolve(self.database_url.as_deref(), &env).map_err(setting_error)?;
         for warning in info.warnings() {
             tracing::warn!("{warning}");
         }

@@ -326,6 +326,13 @@ impl ConnInfo {
             }
         }
         let tls = tls_settings(&settings, env, true)?;
+        if !settings.contains_key("sslmode") {
+            let why = match tls.mode {
+                SslMode::VerifyFull => "sslrootcert=system implies verify-full",
+                _ => "libpq's default",
+            };
+            settings.insert("sslmode", default(tls.mode.as_str(), why));
+        }
         if !settings.contains_key("password") {
             if let Some(found) = password_from_file(&settings, env, &mut warnings) {
                 settings.insert("password", found);
@@ -385,13 +392,6 @@ impl ConnInfo {
             .max()
             .unwrap_or(0);
         let mut shown = self.shown.clone();
-        if !shown.iter().any(|(n, _, _)| *n == "sslmode") {
-            shown.push((
-                "sslmode",
-                self.tls.mode.to_string(),
-                Origin::Default("prefer"),
-            ));
-        }
         shown.sort_by_key(|(name, _, _)| KEYWORDS.iter().position(|k| k.name == *name));
         shown
             .iter()
@@ -428,7 +428,7 @@ impl From<tokio_postgres::Config> for ConnInfo {
             pg,
             tls: TlsSettings {
                 mode,
-                ..TlsSettings::prefer()
+                ..TlsSettings::default()
             },
             shown: Vec::new(),
             warnings: Vec::new(),

@@ -123,8 +123,9 @@ pub enum TlsVersions {
     Only13,
 }
 
-/// The TLS half of the connection settings.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// The TLS half of the connection settings; the default is what a connection string without TLS settings
+/// means (`sslmode=prefer`, nothing to verify against, SNI on).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TlsSettings {
     pub mode: SslMode,
     /// `None`: nothing to verify the server against (allowed for `require` and weaker).
@@ -136,15 +137,19 @@ pub struct TlsSettings {
     pub versions: TlsVersions,
 }
 
-impl TlsSettings {
-    /// `sslmode=prefer`, nothing else: what a connection string without TLS settings means.
-    pub fn prefer() -> TlsSettings {
+impl Default for TlsSettings {
+    fn default() -> TlsSettings {
         TlsSettings {
+            mode: SslMode::Prefer,
+            root_cert: None,
+            client_cert: None,
             sni: true,
-            ..TlsSettings::default()
+            versions: TlsVersions::Both,
         }
     }
+}
 
+impl TlsSettings {
     /// Reads the files and builds the rustls configuration; an error names the setting and the fix.
     pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -1008,7 +1013,7 @@ mod tests {
             std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
             let settings = TlsSettings {
                 client_cert: Some((cert_file.clone(), key_file.clone())),
-                ..TlsSettings::prefer()
+                ..TlsSettings::default()
             };
             settings
                 .client_config()
@@ -1027,7 +1032,7 @@ mod tests {
         .unwrap();
         let settings = TlsSettings {
             client_cert: Some((cert_file.clone(), dir.join("garbage.key"))),
-            ..TlsSettings::prefer()
+            ..TlsSettings::default()
         };
         let e = settings.client_config().unwrap_err().to_string();
         assert!(
@@ -1043,7 +1048,7 @@ mod tests {
         let settings = TlsSettings {
             mode: SslMode::VerifyFull,
             root_cert: Some(RootCert::File("/nonexistent/ca.pem".into())),
-            ..TlsSettings::prefer()
+            ..TlsSettings::default()
         };
         let e = settings.client_config().unwrap_err().to_string();
         assert_eq!(e, "sslrootcert /nonexistent/ca.pem: no such file");
