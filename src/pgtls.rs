@@ -852,12 +852,15 @@ pub async fn connect(
                 note_plaintext_fallback(&host, "the server does not offer TLS");
                 Ok(connected)
             }
+            // libpq tries plaintext after a failed handshake; if that fails too, the TLS error says more
             (Err(e), (host, true)) if is_handshake_failure(&e) => {
-                let (result, _) = attempt(PgSslMode::Disable).await;
-                if result.is_ok() {
-                    note_plaintext_fallback(&host, "the TLS handshake failed");
+                match attempt(PgSslMode::Disable).await.0 {
+                    Ok(connected) => {
+                        note_plaintext_fallback(&host, "the TLS handshake failed");
+                        Ok(connected)
+                    }
+                    Err(_) => Err(e),
                 }
-                result
             }
             (result, _) => result,
         },

@@ -221,19 +221,22 @@ impl WalConnection {
             },
             SslMode::Prefer => {
                 match Self::connect_to(target, config, user, Encryption::IfOffered).await {
-                    Err(WalError::Tls {
-                        error: TlsError::Handshake(_),
-                        ..
-                    }) => {
-                        let plain = Self::connect_to(target, config, user, Encryption::Plain).await;
-                        if plain.is_ok() {
+                    // plaintext after a failed handshake; if that fails too, the TLS error says more
+                    Err(
+                        e @ WalError::Tls {
+                            error: TlsError::Handshake(_),
+                            ..
+                        },
+                    ) => match Self::connect_to(target, config, user, Encryption::Plain).await {
+                        Ok(connection) => {
                             pgtls::note_plaintext_fallback(
                                 &target.to_string(),
                                 "the TLS handshake failed",
                             );
+                            Ok(connection)
                         }
-                        plain
-                    }
+                        Err(_) => Err(e),
+                    },
                     other => other,
                 }
             }

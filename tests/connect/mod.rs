@@ -185,6 +185,16 @@ async fn sslmodes_on_both_connections_verify_the_name_and_the_ca() {
             ],
         );
     }
+    // prefer tries plaintext after a failed handshake; refused here, the handshake's error is the one shown
+    let (sql, wal) = both(&settings(
+        &pg,
+        "localhost",
+        &format!("sslmode=prefer {other}"),
+    ))
+    .await;
+    for result in [sql, wal] {
+        assert_says(result, &["is signed by an unknown certificate authority"]);
+    }
     // plaintext against hostssl lines: the server's refusal, and the fix
     let (sql, wal) = both(&settings(&pg, "127.0.0.1", "sslmode=disable")).await;
     for result in [sql, wal] {
@@ -317,14 +327,15 @@ async fn events_stream_over_verified_tls(source: Source) {
     daemon.stop().await;
 }
 
-/// The real binary with exactly `env` (nothing inherited), stderr captured.
+/// The real binary with exactly `env` (nothing inherited; `RUST_LOG=warn` unless `env` says otherwise),
+/// stdout and stderr captured.
 fn binary(args: &[&str], env: &[(String, String)]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_walhook"));
     command
         .args(args)
         .env_clear()
-        .envs(env.iter().map(|(k, v)| (k, v)))
         .env("RUST_LOG", "warn")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -341,9 +352,11 @@ fn run_to_end(args: &[&str], env: &[(String, String)]) -> (bool, String, String)
     )
 }
 
-/// `walhook run` until `ready`, then a graceful stop: its stderr.
+/// `walhook run` until `ready`, then a graceful stop: its stderr (through the file `log`, which never fills
+/// up as a pipe would under debug logs).
 async fn run_until(
     env: &[(String, String)],
+    log: &std::path::Path,
     ready: impl std::future::Future<Output = ()>,
 ) -> String {
     /// Kills the child if `ready` panics.
@@ -356,7 +369,10 @@ async fn run_until(
             }
         }
     }
-    let child = binary(&["run"], env).spawn().expect("spawn walhook run");
+    let child = binary(&["run"], env)
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("spawn walhook run");
     let pid = child.id() as libc::pid_t;
     let mut running = Running(Some(child));
     ready.await;
@@ -367,7 +383,7 @@ async fn run_until(
         .await
         .unwrap()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let stderr = std::fs::read_to_string(log).unwrap();
     assert!(out.status.success(), "walhook run failed:\n{stderr}");
     stderr
 }
@@ -386,7 +402,9 @@ async fn prefer_against_a_plaintext_server_says_so_once() {
     let mut env = pg.env();
     env.push(("HOME".into(), "/nonexistent".into()));
     // the daemon opens a dozen sessions and the replication connection, all in plaintext
-    let stderr = run_until(&env, wait_streaming(&client)).await;
+    let log = std::env::temp_dir().join(format!("walhook-prefer-{}.log", std::process::id()));
+    let stderr = run_until(&env, &log, wait_streaming(&client)).await;
+    let _ = std::fs::remove_file(&log);
     assert_eq!(
         stderr.matches("without TLS").count(),
         1,
@@ -475,7 +493,11 @@ async fn the_binary_runs_with_only_pg_variables_and_a_password_file() {
     let rx = Receiver::start().await.unwrap();
     let (_, secret) = add_endpoint(&client, &rx.url("/env"), &["*"]).await;
     rx.set_secret("/env", &secret);
-    let stderr = run_until(&env, async {
+    // with debug logs: no password there either
+    let mut debug = env.clone();
+    debug.push(("RUST_LOG".into(), "debug".into()));
+    let log = certs.dir().join("run.log");
+    let stderr = run_until(&debug, &log, async {
         wait_streaming(&client).await;
         publish(&client, "order.created", "{\"via\": \"pg variables\"}").await;
         wait_succeeded(&client, 1).await;
@@ -488,6 +510,7 @@ async fn the_binary_runs_with_only_pg_variables_and_a_password_file() {
         assert_eq!(walsender_ssl, 1);
     })
     .await;
+    assert!(stderr.contains("DEBUG"), "debug logs were on");
     no_secret(&stderr);
     let (ok, out, err) = tokio::task::block_in_place(|| run_to_end(&["status"], &env));
     assert!(ok, "{out}{err}");
