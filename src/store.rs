@@ -14,7 +14,6 @@ use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, Client, Statement};
 
 use crate::conninfo::ConnInfo;
-
 use crate::fanout::EndpointRow;
 use crate::lsn::Lsn;
 
