@@ -76,6 +76,29 @@ pub struct ClusterOptions {
     pub auth: Auth,
     /// Extra `postgresql.conf` settings, written after (and so overriding) the ones above.
     pub extra_settings: Vec<(String, String)>,
+    /// `ssl = on` with these certificates.
+    pub tls: Option<ServerTls>,
+    /// Replaces the TCP lines of `pg_hba.conf` (the socket stays `trust`), such as
+    /// `hostssl all all 127.0.0.1/32 trust` for a server that admits TLS connections only.
+    pub hba: Option<Vec<String>>,
+}
+
+/// The server's TLS material (PEM), written into the data directory, owned by the server's account, the key
+/// with mode 0600 (the server refuses a key others may read).
+#[derive(Clone, Default)]
+pub struct ServerTls {
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// `ssl_ca_file`: the CA whose client certificates the server accepts (`clientcert`, `cert` auth).
+    pub client_ca_pem: Option<String>,
+}
+
+impl fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("client_ca", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a cluster could not be started, stopped or used.
@@ -202,10 +225,23 @@ impl Cluster {
         )
     }
 
-    /// Creates a database (connecting to `postgres`) and returns its URL.
+    /// The directory of the server's Unix socket, where the superuser is always trusted.
+    pub fn socket_dir(&self) -> PathBuf {
+        self.root.join("sock")
+    }
+
+    /// Creates a database (connecting to `postgres` over the socket, which any `hba` admits) and returns
+    /// its URL.
     pub async fn create_database(&self, name: &str) -> Result<String, ClusterError> {
+        let mut admin = tokio_postgres::Config::new();
+        admin
+            .host_path(self.socket_dir())
+            .port(self.port)
+            .user(SUPERUSER)
+            .dbname("postgres");
         let (client, connection) =
-            tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls)
+            admin
+                .connect(tokio_postgres::NoTls)
                 .await
                 .map_err(|e| ClusterError::Connect {
                     port: self.port,
@@ -387,7 +423,7 @@ impl Cluster {
 
     /// Appends our settings to `postgresql.conf`; the port lives in an included file so a retry can change it.
     fn append_to_config(&self, options: &ClusterOptions) -> Result<(), ClusterError> {
-        let socket_dir = self.root.join("sock");
+        let socket_dir = self.socket_dir();
         fs::create_dir(&socket_dir).map_err(|source| fs_error("create", &socket_dir, source))?;
         self.give_to_server(&socket_dir)?;
         let mut settings: Vec<(String, String)> = vec![
@@ -404,6 +440,29 @@ impl Cluster {
             for name in ["fsync", "synchronous_commit", "full_page_writes"] {
                 settings.push((name.into(), "off".into()));
             }
+        }
+        if let Some(tls) = &options.tls {
+            self.write_owned(
+                &self.data.join("server.crt"),
+                tls.cert_pem.as_bytes(),
+                0o644,
+            )?;
+            self.write_owned(&self.data.join("server.key"), tls.key_pem.as_bytes(), 0o600)?;
+            settings.push(("ssl".into(), "on".into()));
+            settings.push(("ssl_cert_file".into(), "server.crt".into()));
+            settings.push(("ssl_key_file".into(), "server.key".into()));
+            if let Some(ca) = &tls.client_ca_pem {
+                self.write_owned(&self.data.join("client_ca.crt"), ca.as_bytes(), 0o644)?;
+                settings.push(("ssl_ca_file".into(), "client_ca.crt".into()));
+            }
+        }
+        if let Some(lines) = &options.hba {
+            let mut hba = String::from("local all all trust\nlocal replication all trust\n");
+            for line in lines {
+                hba.push_str(line);
+                hba.push('\n');
+            }
+            self.write_owned(&self.data.join("pg_hba.conf"), hba.as_bytes(), 0o600)?;
         }
         settings.extend(options.extra_settings.iter().cloned());
         let mut text =

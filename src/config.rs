@@ -11,13 +11,13 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::{Figment, Metadata, Source};
 use serde::{Deserialize, Serialize};
 
+use crate::conninfo::{ConnInfo, Environment};
 use crate::dispatch::proxy::{NoProxy, ProxyUrl, PROXY_URL_HINT};
 
 /// Prefix of the environment layer; `__` separates nesting levels (`WALHOOK_DELIVERY__TIMEOUT`).
@@ -34,7 +34,8 @@ const DURATION_HINT: &str = r#"expected a duration like "30s", "5m" or "1h30m""#
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// libpq-style URL or `key=value` string; checked by [`Config::database_url`].
+    /// libpq-style URL or `key=value` string; unset, the `PG*` variables and libpq's defaults apply (see
+    /// [`crate::conninfo`]). Resolved by [`Config::database_url`].
     #[serde(serialize_with = "redacted_database_url")]
     pub database_url: Option<String>,
     pub source: SourceKind,
@@ -49,6 +50,10 @@ pub struct Config {
     pub health: HealthConfig,
     pub shutdown: ShutdownConfig,
     pub retention: RetentionConfig,
+    /// Set by `walhook demo`: `database_url` names its own throwaway cluster completely, so the `PG*`
+    /// variables and the password file, meant for the user's servers, are not read. Not a configuration key.
+    #[serde(skip)]
+    pub self_contained: bool,
 }
 
 /// Where committed outbox rows come from.
@@ -437,11 +442,6 @@ pub enum ConfigError {
         message: String,
         origin: Option<String>,
     },
-    #[error(
-        "database_url is not set: put database_url = \"postgres://user@host/db\" in the config file \
-         or set WALHOOK_DATABASE_URL"
-    )]
-    MissingDatabaseUrl,
 }
 
 fn origin_suffix(origin: &Option<String>) -> String {
@@ -505,11 +505,11 @@ impl Config {
         Config::from_figment(Config::figment(path))
     }
 
-    /// Checks what the types cannot: ranges, names, syntax. An unset `database_url` is fine here
-    /// (`walhook demo` brings its own); [`Config::database_url`] insists on it.
+    /// Checks what the types cannot: ranges, names, syntax. `database_url` is checked alone here; the
+    /// environment and the files it names are read by [`Config::database_url`].
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(url) = &self.database_url {
-            parse_database_url(url)?;
+            crate::conninfo::check_syntax(url).map_err(setting_error)?;
         }
         let r = &self.replication;
         check_pg_name("replication.slot", &r.slot)?;
@@ -639,13 +639,19 @@ impl Config {
         Ok(())
     }
 
-    /// The parsed connection settings; an error when `database_url` is unset or invalid.
-    pub fn database_url(&self) -> Result<tokio_postgres::Config, ConfigError> {
-        let url = self
-            .database_url
-            .as_deref()
-            .ok_or(ConfigError::MissingDatabaseUrl)?;
-        parse_database_url(url)
+    /// The connection settings as libpq would read them: `database_url` (which may be unset), then the `PG*`
+    /// environment variables, libpq's defaults and the password file. What the password file lookup had to
+    /// say is logged (and kept in [`ConnInfo::warnings`] for `check-config`).
+    pub fn database_url(&self) -> Result<ConnInfo, ConfigError> {
+        let env = match self.self_contained {
+            true => Environment::default(),
+            false => Environment::process(),
+        };
+        let info = ConnInfo::resolve(self.database_url.as_deref(), &env).map_err(setting_error)?;
+        for warning in info.warnings() {
+            tracing::warn!("{warning}");
+        }
+        Ok(info)
     }
 }
 
@@ -721,40 +727,13 @@ fn check_network(network: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Parses with tokio-postgres. Its parse errors can quote a character of the input ("but got `x`"),
-/// which may belong to a password, so that part is cut.
-fn parse_database_url(url: &str) -> Result<tokio_postgres::Config, ConfigError> {
-    const EXPECTED: &str = "expected a URL like \"postgres://user:password@host:5432/db\" \
-                            or \"host=... user=... dbname=...\"";
-    if url.trim().is_empty() {
-        return Err(invalid(
-            "database_url",
-            format!("is empty; {EXPECTED}, or leave it unset"),
-        ));
+/// A connection setting's error as a configuration error: the key is `database_url` or the `PG*` variable.
+fn setting_error(e: crate::conninfo::SettingError) -> ConfigError {
+    ConfigError::InvalidValue {
+        key: e.key,
+        message: e.message,
+        origin: None,
     }
-    let config = tokio_postgres::Config::from_str(url).map_err(|e| {
-        let cause = std::error::Error::source(&e)
-            .map(|c| c.to_string())
-            .unwrap_or_default();
-        let cause = cause.split(" but got").next().unwrap_or_default();
-        invalid(
-            "database_url",
-            format!("invalid connection string ({cause}); {EXPECTED}"),
-        )
-    })?;
-    if config.get_hosts().is_empty() && config.get_hostaddrs().is_empty() {
-        return Err(invalid(
-            "database_url",
-            format!("names no host; {EXPECTED}"),
-        ));
-    }
-    if config.get_user().is_none_or(str::is_empty) {
-        return Err(invalid(
-            "database_url",
-            format!("names no user; {EXPECTED}"),
-        ));
-    }
-    Ok(config)
 }
 
 /// Rewrites figment's first error into a [`ConfigError`] with a dotted key and the layer that set it.
@@ -906,8 +885,8 @@ fn redacted_database_url<S: serde::Serializer>(
 ) -> Result<S::Ok, S::Error> {
     match url {
         None => s.serialize_none(),
-        Some(url) => match tokio_postgres::Config::from_str(url) {
-            Ok(parsed) if parsed.get_password().is_none() => s.serialize_some(url),
+        Some(url) => match crate::conninfo::has_password(url) {
+            Ok(false) => s.serialize_some(url),
             _ => s.serialize_some("(set; not shown because it may contain a password)"),
         },
     }
@@ -1153,15 +1132,12 @@ mod tests {
             assert_eq!(config.record.flush_interval, Duration::from_millis(5));
             assert_eq!(config.http.listen, Some("127.0.0.1:9187".parse().unwrap()));
             assert!(config.delivery.user_agent.starts_with("walhook/"));
+            // no database_url and no PG* variables: libpq's defaults, as psql (the local socket)
+            let db = config.database_url().expect("libpq's defaults");
             assert!(matches!(
-                config.database_url(),
-                Err(ConfigError::MissingDatabaseUrl)
+                db.get_hosts(),
+                [tokio_postgres::config::Host::Unix(_)]
             ));
-            assert!(config
-                .database_url()
-                .unwrap_err()
-                .to_string()
-                .contains("WALHOOK_DATABASE_URL"));
             Ok(())
         });
     }
@@ -1484,8 +1460,9 @@ mod tests {
                 format!("host=127.0.0.1 user=u password={secret} sslmode=sometimes"),
                 format!("host=127.0.0.1 user=u password='{secret}"),
                 format!("host=127.0.0.1 password={secret} user"),
-                format!("postgres://:{secret}@127.0.0.1/db"),
-                format!("postgres://u:{secret}@/db"),
+                format!("postgres://u:{secret}@127.0.0.1/db?sslmode=sometimes"),
+                format!("postgres://u:{secret}@127.0.0.1/db?colour=blue"),
+                format!("postgres://u:{secret}@127.0.0.1/db?sslrootcert=system&sslmode=require"),
             ];
             for url in &cases {
                 jail.set_env("WALHOOK_DATABASE_URL", url);

@@ -63,7 +63,7 @@ impl From<SourceError> for RunError {
 impl RunError {
     /// Names the role of `db` in fixes rendered without it (a statement deep in a source only knows its
     /// session, not the settings it was opened with).
-    fn naming_user(self, db: &tokio_postgres::Config) -> RunError {
+    fn naming_user(self, db: &crate::conninfo::ConnInfo) -> RunError {
         let name = |m: String| crate::pgerror::name_target(&m, db);
         match self {
             RunError::Source(SourceError::Fatal(m)) => {
@@ -102,7 +102,7 @@ fn listen_fix(e: &std::io::Error) -> &'static str {
 /// What `run` builds from the configuration before it connects: the connection settings and the delivery
 /// client (`delivery.ca_file`, `delivery.allowed_networks`). `walhook check-config` builds the same, so it
 /// refuses exactly what `run` would refuse before touching the database.
-fn build(config: &Config) -> Result<(tokio_postgres::Config, HttpClient), RunError> {
+fn build(config: &Config) -> Result<(crate::conninfo::ConnInfo, HttpClient), RunError> {
     let db = config.database_url()?;
     let allowed = config
         .delivery
@@ -421,7 +421,7 @@ pub async fn recover_slot(
 
 /// Keeps the endpoint cache in step with `walhook.endpoints`.
 struct EndpointRefresher {
-    db: tokio_postgres::Config,
+    db: crate::conninfo::ConnInfo,
     cache: Arc<EndpointCache>,
     generation: Option<i64>,
     store: Option<Store>,

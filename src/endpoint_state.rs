@@ -26,7 +26,7 @@ const EVERY: Duration = Duration::from_secs(2);
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 pub struct EndpointStateWriter {
-    pub db: tokio_postgres::Config,
+    pub db: crate::conninfo::ConnInfo,
     pub endpoints: Arc<EndpointCache>,
     /// Zero turns automatic disabling off.
     pub disable_after: Duration,

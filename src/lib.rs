@@ -11,7 +11,9 @@
 //! retries and notify claims are shared through leases that lapse when their instance dies.
 //!
 //! Module map, in the order the data flows:
-//! - [`config`]: figment layers (defaults < TOML < `WALHOOK_*`), validation naming the key.
+//! - [`config`]: figment layers (defaults < TOML < `WALHOOK_*`), validation naming the key; [`conninfo`]: the
+//!   connection settings as libpq reads them (`database_url`, the `PG*` variables, the password file);
+//!   [`pgtls`]: TLS to PostgreSQL with libpq's `sslmode`, for the SQL sessions and the replication connection.
 //! - [`schema`]: the embedded, numbered migrations under `sql/`, applied in steps, then the roles' grants (`walhook migrate`).
 //! - [`source`]: where events come from: the replication slot ([`source::replication`]) over a hand-written
 //!   walsender client ([`source::walconn`]) with leadership among instances, or leased claims of outbox rows woken by `LISTEN/NOTIFY`
@@ -37,6 +39,7 @@
 pub mod bench;
 pub mod cluster;
 pub mod config;
+pub mod conninfo;
 pub mod daemon;
 pub mod demo;
 pub mod dispatch;
@@ -49,6 +52,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod pgerror;
 pub mod pgoutput;
+pub mod pgtls;
 pub mod preflight;
 pub mod receiver;
 pub mod record;

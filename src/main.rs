@@ -137,15 +137,27 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::CheckConfig { connect } => runtime.block_on(async {
             walhook::daemon::check_offline(&config).await?;
+            // where each connection setting came from (database_url, PG* variables, the password file,
+            // libpq's defaults), printed last whatever the outcome
+            let db = config.database_url()?;
+            for warning in db.warnings() {
+                eprintln!("walhook: warning: {warning}");
+            }
+            let settings = format!(
+                "connection settings (and where each comes from):\n{}",
+                db.describe()
+            );
             if !connect {
-                println!("configuration is valid");
+                println!("configuration is valid\n{settings}");
                 return Ok(());
             }
-            match walhook::preflight::check(&config).await {
-                Ok(passed) => {
-                    println!("{}", walhook::preflight::summary(&config, &passed));
-                    Ok(())
-                }
+            let checked = walhook::preflight::check(&config).await;
+            if let Ok(passed) = &checked {
+                println!("{}", walhook::preflight::summary(&config, passed));
+            }
+            println!("{settings}");
+            match checked {
+                Ok(_) => Ok(()),
                 Err(problems) => {
                     for problem in &problems {
                         eprintln!("walhook: {problem}");

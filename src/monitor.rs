@@ -16,7 +16,7 @@ use crate::health::Health;
 use crate::store;
 
 pub struct Monitor {
-    pub db: tokio_postgres::Config,
+    pub db: crate::conninfo::ConnInfo,
     /// The replication slot to watch; `None` for sources without one (only the backlog is sampled).
     pub slot: Option<String>,
     pub interval: Duration,

@@ -197,6 +197,15 @@ pub fn server_fix(e: &ServerError, job: Job, target: Option<&Target>) -> Option<
         "28000" if e.message.contains("not permitted to log in") => {
             format!("allow the role to log in: ALTER ROLE {user} LOGIN (as a superuser or the role's owner)")
         }
+        // pg_hba.conf has only hostssl lines for this client, and the session had no TLS
+        "28000" if e.message.ends_with("no encryption") => "pg_hba.conf admits this connection only over TLS \
+            (hostssl): set sslmode=verify-full with sslrootcert (or sslmode=require) in database_url or \
+            PGSSLMODE instead of disable; if sslmode already asks for TLS, the server has ssl = off"
+            .to_string(),
+        "28000" if e.message.contains("certificate") => "the server requires a client certificate for this \
+            user: set sslcert and sslkey (or PGSSLCERT and PGSSLKEY) to a certificate signed by a CA in the \
+            server's ssl_ca_file, whose common name is the user name (for cert authentication)"
+            .to_string(),
         "28000" if e.message.contains("does not exist") => format!(
             "create the role (CREATE ROLE {user} LOGIN PASSWORD '…', see the README's \"Roles\") or correct the \
              user in database_url"
@@ -267,7 +276,13 @@ fn client_fix(e: &tokio_postgres::Error, target: Option<&Target>) -> Option<Stri
         }
         source = cause.source();
     }
+    if let Some(tls) = crate::pgtls::find_tls_error(e) {
+        return Some(tls.fix());
+    }
     let text = client_facts(e);
+    if text.ends_with(crate::pgtls::NOT_OFFERED_BY_TOKIO_POSTGRES) {
+        return Some(crate::pgtls::not_offered_fix().to_string());
+    }
     match kind.and_then(|kind| io_fix(kind, &server)) {
         Some(fix) => Some(fix),
         None if text.contains("failed to lookup address") || text.contains("could not resolve") => {
@@ -295,12 +310,14 @@ pub fn io_fix(kind: io::ErrorKind, server: &str) -> Option<String> {
     }
 }
 
-/// What to do when the server asks for a password and the connection settings have none (tokio-postgres reads
-/// neither `PGPASSWORD` nor `~/.pgpass`).
+/// What to do when the server asks for a password and the connection settings have none (neither
+/// `database_url`, `PGPASSWORD` nor a matching line of the password file).
 pub fn password_missing_fix() -> &'static str {
     "the server asks for a password but database_url has none: put it in database_url \
      (postgres://user:password@host/db), for example through WALHOOK_DATABASE_URL in the service's \
-     environment file, or let this user in without a password in pg_hba.conf (peer over the local socket)"
+     environment file, or in PGPASSWORD, or in the password file (~/.pgpass or PGPASSFILE, mode 0600, lines \
+     host:port:database:user:password), or let this user in without a password in pg_hba.conf (peer over \
+     the local socket)"
 }
 
 /// A role name as SQL would need it: bare when it is a plain lowercase identifier, quoted otherwise.

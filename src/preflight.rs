@@ -142,7 +142,7 @@ type Finding = Result<String, StoreError>;
 /// publication and a usable slot.
 async fn replication(
     client: &Client,
-    db: &tokio_postgres::Config,
+    db: &crate::conninfo::ConnInfo,
     config: &Config,
     readable: bool,
 ) -> Vec<Finding> {

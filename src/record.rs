@@ -59,14 +59,14 @@ pub struct RecorderTask {
     rx: mpsc::UnboundedReceiver<Outcome>,
     /// Woken after a batch with ordered deliveries: the next delivery of their keys may go.
     wake: Arc<Notify>,
-    db: tokio_postgres::Config,
+    db: crate::conninfo::ConnInfo,
     batch_size: usize,
     flush_interval: Duration,
     failing: Arc<AtomicBool>,
 }
 
 pub fn channel(
-    db: tokio_postgres::Config,
+    db: crate::conninfo::ConnInfo,
     batch_size: usize,
     flush_interval: Duration,
     wake: Arc<Notify>,

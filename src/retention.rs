@@ -14,7 +14,7 @@ use crate::config::RetentionConfig;
 use crate::store::{self, Pruned, StoreError};
 
 pub struct Retention {
-    pub db: tokio_postgres::Config,
+    pub db: crate::conninfo::ConnInfo,
     pub config: RetentionConfig,
     /// Outbox rows are pruned only with the replication source, which streams events from the WAL.
     pub prune_outbox: bool,

@@ -34,7 +34,7 @@ const BACKLOG_PAUSE: Duration = Duration::from_millis(10);
 pub struct Scheduler {
     /// Woken when ordered deliveries were recorded (the next of their key may be due now).
     pub wake: Arc<tokio::sync::Notify>,
-    pub db: tokio_postgres::Config,
+    pub db: crate::conninfo::ConnInfo,
     pub poll_interval: Duration,
     pub batch_size: usize,
     pub lease: Duration,

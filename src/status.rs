@@ -30,7 +30,10 @@ pub struct Status {
 }
 
 /// Reads the summary for the configured source from `db` (`config.database_url()`).
-pub async fn read_for(db: &tokio_postgres::Config, config: &Config) -> Result<Status, StoreError> {
+pub async fn read_for(
+    db: &crate::conninfo::ConnInfo,
+    config: &Config,
+) -> Result<Status, StoreError> {
     match config.source {
         SourceKind::Replication => read(db, &config.replication.slot).await,
         SourceKind::Notify => read_notify(db).await,
@@ -38,7 +41,7 @@ pub async fn read_for(db: &tokio_postgres::Config, config: &Config) -> Result<St
 }
 
 /// Reads the summary of a notify source from the database.
-pub async fn read_notify(config: &tokio_postgres::Config) -> Result<Status, StoreError> {
+pub async fn read_notify(config: &crate::conninfo::ConnInfo) -> Result<Status, StoreError> {
     let client = store::connect_client(config).await?;
     store::check_schema(&client).await?;
     Ok(Status {
@@ -50,7 +53,7 @@ pub async fn read_notify(config: &tokio_postgres::Config) -> Result<Status, Stor
 }
 
 /// Reads the summary of a replication source (its slot `slot`) from the database.
-pub async fn read(config: &tokio_postgres::Config, slot: &str) -> Result<Status, StoreError> {
+pub async fn read(config: &crate::conninfo::ConnInfo, slot: &str) -> Result<Status, StoreError> {
     let client = store::connect_client(config).await?;
     store::check_schema(&client).await?;
     Ok(Status {

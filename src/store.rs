@@ -11,8 +11,9 @@
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, Client, NoTls, Statement};
+use tokio_postgres::{AsyncMessage, Client, Statement};
 
+use crate::conninfo::ConnInfo;
 use crate::fanout::EndpointRow;
 use crate::lsn::Lsn;
 
@@ -437,7 +438,7 @@ pub struct Store {
 }
 
 /// Session settings every walhook connection runs with.
-fn session_config(config: &tokio_postgres::Config) -> tokio_postgres::Config {
+fn session_config(config: &ConnInfo) -> ConnInfo {
     let mut config = config.clone();
     let mut options = config.get_options().unwrap_or("").to_string();
     // synchronous_commit: a recorded outcome releases its acknowledgement, and the slot may then be
@@ -455,14 +456,14 @@ fn session_config(config: &tokio_postgres::Config) -> tokio_postgres::Config {
 
 /// Opens a plain (non-replication) connection with walhook's session settings; the connection task is
 /// spawned and ends when the client is dropped.
-pub async fn connect_client(config: &tokio_postgres::Config) -> Result<Client, StoreError> {
+pub async fn connect_client(config: &ConnInfo) -> Result<Client, StoreError> {
     connect_with(session_config(config)).await
 }
 
 /// [`connect_client`] for the session that holds a slot's leadership: its `application_name` names this
 /// process and host (`walhook (pid 1234 on web-1)`), which is how `walhook status` and a standby's log tell
 /// which instance leads. pg_stat_activity shows `application_name` to every role, unlike the client address.
-pub async fn connect_leader(config: &tokio_postgres::Config) -> Result<Client, StoreError> {
+pub async fn connect_leader(config: &ConnInfo) -> Result<Client, StoreError> {
     let mut session = session_config(config);
     let name = leader_application_name(session.get_application_name().unwrap_or("walhook"));
     session.application_name(&name);
@@ -489,15 +490,18 @@ fn host_name() -> String {
     }
 }
 
-async fn connect_with(session: tokio_postgres::Config) -> Result<Client, StoreError> {
-    let (client, connection) =
-        session
-            .connect(NoTls)
-            .await
-            .map_err(|error| StoreError::Connect {
-                target: crate::pgerror::Target::of(&session),
-                error,
-            })?;
+/// Opens a session with the TLS that `session.tls()` asks for ([`crate::pgtls::connect`]).
+async fn open(session: &ConnInfo) -> Result<(Client, crate::pgtls::Connection), StoreError> {
+    crate::pgtls::connect(session.pg(), session.tls())
+        .await
+        .map_err(|error| StoreError::Connect {
+            target: crate::pgerror::Target::of(session),
+            error,
+        })
+}
+
+async fn connect_with(session: ConnInfo) -> Result<Client, StoreError> {
+    let (client, connection) = open(&session).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!("database connection ended: {e}");
@@ -531,7 +535,7 @@ pub async fn check_schema(client: &Client) -> Result<(), StoreError> {
 }
 
 impl Store {
-    pub async fn connect(config: &tokio_postgres::Config) -> Result<Store, StoreError> {
+    pub async fn connect(config: &ConnInfo) -> Result<Store, StoreError> {
         let client = connect_client(config).await?;
         check_schema(&client).await?;
         let record = client.prepare(RECORD).await?;
@@ -922,7 +926,7 @@ pub struct Installed {
 /// interrupted build and is rebuilt. The trigger takes a short lock that queues inserts, so it waits at most
 /// `lock_timeout` for transactions holding the table.
 pub async fn install_notify(
-    config: &tokio_postgres::Config,
+    config: &ConnInfo,
     wake_trigger: bool,
 ) -> Result<Installed, StoreError> {
     let client = connect_client(config).await?;
@@ -1069,7 +1073,7 @@ const LISTENER_PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// while nobody listened are found by the poll that follows) and on every notification. Returns when the
 /// connection ends; the error says why.
 pub async fn listen_outbox(
-    config: &tokio_postgres::Config,
+    config: &ConnInfo,
     wake: &Notify,
     listening: &std::sync::atomic::AtomicBool,
 ) -> Result<(), StoreError> {
@@ -1079,19 +1083,11 @@ pub async fn listen_outbox(
 }
 
 async fn listen_outbox_until_closed(
-    config: &tokio_postgres::Config,
+    config: &ConnInfo,
     wake: &Notify,
     listening: &std::sync::atomic::AtomicBool,
 ) -> Result<(), StoreError> {
-    let session = session_config(config);
-    let (client, mut connection) =
-        session
-            .connect(NoTls)
-            .await
-            .map_err(|error| StoreError::Connect {
-                target: crate::pgerror::Target::of(&session),
-                error,
-            })?;
+    let (client, mut connection) = open(&session_config(config)).await?;
     // the connection is driven here, not spawned, to see its asynchronous messages
     let drive = async {
         loop {
@@ -1145,7 +1141,7 @@ pub struct OutboxQueue {
 }
 
 impl OutboxQueue {
-    pub async fn connect(config: &tokio_postgres::Config) -> Result<OutboxQueue, StoreError> {
+    pub async fn connect(config: &ConnInfo) -> Result<OutboxQueue, StoreError> {
         let store = Store::connect(config).await?;
         let claim = store.client.prepare(CLAIM_OUTBOX).await?;
         let mark = store.client.prepare(MARK_PROCESSED).await?;

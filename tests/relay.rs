@@ -43,6 +43,7 @@ macro_rules! both_sources {
 }
 
 // after the macro, which they use
+mod connect;
 mod proxy;
 mod queries;
 mod trust;

@@ -49,9 +49,14 @@ impl Relay {
         })?;
         let mut command = Command::new(exe);
         command.arg("run");
+        // the benchmark names its database completely: the relays read no PG* variables, as its own
+        // sessions do not
         let inherited: Vec<OsString> = std::env::vars_os()
             .map(|(k, _)| k)
-            .filter(|k| k.to_string_lossy().starts_with("WALHOOK_"))
+            .filter(|k| {
+                let k = k.to_string_lossy();
+                k.starts_with("WALHOOK_") || k.starts_with("PG")
+            })
             .collect();
         for key in inherited {
             command.env_remove(key);

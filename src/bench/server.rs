@@ -56,7 +56,7 @@ pub struct Scratch {
     pub scenario: Scenario,
     pub name: String,
     pub url: String,
-    pub db: tokio_postgres::Config,
+    pub db: crate::conninfo::ConnInfo,
     pub client: Client,
     /// pg_stat_statements can be read here.
     statements: bool,
@@ -133,7 +133,7 @@ impl Server {
         postmaster: Option<u32>,
     ) -> Result<Server, BenchError> {
         // the URL may carry a password: never quote it
-        let db: tokio_postgres::Config = url.parse().map_err(|_| BenchError::InvalidUrl)?;
+        let db: crate::conninfo::ConnInfo = url.parse().map_err(|_| BenchError::InvalidUrl)?;
         let admin = crate::store::connect_client(&db)
             .await
             .map_err(db_err("connecting to PostgreSQL"))?;
@@ -172,7 +172,7 @@ impl Server {
         setup: Setup,
     ) -> Result<Scratch, BenchError> {
         let url = with_dbname(&self.admin_url, name);
-        let db: tokio_postgres::Config = url.parse().map_err(|e| {
+        let db: crate::conninfo::ConnInfo = url.parse().map_err(|e| {
             BenchError::Internal(format!("the scratch database URL is invalid: {e}"))
         })?;
         let mut client = crate::store::connect_client(&db)
@@ -550,7 +550,7 @@ mod tests {
         ];
         for (url, expected) in cases {
             assert_eq!(with_dbname(url, "scratch"), expected, "{url}");
-            let parsed: tokio_postgres::Config = with_dbname(url, "scratch").parse().unwrap();
+            let parsed: crate::conninfo::ConnInfo = with_dbname(url, "scratch").parse().unwrap();
             assert_eq!(parsed.get_dbname(), Some("scratch"), "{url}");
         }
     }

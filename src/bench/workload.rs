@@ -79,7 +79,7 @@ pub fn uid_key(text: &str) -> Option<u128> {
     u128::from_str_radix(&hex, 16).ok()
 }
 
-async fn connect(db: &tokio_postgres::Config) -> Result<Client, BenchError> {
+async fn connect(db: &crate::conninfo::ConnInfo) -> Result<Client, BenchError> {
     let mut db = db.clone();
     db.application_name("walhook-bench");
     crate::store::connect_client(&db)
@@ -89,7 +89,7 @@ async fn connect(db: &tokio_postgres::Config) -> Result<Client, BenchError> {
 
 /// Runs `writers` writers for `window`; `committed` counts events as they commit (for backlog sampling).
 pub async fn write(
-    db: &tokio_postgres::Config,
+    db: &crate::conninfo::ConnInfo,
     writers: usize,
     pace: Pace,
     batched: bool,
@@ -170,7 +170,7 @@ pub async fn write(
 
 /// Commits `events` outbox rows, `BATCH` per transaction, from `writers` connections; returns the time taken.
 pub async fn preload(
-    db: &tokio_postgres::Config,
+    db: &crate::conninfo::ConnInfo,
     writers: usize,
     events: u64,
 ) -> Result<Duration, BenchError> {

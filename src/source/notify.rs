@@ -32,7 +32,7 @@ use crate::event::Event;
 use crate::store::{self, OutboxQueue, StoreError};
 
 pub struct NotifySource {
-    pub db: tokio_postgres::Config,
+    pub db: crate::conninfo::ConnInfo,
     pub poll_interval: Duration,
     pub max_poll_interval: Duration,
     /// `notify.wake_trigger`: create the `outbox_wake` trigger (or drop it when false).
@@ -120,7 +120,7 @@ impl NotifySource {
 }
 
 /// Keeps a `LISTEN` connection up, reconnecting with backoff, and wakes the poller on notifications.
-async fn listen(db: &tokio_postgres::Config, wake: &Notify, listening: &AtomicBool) {
+async fn listen(db: &crate::conninfo::ConnInfo, wake: &Notify, listening: &AtomicBool) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = tokio::time::Instant::now();

@@ -87,7 +87,7 @@ fn classify_wal(e: WalError, user: &str) -> SourceError {
 }
 
 pub struct ReplicationSource {
-    pub db: tokio_postgres::Config,
+    pub db: crate::conninfo::ConnInfo,
     pub slot: String,
     pub publication: String,
     pub status_interval: Duration,
@@ -157,7 +157,7 @@ struct OutboxColumns {
 /// The publication and the slot: created on first start, checked on every (re)connect, re-created by
 /// `walhook recover-slot`.
 pub struct SlotKeeper {
-    pub db: tokio_postgres::Config,
+    pub db: crate::conninfo::ConnInfo,
     pub slot: String,
     pub publication: String,
 }

@@ -4,7 +4,9 @@
 //! module frames the wire itself: it owns the socket and one read buffer, handles the tags postgres-protocol
 //! does not know (`W`, and `d` so that XLogData is split off the buffer without a copy), and delegates every
 //! other complete frame to `postgres_protocol::message::backend::Message::parse`. Reads only ever consume whole
-//! frames, which is what makes `WalStream::next_message` safe to cancel inside `select!`. No TLS yet.
+//! frames, which is what makes `WalStream::next_message` safe to cancel inside `select!`. TLS follows
+//! libpq's `sslmode` through [`crate::pgtls`] (the same rules as the SQL sessions): `SSLRequest`, then a
+//! rustls session under the framing, and SCRAM-SHA-256-PLUS (channel binding) when the server offers it.
 
 use std::fmt;
 use std::io;
@@ -14,18 +16,22 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use postgres_protocol::authentication::md5_hash;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::authentication::sasl::{
+    ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
+};
 use postgres_protocol::message::backend::{
     AuthenticationSaslBody, DataRowBody, ErrorResponseBody, Message,
 };
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
-use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::config::{ChannelBinding as ChannelBindingSetting, Host};
 use tokio_postgres::fallible_iterator::FallibleIterator;
 
+use crate::conninfo::ConnInfo;
 use crate::lsn::Lsn;
 use crate::pgerror::{self, Job, ServerError};
+use crate::pgtls::{self, RequestError, SslMode, TlsError};
 
 const DEFAULT_PORT: u16 = 5432;
 /// Read granularity; large frames reserve their full length up front instead.
@@ -58,7 +64,11 @@ pub enum WalError {
     Protocol(String),
     #[error("postgres closed the replication connection")]
     Closed,
-    /// The caller asked for something this client cannot do or say: TLS, no host or user, a name the
+    /// TLS could not be set up or established with `server`, or the settings require it and the server has
+    /// none.
+    #[error("cannot open a replication connection to postgres at {server}: {error}; {}", .error.fix())]
+    Tls { server: String, error: TlsError },
+    /// The caller asked for something this client cannot do or say: no host or user, a name the
     /// replication grammar cannot express.
     #[error("{0}")]
     Config(String),
@@ -147,21 +157,9 @@ impl fmt::Debug for WalConnection {
 impl WalConnection {
     /// Connects with `replication=database`, trying each host of `config` in order until one works.
     ///
-    /// Supports trust, cleartext password, md5 and SCRAM-SHA-256 (without channel binding). `sslmode=require`
-    /// is refused: TLS is not implemented yet. `connect_timeout` bounds each host's attempt.
-    pub async fn connect(config: &tokio_postgres::Config) -> Result<WalConnection, WalError> {
-        if !matches!(config.get_ssl_mode(), SslMode::Disable | SslMode::Prefer) {
-            return Err(WalError::Config(
-                "sslmode=require is not supported by the replication connection yet; use sslmode=disable or \
-                 sslmode=prefer (which connects without TLS)"
-                    .into(),
-            ));
-        }
-        if config.get_channel_binding() == tokio_postgres::config::ChannelBinding::Require {
-            return Err(WalError::Config(
-                "channel_binding=require needs TLS, which the replication connection does not support yet".into(),
-            ));
-        }
+    /// Supports trust, cleartext password, md5 and SCRAM-SHA-256 (with channel binding over TLS), and TLS as
+    /// `sslmode` says ([`crate::pgtls`]). `connect_timeout` bounds each host's attempt.
+    pub async fn connect(config: &ConnInfo) -> Result<WalConnection, WalError> {
         let user = config.get_user().ok_or_else(|| {
             WalError::Config(
                 "the connection settings name no user; add user=... to database_url".into(),
@@ -169,7 +167,7 @@ impl WalConnection {
         })?;
         let mut last_error = None;
         for target in targets(config)? {
-            let attempt = Self::connect_to(&target, config, user);
+            let attempt = Self::connect_with_tls(&target, config, user);
             let result = match config.get_connect_timeout() {
                 Some(limit) => tokio::time::timeout(*limit, attempt)
                     .await
@@ -201,12 +199,84 @@ impl WalConnection {
         Err(last_error.expect("targets() returns at least one target"))
     }
 
-    async fn connect_to(
+    /// libpq's `sslmode` for one target: `allow` tries plaintext first and TLS if the server refuses it,
+    /// `prefer` tries TLS and goes on without it when the server has none or the handshake fails (logged
+    /// once), `require` and stronger insist. Never TLS over a Unix socket.
+    async fn connect_with_tls(
         target: &Target,
-        config: &tokio_postgres::Config,
+        config: &ConnInfo,
         user: &str,
     ) -> Result<WalConnection, WalError> {
-        let socket = target.open().await?;
+        if matches!(target, Target::Unix(_)) {
+            return Self::connect_to(target, config, user, Encryption::Plain).await;
+        }
+        match config.tls().mode {
+            SslMode::Disable => Self::connect_to(target, config, user, Encryption::Plain).await,
+            SslMode::Allow => match Self::connect_to(target, config, user, Encryption::Plain).await
+            {
+                Err(WalError::Server { .. }) => {
+                    Self::connect_to(target, config, user, Encryption::Required).await
+                }
+                other => other,
+            },
+            SslMode::Prefer => {
+                match Self::connect_to(target, config, user, Encryption::IfOffered).await {
+                    // plaintext after a failed handshake; if that fails too, the TLS error says more
+                    Err(
+                        e @ WalError::Tls {
+                            error: TlsError::Handshake(_),
+                            ..
+                        },
+                    ) => match Self::connect_to(target, config, user, Encryption::Plain).await {
+                        Ok(connection) => {
+                            pgtls::note_plaintext_fallback(
+                                &target.to_string(),
+                                "the TLS handshake failed",
+                            );
+                            Ok(connection)
+                        }
+                        Err(_) => Err(e),
+                    },
+                    other => other,
+                }
+            }
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+                Self::connect_to(target, config, user, Encryption::Required).await
+            }
+        }
+    }
+
+    async fn connect_to(
+        target: &Target,
+        config: &ConnInfo,
+        user: &str,
+        encryption: Encryption,
+    ) -> Result<WalConnection, WalError> {
+        let socket = match (target.open().await?, encryption) {
+            (Socket::Tcp(tcp), Encryption::IfOffered | Encryption::Required) => {
+                let tls_error = |error| WalError::Tls {
+                    server: target.to_string(),
+                    error,
+                };
+                match pgtls::request_tls(tcp, config.tls(), target.tls_name()).await {
+                    Ok(Ok(tls)) => Socket::Tls(Box::new(tls)),
+                    Ok(Err(_)) if encryption == Encryption::Required => {
+                        return Err(tls_error(TlsError::NotOffered))
+                    }
+                    Ok(Err(tcp)) => {
+                        pgtls::note_plaintext_fallback(
+                            &target.to_string(),
+                            "the server does not offer TLS",
+                        );
+                        Socket::Tcp(tcp)
+                    }
+                    Err(RequestError::Io(e)) => return Err(WalError::Io(e)),
+                    Err(RequestError::Tls(e)) => return Err(tls_error(e)),
+                    Err(RequestError::Protocol(m)) => return Err(WalError::Protocol(m)),
+                }
+            }
+            (socket, _) => socket,
+        };
         let mut connection = WalConnection {
             wire: Wire::new(socket),
         };
@@ -229,12 +299,32 @@ impl WalConnection {
             .wire
             .encode(|buf| frontend::startup_message(params, buf))?;
         connection.wire.flush().await?;
-        connection.authenticate(user, config.get_password()).await?;
+        connection
+            .authenticate(user, config.get_password(), config.get_channel_binding())
+            .await?;
         connection.wait_ready().await?;
         Ok(connection)
     }
 
-    async fn authenticate(&mut self, user: &str, password: Option<&[u8]>) -> Result<(), WalError> {
+    async fn authenticate(
+        &mut self,
+        user: &str,
+        password: Option<&[u8]>,
+        binding: ChannelBindingSetting,
+    ) -> Result<(), WalError> {
+        // channel_binding=require: only SCRAM with channel binding may authenticate the server
+        let unbound = |method: &str| {
+            match binding {
+            ChannelBindingSetting::Require => Err(WalError::Auth(format!(
+                "channel_binding=require, but the server authenticated with {method}, not with SCRAM and channel \
+                 binding: use scram-sha-256 in pg_hba.conf and TLS (sslmode=verify-full), or remove \
+                 channel_binding=require"
+            ))),
+            _ => Ok(()),
+        }
+        };
+        // whether a method already answered for channel_binding=require (trust answers nothing)
+        let mut checked = false;
         let need_password = |method: &str| {
             password.ok_or_else(|| {
                 WalError::Auth(format!(
@@ -245,21 +335,31 @@ impl WalConnection {
         };
         loop {
             match self.wire.next_message().await? {
-                Message::AuthenticationOk => return Ok(()),
+                Message::AuthenticationOk if checked => return Ok(()),
+                Message::AuthenticationOk => return unbound("trust (no password)"),
                 Message::AuthenticationCleartextPassword => {
+                    unbound("a cleartext password")?;
+                    checked = true;
                     let password = need_password("cleartext")?;
                     self.wire
                         .encode(|buf| frontend::password_message(password, buf))?;
                     self.wire.flush().await?;
                 }
                 Message::AuthenticationMd5Password(body) => {
+                    unbound("md5")?;
+                    checked = true;
                     let hash = md5_hash(user.as_bytes(), need_password("md5")?, body.salt());
                     self.wire
                         .encode(|buf| frontend::password_message(hash.as_bytes(), buf))?;
                     self.wire.flush().await?;
                 }
                 Message::AuthenticationSasl(body) => {
-                    self.scram(&body, need_password("SCRAM-SHA-256")?).await?
+                    let password = need_password("SCRAM-SHA-256")?;
+                    let bound = self.scram(&body, password, binding).await?;
+                    if !bound {
+                        unbound("SCRAM without channel binding")?;
+                    }
+                    checked = true;
                 }
                 Message::ErrorResponse(body) => return Err(server_error(&body)),
                 Message::NoticeResponse(_) => {}
@@ -279,26 +379,44 @@ impl WalConnection {
         }
     }
 
-    /// SCRAM-SHA-256 without channel binding (there is no TLS to bind to).
+    /// SCRAM-SHA-256, with channel binding (`-PLUS`, `tls-server-end-point`) when the session runs over TLS,
+    /// the server offers it and `channel_binding` is not `disable`. Returns whether the binding was used.
     async fn scram(
         &mut self,
         offer: &AuthenticationSaslBody,
         password: &[u8],
-    ) -> Result<(), WalError> {
+        setting: ChannelBindingSetting,
+    ) -> Result<bool, WalError> {
         let mut mechanisms = offer.mechanisms();
         let mut offered = Vec::new();
         while let Some(mechanism) = mechanisms.next().map_err(malformed)? {
             offered.push(mechanism.to_string());
         }
-        if !offered.iter().any(|m| m == SCRAM_SHA_256) {
+        let end_point = match (&self.wire.socket, setting) {
+            (_, ChannelBindingSetting::Disable) => None,
+            (Socket::Tls(tls), _) => tls.server_end_point(),
+            _ => None,
+        };
+        let plus = offered.iter().any(|m| m == SCRAM_SHA_256_PLUS);
+        let (binding, mechanism) = match end_point {
+            Some(data) if plus => (
+                ChannelBinding::tls_server_end_point(data),
+                SCRAM_SHA_256_PLUS,
+            ),
+            // 'y': we could bind but the server did not offer it (a downgrade the server can detect)
+            Some(_) => (ChannelBinding::unrequested(), SCRAM_SHA_256),
+            None => (ChannelBinding::unsupported(), SCRAM_SHA_256),
+        };
+        if mechanism == SCRAM_SHA_256 && !offered.iter().any(|m| m == SCRAM_SHA_256) {
             return Err(WalError::Auth(format!(
-                "the server offers SASL mechanisms {offered:?} but walhook only supports {SCRAM_SHA_256} \
-                 without TLS"
+                "the server offers SASL mechanisms {offered:?} but walhook supports {SCRAM_SHA_256} and, over \
+                 TLS, {SCRAM_SHA_256_PLUS}"
             )));
         }
-        let mut scram = ScramSha256::new(password, ChannelBinding::unsupported());
+        let bound = mechanism == SCRAM_SHA_256_PLUS;
+        let mut scram = ScramSha256::new(password, binding);
         self.wire
-            .encode(|buf| frontend::sasl_initial_response(SCRAM_SHA_256, scram.message(), buf))?;
+            .encode(|buf| frontend::sasl_initial_response(mechanism, scram.message(), buf))?;
         self.wire.flush().await?;
         match self.wire.next_message().await? {
             Message::AuthenticationSaslContinue(body) => {
@@ -313,9 +431,11 @@ impl WalConnection {
             .encode(|buf| frontend::sasl_response(scram.message(), buf))?;
         self.wire.flush().await?;
         match self.wire.next_message().await? {
-            Message::AuthenticationSaslFinal(body) => scram.finish(body.data()).map_err(|e| {
-                WalError::Auth(format!("the server's SCRAM signature did not verify: {e}"))
-            }),
+            Message::AuthenticationSaslFinal(body) => {
+                scram.finish(body.data()).map(|()| bound).map_err(|e| {
+                    WalError::Auth(format!("the server's SCRAM signature did not verify: {e}"))
+                })
+            }
             Message::ErrorResponse(body) => Err(server_error(&body)),
             _ => Err(unexpected("during SCRAM authentication")),
         }
@@ -595,31 +715,55 @@ impl WalStream {
     }
 }
 
-/// Where to connect: a host name to resolve, an address (`hostaddr`) or a Unix socket path.
+/// Where to connect: a host name to resolve, an address (`hostaddr`, with the host name TLS checks) or a
+/// Unix socket path.
 enum Target {
-    Tcp { host: String, port: u16 },
-    Ip(std::net::SocketAddr),
+    Tcp {
+        host: String,
+        port: u16,
+    },
+    Ip {
+        addr: std::net::SocketAddr,
+        name: String,
+    },
     Unix(std::path::PathBuf),
+}
+
+/// What [`WalConnection::connect_to`] asks of TLS on a TCP connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Encryption {
+    Plain,
+    IfOffered,
+    Required,
 }
 
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Target::Tcp { host, port } => write!(f, "{host}:{port}"),
-            Target::Ip(addr) => write!(f, "{addr}"),
+            Target::Ip { addr, .. } => write!(f, "{addr}"),
             Target::Unix(path) => write!(f, "{}", path.display()),
         }
     }
 }
 
 impl Target {
+    /// The name the server's certificate is checked against.
+    fn tls_name(&self) -> &str {
+        match self {
+            Target::Tcp { host, .. } => host,
+            Target::Ip { name, .. } => name,
+            Target::Unix(_) => "",
+        }
+    }
+
     async fn open(&self) -> Result<Socket, WalError> {
         let context = |e: io::Error| WalError::Io(io::Error::new(e.kind(), format!("{self}: {e}")));
         match self {
             Target::Unix(path) => Ok(Socket::Unix(
                 UnixStream::connect(path).await.map_err(context)?,
             )),
-            Target::Ip(addr) => tcp(TcpStream::connect(addr).await.map_err(context)?),
+            Target::Ip { addr, .. } => tcp(TcpStream::connect(addr).await.map_err(context)?),
             Target::Tcp { host, port } => {
                 let mut last =
                     io::Error::new(io::ErrorKind::NotFound, "the name resolves to no address");
@@ -670,7 +814,13 @@ fn targets(config: &tokio_postgres::Config) -> Result<Vec<Target>, WalError> {
             .copied()
             .unwrap_or(DEFAULT_PORT);
         let target = match (addrs.get(i), hosts.get(i)) {
-            (Some(ip), _) => Target::Ip((*ip, port).into()),
+            (Some(ip), host) => Target::Ip {
+                addr: (*ip, port).into(),
+                name: match host {
+                    Some(Host::Tcp(name)) => name.clone(),
+                    _ => ip.to_string(),
+                },
+            },
             (None, Some(Host::Tcp(host))) => Target::Tcp {
                 host: host.clone(),
                 port,
@@ -683,9 +833,10 @@ fn targets(config: &tokio_postgres::Config) -> Result<Vec<Target>, WalError> {
     Ok(targets)
 }
 
-/// TCP or Unix socket; both are `Unpin`, so the I/O traits just delegate.
+/// TCP, TLS over TCP, or Unix socket; all are `Unpin`, so the I/O traits just delegate.
 enum Socket {
     Tcp(TcpStream),
+    Tls(Box<pgtls::TlsStream<TcpStream>>),
     Unix(UnixStream),
 }
 
@@ -697,6 +848,7 @@ impl AsyncRead for Socket {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Socket::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Socket::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
@@ -710,6 +862,7 @@ impl AsyncWrite for Socket {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Socket::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Socket::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
@@ -717,6 +870,7 @@ impl AsyncWrite for Socket {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Socket::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Socket::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
@@ -724,6 +878,7 @@ impl AsyncWrite for Socket {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Socket::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Socket::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
@@ -1188,19 +1343,14 @@ mod tests {
     }
 
     #[test]
-    fn settings_without_host_user_or_with_tls_are_refused() {
+    fn settings_without_host_or_user_are_refused() {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        for settings in [
-            "user=u",
-            "host=127.0.0.1",
-            "host=127.0.0.1 user=u sslmode=require",
-            "host=a,b port=1,2,3 user=u",
-        ] {
+        for settings in ["user=u", "host=127.0.0.1", "host=a,b port=1,2,3 user=u"] {
             let config: tokio_postgres::Config = settings.parse().unwrap();
             let error = runtime
-                .block_on(WalConnection::connect(&config))
+                .block_on(WalConnection::connect(&config.into()))
                 .unwrap_err();
             assert!(matches!(error, WalError::Config(_)), "{settings}: {error}");
         }
@@ -1339,25 +1489,25 @@ mod tests {
             }
 
             /// Settings for a TCP connection to 127.0.0.1.
-            pub fn tcp(&self, user: &str) -> tokio_postgres::Config {
+            pub fn tcp(&self, user: &str) -> crate::conninfo::ConnInfo {
                 let mut config = tokio_postgres::Config::new();
                 config
                     .host("127.0.0.1")
                     .port(self.port)
                     .user(user)
                     .dbname("postgres");
-                config
+                config.into()
             }
 
             /// Settings for a connection over the Unix socket.
-            pub fn unix(&self, user: &str) -> tokio_postgres::Config {
+            pub fn unix(&self, user: &str) -> crate::conninfo::ConnInfo {
                 let mut config = tokio_postgres::Config::new();
                 config
                     .host_path(&self.base)
                     .port(self.port)
                     .user(user)
                     .dbname("postgres");
-                config
+                config.into()
             }
 
             pub async fn client(&self) -> tokio_postgres::Client {
@@ -1646,7 +1796,7 @@ host all all 127.0.0.1/32 trust
             .port(cluster.port)
             .user("postgres")
             .dbname("postgres");
-        let mut conn = WalConnection::connect(&hosts).await.unwrap();
+        let mut conn = WalConnection::connect(&hosts.into()).await.unwrap();
         conn.identify_system().await.unwrap();
 
         // A missing host alone reports the I/O error with the path.
@@ -1655,7 +1805,7 @@ host all all 127.0.0.1/32 trust
             .host_path(cluster.base.join("nowhere"))
             .port(cluster.port)
             .user("postgres");
-        let error = WalConnection::connect(&nowhere).await.unwrap_err();
+        let error = WalConnection::connect(&nowhere.into()).await.unwrap_err();
         assert!(
             matches!(&error, WalError::Io(_)) && error.to_string().contains("nowhere"),
             "{error}"

@@ -155,7 +155,7 @@ async fn periodic_statements_read_indexes_not_the_large_tables(source: Source) {
             .await,
         "the ordered endpoint gets its keyed events"
     );
-    let db: tokio_postgres::Config = pg.url.parse().unwrap();
+    let db: walhook::conninfo::ConnInfo = pg.url.parse().unwrap();
     let status = match source {
         Source::Replication => walhook::status::read(&db, "walhook").await,
         Source::Notify => walhook::status::read_notify(&db).await,
@@ -332,7 +332,7 @@ async fn notify_leases_are_renewed_while_a_backlog_keeps_claims_full() {
 
 /// A store whose session is named `name` (the test's trigger tells the claimers apart by it).
 async fn claimer(pg: &Pg, name: &str) -> walhook::store::Store {
-    let mut config: tokio_postgres::Config = pg.url.parse().unwrap();
+    let mut config: walhook::conninfo::ConnInfo = pg.url.parse().unwrap();
     config.application_name(name);
     walhook::store::Store::connect(&config).await.unwrap()
 }

@@ -297,7 +297,7 @@ async fn a_standby_takes_over_after_a_graceful_stop_and_recover_slot_refuses_mea
     })
     .await;
     assert!(!second.is_finished(), "a standby does not fail");
-    let db: tokio_postgres::Config = pg.url.parse().unwrap();
+    let db: walhook::conninfo::ConnInfo = pg.url.parse().unwrap();
     eventually(
         "walhook status names the leader and one standby",
         || async {

@@ -459,6 +459,8 @@ async fn a_second_migrate_prints_only_that_it_is_up_to_date() {
         std::process::Command::new(env!("CARGO_BIN_EXE_walhook"))
             .arg("migrate")
             .env("WALHOOK_DATABASE_URL", &pg.url)
+            // the throwaway cluster has no TLS: prefer's warning about that is tested in connect::
+            .env("PGSSLMODE", "disable")
             .env_remove("RUST_LOG")
             .output()
             .unwrap()
@@ -1029,6 +1031,8 @@ async fn the_readme_roles_do_their_jobs(source: Source) {
         std::process::Command::new(env!("CARGO_BIN_EXE_walhook"))
             .arg("migrate")
             .env("WALHOOK_DATABASE_URL", &migrate_url)
+            // the throwaway cluster has no TLS: prefer's warning about that is tested in connect::
+            .env("PGSSLMODE", "disable")
             .env_remove("RUST_LOG")
             .output()
             .unwrap()

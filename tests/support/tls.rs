@@ -112,8 +112,87 @@ impl TlsReceiver {
 }
 
 fn rand_suffix() -> u64 {
-    std::time::SystemTime::now()
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .subsec_nanos() as u64
+        .subsec_nanos() as u64;
+    nanos ^ ((COUNTER.fetch_add(1, Ordering::Relaxed) as u64) << 32)
+}
+
+/// Certificates for a PostgreSQL server and its clients, generated at test time: a CA, a server certificate
+/// for `localhost` only (so that connecting to 127.0.0.1 is a host-name mismatch), client certificates, and an
+/// unrelated CA for the unknown-CA case. Files live in a temporary directory, keys with mode 0600.
+pub struct PgCerts {
+    /// PEM of the CA that signed the server's and the clients' certificates.
+    pub ca_file: PathBuf,
+    /// PEM of a CA that signed nothing here.
+    pub other_ca_file: PathBuf,
+    pub server: walhook::cluster::ServerTls,
+    issuer: CertifiedIssuer<'static, KeyPair>,
+    dir: TempDir,
+}
+
+impl PgCerts {
+    pub fn new() -> PgCerts {
+        let dir = std::env::temp_dir().join(format!(
+            "walhook-pgtls-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let issuer = new_ca("walhook test CA");
+        let other = new_ca("some other CA");
+        let ca_file = dir.join("ca.pem");
+        std::fs::write(&ca_file, issuer.pem()).unwrap();
+        let other_ca_file = dir.join("other-ca.pem");
+        std::fs::write(&other_ca_file, other.pem()).unwrap();
+        let params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let server = walhook::cluster::ServerTls {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            client_ca_pem: Some(issuer.pem()),
+        };
+        PgCerts {
+            ca_file,
+            other_ca_file,
+            server,
+            issuer,
+            dir: TempDir(dir),
+        }
+    }
+
+    /// A client certificate whose common name is `user` (what `cert` authentication checks), and its key
+    /// (mode 0600): (certificate file, key file).
+    pub fn client(&self, user: &str) -> (PathBuf, PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, user);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let cert_file = self.dir.0.join(format!("{user}.crt"));
+        let key_file = self.dir.0.join(format!("{user}.key"));
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        (cert_file, key_file)
+    }
+
+    /// A directory for other files of the test, removed with the certificates.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir.0
+    }
+}
+
+fn new_ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
 }
