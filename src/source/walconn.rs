@@ -180,7 +180,25 @@ impl WalConnection {
                 None => attempt.await,
             };
             match result {
-                Ok(connection) => return Ok(connection),
+                Ok(mut connection) => {
+                    // target_session_attrs=read-write (a primary and its standbys in one URL): like libpq,
+                    // pass over a server that does not accept writes
+                    if config.get_target_session_attrs()
+                        != tokio_postgres::config::TargetSessionAttrs::ReadWrite
+                        || connection.accepts_writes().await?
+                    {
+                        return Ok(connection);
+                    }
+                    tracing::debug!(%target, "server is read-only (a standby): trying the next host");
+                    // transient: during a failover the standby is promoted in a moment
+                    last_error = Some(WalError::Io(io::Error::new(
+                        io::ErrorKind::ConnectionRefused,
+                        format!(
+                            "{target} does not accept writes (a standby?), and target_session_attrs=read-write \
+                             asks for one that does: no host of database_url is a primary now"
+                        ),
+                    )));
+                }
                 Err(WalError::Server { error, .. }) => {
                     // the server refused the session itself: say where to and as whom
                     let error = WalError::Server {
@@ -454,6 +472,13 @@ impl WalConnection {
                 _ => return Err(unexpected("while starting the session")),
             }
         }
+    }
+
+    /// Whether the server accepts writes (`transaction_read_only` is off: a primary, not a standby).
+    async fn accepts_writes(&mut self) -> Result<bool, WalError> {
+        let rows = self.simple_query("SHOW transaction_read_only").await?;
+        let [value] = single_row::<1>(rows, "SHOW transaction_read_only")?;
+        Ok(value.as_deref() == Some("off"))
     }
 
     /// Runs IDENTIFY_SYSTEM.

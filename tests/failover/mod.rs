@@ -37,12 +37,13 @@ async fn a_standby_follows_its_primary_and_is_promoted() {
     publish(&promoted, "order.created", "{}").await;
 }
 
-/// The URL of a primary and its standby, for a client that wants whichever accepts writes.
+/// The URL of a primary and its standby, for a client that wants whichever accepts writes. The standby comes
+/// first, so every connection must pass over it while it is one (the replication connection included).
 fn pair_url(primary: &Cluster, standby: &Cluster) -> String {
     format!(
         "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/app?target_session_attrs=read-write",
-        primary.port(),
-        standby.port()
+        standby.port(),
+        primary.port()
     )
 }
 
