@@ -538,3 +538,83 @@ async fn the_binary_runs_with_only_pg_variables_and_a_password_file() {
     assert!(!out.contains("password "), "{out}");
     no_secret(&format!("{out}{err}"));
 }
+
+both_sources!(a_database_run_like_a_managed_service_runs_walhook);
+/// `docs/managed-services.md`, emulated: TLS required (`hostssl` only, SCRAM), the daemon a non-superuser
+/// role created exactly as the page shows (with `REPLICATION` for the replication source) that may not
+/// create anything in the database, connecting with `sslmode=verify-full`; the schema migrated by the
+/// database's owner (and, for the notify source, its index and trigger created once by the table's owner).
+async fn a_database_run_like_a_managed_service_runs_walhook(source: Source) {
+    let certs = PgCerts::new();
+    let wal_level = match source {
+        Source::Replication => WalLevel::Logical,
+        Source::Notify => WalLevel::Replica,
+    };
+    let pg = tls_cluster(
+        &certs,
+        wal_level,
+        hostssl_only("scram-sha-256"),
+        Auth::Scram("owner-secret".into()),
+    )
+    .await;
+    let client = pg.client().await;
+    // the page's statement for the daemon's role, with a password of the test's
+    let page = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/managed-services.md"
+    ))
+    .unwrap();
+    let create_role = page
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("CREATE ROLE walhook LOGIN PASSWORD '…' REPLICATION"))
+        .expect("the page shows the daemon's role");
+    let mut create_role = create_role.replace('…', "daemon-secret");
+    if source == Source::Notify {
+        // no replication where the service offers none
+        create_role = create_role.replace(" REPLICATION", "");
+    }
+    client.batch_execute(&create_role).await.unwrap();
+    assert_eq!(
+        count(
+            &client,
+            "select count(*) from pg_roles where rolname = 'walhook' and not rolsuper and not rolcreatedb
+               and not has_database_privilege('walhook', 'app', 'create')"
+        )
+        .await,
+        1
+    );
+    if source == Source::Notify {
+        for statement in walhook::store::notify_install_sql(true).lines() {
+            client.batch_execute(statement).await.unwrap();
+        }
+    }
+    let rx = Receiver::start().await.unwrap();
+    let (_, secret) = add_endpoint(&client, &rx.url("/managed"), &["*"]).await;
+    rx.set_secret("/managed", &secret);
+    let url = format!(
+        "host=localhost port={} dbname=app user=walhook password=daemon-secret sslmode=verify-full sslrootcert={}",
+        pg.cluster.port(),
+        certs.ca_file.display()
+    );
+    let daemon =
+        Daemon::start(pg.config_for_with(source, |f| f.merge(("database_url", url.as_str()))));
+    wait_ready(source, &client).await;
+    for i in 0..10 {
+        publish(&client, "order.created", &format!("{{\"n\": {i}}}")).await;
+    }
+    wait_succeeded(&client, 10).await;
+    assert_eq!(rx.distinct_ids("/managed").len(), 10);
+    assert!(rx.received().iter().all(|r| r.verified == Some(true)));
+    // every session of the daemon's role runs over TLS
+    assert_eq!(
+        count(
+            &client,
+            "select count(*) from pg_stat_activity a join pg_stat_ssl s using (pid)
+              where a.usename = 'walhook' and not s.ssl"
+        )
+        .await,
+        0
+    );
+    daemon.stop().await;
+}
