@@ -50,6 +50,51 @@ impl Pattern {
     }
 }
 
+/// Whether `payload` contains `filter` as PostgreSQL's `jsonb @>` decides it, so that the daemon's fan-out and
+/// SQL (`walhook.matches` and recovery) agree on which endpoints an event goes to: an object contains an
+/// object whose every key it has with a containing value; an array contains an array whose every element it
+/// contains in some element (order and repetition do not matter); scalars contain equal scalars (numbers by
+/// value, `1` and `1.0` alike); and, as PostgreSQL's one exception, an array at the top contains a scalar it
+/// holds.
+pub fn jsonb_contains(payload: &serde_json::Value, filter: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (payload, filter) {
+        (Value::Array(items), scalar) if !scalar.is_array() && !scalar.is_object() => {
+            items.iter().any(|item| same_scalar(item, scalar))
+        }
+        _ => contains_nested(payload, filter),
+    }
+}
+
+fn contains_nested(payload: &serde_json::Value, filter: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (payload, filter) {
+        (Value::Object(have), Value::Object(want)) => want
+            .iter()
+            .all(|(k, w)| have.get(k).is_some_and(|h| contains_nested(h, w))),
+        (Value::Array(have), Value::Array(want)) => want
+            .iter()
+            .all(|w| have.iter().any(|h| contains_nested(h, w))),
+        (Value::Object(_) | Value::Array(_), _) | (_, Value::Object(_) | Value::Array(_)) => false,
+        (h, w) => same_scalar(h, w),
+    }
+}
+
+fn same_scalar(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            match (x.as_i64(), y.as_i64(), x.as_u64(), y.as_u64()) {
+                (Some(x), Some(y), _, _) => x == y,
+                (_, _, Some(x), Some(y)) => x == y,
+                _ => x.as_f64().zip(y.as_f64()).is_some_and(|(x, y)| x == y),
+            }
+        }
+        (Value::Object(_) | Value::Array(_), _) | (_, Value::Object(_) | Value::Array(_)) => false,
+        (x, y) => x == y,
+    }
+}
+
 /// An enabled endpoint as the daemon uses it: its configuration (rebuilt when the row changes) and its
 /// runtime state (kept across reloads, keyed by id).
 #[derive(Debug)]
@@ -520,6 +565,33 @@ mod tests {
         assert!(why(7).unwrap().contains("x-k"), "{:?}", why(7));
         assert_eq!(why(6), None);
         assert!(!why(5).unwrap().contains("whsec_short"), "never the secret");
+    }
+
+    #[test]
+    fn containment_follows_jsonb() {
+        use serde_json::json;
+        let yes = |p: serde_json::Value, f: serde_json::Value| {
+            assert!(jsonb_contains(&p, &f), "{p} @> {f}")
+        };
+        let no = |p: serde_json::Value, f: serde_json::Value| {
+            assert!(!jsonb_contains(&p, &f), "not {p} @> {f}")
+        };
+        yes(json!({"region": "eu", "n": 1}), json!({"region": "eu"}));
+        yes(json!({"a": {"b": 1, "c": 2}}), json!({"a": {"b": 1}}));
+        yes(
+            json!({"tags": ["x", "y", "z"]}),
+            json!({"tags": ["z", "x", "x"]}),
+        );
+        yes(json!({"n": 1.0}), json!({"n": 1}));
+        yes(json!({}), json!({}));
+        yes(json!(["a", "b"]), json!("a"));
+        yes(json!([[1, 2], [3]]), json!([[1]]));
+        no(json!({"region": "us"}), json!({"region": "eu"}));
+        no(json!({"tags": ["x"]}), json!({"tags": "x"}));
+        no(json!({"a": {"b": 1}}), json!({"a": {"b": 1, "c": 2}}));
+        no(json!({"n": "1"}), json!({"n": 1}));
+        no(json!({"a": null}), json!({"b": null}));
+        no(json!(["a"]), json!({"a": 1}));
     }
 
     #[test]
