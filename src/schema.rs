@@ -35,6 +35,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "payload_limit",
         include_str!("../sql/007_payload_limit.sql"),
     ),
+    (9, "tracing", include_str!("../sql/009_tracing.sql")),
 ];
 
 /// Privileges of walhook's group roles, applied after every migrate: repeatable and idempotent.

@@ -53,6 +53,8 @@ pub struct Outgoing<'a> {
     pub timeout: Duration,
     /// The endpoint's static extra headers (validated by the schema).
     pub headers: &'a [(http::HeaderName, HeaderValue)],
+    /// The attempt's W3C trace context, when it has one.
+    pub traceparent: Option<&'a str>,
 }
 
 /// A response: status, `Retry-After` and the start of the body.
@@ -250,7 +252,13 @@ impl HttpClient {
             |v: &str| HeaderValue::from_str(v).map_err(|e| SendError::Request(e.to_string()));
         let mut builder = Request::post(out.uri.clone());
         for (name, value) in out.headers {
-            builder = builder.header(name, value);
+            // the attempt's own trace context replaces an endpoint's static one
+            if out.traceparent.is_none() || name != "traceparent" {
+                builder = builder.header(name, value);
+            }
+        }
+        if let Some(traceparent) = out.traceparent {
+            builder = builder.header("traceparent", header(traceparent)?);
         }
         let request = builder
             .header(
