@@ -1542,6 +1542,68 @@ mod tests {
     }
 
     #[test]
+    fn tracing_keys_are_checked_and_header_values_never_shown() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            assert_eq!(
+                Config::load(None).unwrap().tracing.settings().map(|_| ()),
+                None
+            );
+            let cases = [
+                (
+                    "[tracing]\notlp_endpoint = \"collector:4318\"",
+                    "tracing.otlp_endpoint: expected an http:// or https:// URL",
+                ),
+                (
+                    "[tracing]\notlp_endpoint = \"http://u:pw@collector:4318\"",
+                    "tracing.otlp_endpoint: holds credentials; put them in tracing.otlp_headers",
+                ),
+                (
+                    "[tracing]\notlp_timeout = \"0s\"",
+                    "tracing.otlp_timeout: must be greater than zero",
+                ),
+                (
+                    "[tracing]\nservice_name = \" \"",
+                    "tracing.service_name: must not be empty",
+                ),
+                (
+                    "[tracing]\notlp_headers = { \"x key\" = \"v\" }",
+                    "tracing.otlp_headers: \"x key\" is not a header name",
+                ),
+                (
+                    "[tracing]\nendpoint = \"http://c:4318\"",
+                    "unknown key tracing.endpoint",
+                ),
+            ];
+            for (file, want) in cases {
+                let e = err_in(jail, Some(file));
+                assert!(e.starts_with(want), "{file:?}: got {e:?}, want {want:?}");
+            }
+            let e = err_in(
+                jail,
+                Some("[tracing]\notlp_headers = { \"x-api-key\" = \"hunter2\\n\" }"),
+            );
+            assert!(
+                e.starts_with("tracing.otlp_headers: the value of \"x-api-key\""),
+                "{e}"
+            );
+            assert!(!e.contains("hunter2"), "{e}");
+
+            jail.set_env("WALHOOK_TRACING__OTLP_ENDPOINT", "http://127.0.0.1:4318");
+            jail.set_env("WALHOOK_TRACING__OTLP_HEADERS__X_API_KEY", "hunter2");
+            let config = Config::load(None).unwrap();
+            let settings = config
+                .tracing
+                .settings()
+                .expect("on once the endpoint is set");
+            assert_eq!(settings.otlp_endpoint, "http://127.0.0.1:4318");
+            assert_eq!(settings.otlp_headers["x_api_key"], "hunter2");
+            assert!(!serde_json::to_string(&config).unwrap().contains("hunter2"));
+            Ok(())
+        });
+    }
+
+    #[test]
     fn print_redacts_passwords() {
         let mut config = Config::default();
         let shown = |c: &Config| serde_json::to_string(c).unwrap();

@@ -43,6 +43,7 @@ macro_rules! both_sources {
 
 // after the macro, which they use
 mod queries;
+mod traces;
 mod trust;
 
 both_sources!(committed_events_reach_every_matching_endpoint_once_signed);

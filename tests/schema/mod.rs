@@ -938,7 +938,7 @@ async fn denied(client: &Client, who: &str, sql: &str) {
 
 /// The fenced blocks of `lang` in the README section under `heading` (up to the next heading of its level or
 /// higher), as written.
-fn readme_blocks(heading: &str, lang: &str) -> Vec<String> {
+pub(crate) fn readme_blocks(heading: &str, lang: &str) -> Vec<String> {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let level = heading.chars().take_while(|c| *c == '#').count();
