@@ -145,7 +145,8 @@ pub struct AttemptSpan {
     pub context: Option<TraceParent>,
     /// The row's context: the attempt span's parent.
     parent: Option<TraceParent>,
-    started: SystemTime,
+    /// Read only for a span that may be exported.
+    started: Option<SystemTime>,
 }
 
 impl AttemptSpan {
@@ -168,7 +169,7 @@ impl AttemptSpan {
         AttemptSpan {
             context,
             parent,
-            started: SystemTime::now(),
+            started: exporting.then(SystemTime::now),
         }
     }
 
@@ -403,7 +404,7 @@ impl Exporter {
             parent_span_is_remote: span.parent.is_some(),
             span_kind: SpanKind::Client,
             name: Cow::Borrowed(SPAN_NAME),
-            start_time: span.started,
+            start_time: span.started.unwrap_or_else(SystemTime::now),
             end_time: SystemTime::now(),
             attributes,
             dropped_attributes_count: 0,

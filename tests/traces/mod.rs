@@ -555,3 +555,43 @@ async fn a_backlog_from_before_the_column_streams_after_the_upgrade() {
     assert!(traceparent_of(old).is_none(), "event {before}");
     assert_eq!(traceparent_of(new).unwrap().0, TRACE_ID, "event {after}");
 }
+
+/// A collector that cannot be reached changes nothing for deliveries: the event is delivered with its
+/// header, the drain ends within its bound, and the lost export is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_collector_never_affects_deliveries() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let rx = Receiver::start().await.unwrap();
+    add_endpoint(&client, &rx.url("/hook"), &["*"]).await;
+    let daemon = Daemon::start(pg.config_with(|f| {
+        f.merge((
+            "tracing.otlp_endpoint",
+            format!("http://127.0.0.1:{closed}"),
+        ))
+        .merge(("tracing.otlp_timeout", "1s"))
+    }));
+    wait_streaming(&client).await;
+    publish_traced(&client, "{}", Some(TRACEPARENT)).await;
+    wait_succeeded(&client, 1).await;
+    assert_eq!(
+        traceparent_of(&rx.received()[0]).unwrap().0,
+        TRACE_ID,
+        "the header does not depend on the export"
+    );
+    daemon.stop().await; // the last export fails within tracing.otlp_timeout
+    let metrics = walhook::metrics::install()
+        .expect("walhook's recorder")
+        .render();
+    let failures: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("walhook_trace_export_failures_total "))
+        .unwrap_or_else(|| panic!("no failure counter:\n{metrics}"))
+        .parse()
+        .unwrap();
+    assert!(failures >= 1.0, "{metrics}");
+}
