@@ -51,9 +51,10 @@ begin
   revoke all on all functions in schema walhook from walhook_writer;
 
   grant usage on schema walhook to walhook_writer;
-  grant insert (event_type, payload, ordering_key) on walhook.outbox to walhook_writer;
+  grant insert (event_type, payload, ordering_key, traceparent) on walhook.outbox to walhook_writer;
   grant select (id, uid, created_at) on walhook.outbox to walhook_writer;
-  grant execute on function walhook.check_event_type(text), walhook.check_payload_size(jsonb, integer)
+  grant execute on function walhook.check_event_type(text), walhook.check_payload_size(jsonb, integer),
+    walhook.check_traceparent(text)
     to walhook_writer;
 end $$;
 
@@ -153,7 +154,7 @@ begin
   grant select, insert, update on walhook.slots to walhook_daemon;
   grant execute on function walhook.matches(text, text[]),
     -- the checks of the rows it updates: outbox (notify) and endpoints
-    walhook.check_event_type(text), walhook.check_payload_size(jsonb, integer),
+    walhook.check_event_type(text), walhook.check_payload_size(jsonb, integer), walhook.check_traceparent(text),
     walhook.check_url(text), walhook.check_url_characters(text), walhook.check_event_patterns(text[]),
     walhook.check_secret(text), walhook.check_secret_canonical(text), walhook.check_headers(jsonb),
     walhook.check_header_values(jsonb), walhook.check_retry_schedule(interval[]),

@@ -54,6 +54,7 @@ pub struct Config {
     /// variables and the password file, meant for the user's servers, are not read. Not a configuration key.
     #[serde(skip)]
     pub self_contained: bool,
+    pub tracing: TracingConfig,
 }
 
 /// Where committed outbox rows come from.
@@ -392,6 +393,47 @@ impl Default for RetentionConfig {
     }
 }
 
+/// Export of one span per delivery attempt over OTLP/HTTP; off while `otlp_endpoint` is empty.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingConfig {
+    /// The collector's OTLP/HTTP URL (`/v1/traces` is appended unless present); empty: nothing is exported.
+    #[serde(deserialize_with = "string_like")]
+    pub otlp_endpoint: String,
+    /// Headers on every export request (an API key of a hosted backend); never logged.
+    #[serde(serialize_with = "redacted_headers")]
+    pub otlp_headers: std::collections::BTreeMap<String, String>,
+    /// Bound on one export request, retries included.
+    #[serde(with = "duration")]
+    pub otlp_timeout: Duration,
+    /// `service.name` of the exported spans.
+    #[serde(deserialize_with = "string_like")]
+    pub service_name: String,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig {
+            otlp_endpoint: String::new(),
+            otlp_headers: Default::default(),
+            otlp_timeout: Duration::from_secs(10),
+            service_name: "walhook".into(),
+        }
+    }
+}
+
+impl TracingConfig {
+    /// The exporter's settings; `None` when nothing is exported.
+    pub fn settings(&self) -> Option<crate::trace::TraceSettings> {
+        (!self.otlp_endpoint.is_empty()).then(|| crate::trace::TraceSettings {
+            otlp_endpoint: self.otlp_endpoint.clone(),
+            otlp_headers: self.otlp_headers.clone(),
+            otlp_timeout: self.otlp_timeout,
+            service_name: self.service_name.clone(),
+        })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
@@ -628,6 +670,27 @@ impl Config {
                 humantime::format_duration(r.succeeded)
             );
             return Err(invalid("retention.outbox", message));
+        }
+        let t = &self.tracing;
+        if !t.otlp_endpoint.is_empty() {
+            crate::trace::traces_url(&t.otlp_endpoint)
+                .map_err(|message| invalid("tracing.otlp_endpoint", message))?;
+        }
+        for (name, value) in &t.otlp_headers {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                let message = format!("{name:?} is not a header name; use letters, digits and -");
+                return Err(invalid("tracing.otlp_headers", message));
+            }
+            if http::HeaderValue::from_str(value).is_err() {
+                // the value may be a secret: never repeat it
+                let message =
+                    format!("the value of {name:?} is not one line of visible ASCII characters");
+                return Err(invalid("tracing.otlp_headers", message));
+            }
+        }
+        positive("tracing.otlp_timeout", t.otlp_timeout)?;
+        if t.service_name.trim().is_empty() {
+            return Err(invalid("tracing.service_name", "must not be empty"));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             let level = &self.log.level;
@@ -876,6 +939,19 @@ fn strip_toml_snippet(message: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// Header values of `tracing.otlp_headers` may be API keys: serialised as `"<redacted>"`.
+fn redacted_headers<S: serde::Serializer>(
+    headers: &std::collections::BTreeMap<String, String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = s.serialize_map(Some(headers.len()))?;
+    for name in headers.keys() {
+        map.serialize_entry(name, "<redacted>")?;
+    }
+    map.end()
 }
 
 /// For `--print`-style dumps: a URL with a password (or one that cannot be checked) is not shown.
@@ -1567,6 +1643,68 @@ mod tests {
             jail.set_env("WALHOOK_DELIVERY__NO_PROXY", "localhost:8080");
             assert!(err_in(jail, None)
                 .starts_with("delivery.no_proxy: entry \"localhost:8080\" is not a host name"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn tracing_keys_are_checked_and_header_values_never_shown() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            assert_eq!(
+                Config::load(None).unwrap().tracing.settings().map(|_| ()),
+                None
+            );
+            let cases = [
+                (
+                    "[tracing]\notlp_endpoint = \"collector:4318\"",
+                    "tracing.otlp_endpoint: expected an http:// or https:// URL",
+                ),
+                (
+                    "[tracing]\notlp_endpoint = \"http://u:pw@collector:4318\"",
+                    "tracing.otlp_endpoint: holds credentials; put them in tracing.otlp_headers",
+                ),
+                (
+                    "[tracing]\notlp_timeout = \"0s\"",
+                    "tracing.otlp_timeout: must be greater than zero",
+                ),
+                (
+                    "[tracing]\nservice_name = \" \"",
+                    "tracing.service_name: must not be empty",
+                ),
+                (
+                    "[tracing]\notlp_headers = { \"x key\" = \"v\" }",
+                    "tracing.otlp_headers: \"x key\" is not a header name",
+                ),
+                (
+                    "[tracing]\nendpoint = \"http://c:4318\"",
+                    "unknown key tracing.endpoint",
+                ),
+            ];
+            for (file, want) in cases {
+                let e = err_in(jail, Some(file));
+                assert!(e.starts_with(want), "{file:?}: got {e:?}, want {want:?}");
+            }
+            let e = err_in(
+                jail,
+                Some("[tracing]\notlp_headers = { \"x-api-key\" = \"hunter2\\n\" }"),
+            );
+            assert!(
+                e.starts_with("tracing.otlp_headers: the value of \"x-api-key\""),
+                "{e}"
+            );
+            assert!(!e.contains("hunter2"), "{e}");
+
+            jail.set_env("WALHOOK_TRACING__OTLP_ENDPOINT", "http://127.0.0.1:4318");
+            jail.set_env("WALHOOK_TRACING__OTLP_HEADERS__X_API_KEY", "hunter2");
+            let config = Config::load(None).unwrap();
+            let settings = config
+                .tracing
+                .settings()
+                .expect("on once the endpoint is set");
+            assert_eq!(settings.otlp_endpoint, "http://127.0.0.1:4318");
+            assert_eq!(settings.otlp_headers["x_api_key"], "hunter2");
+            assert!(!serde_json::to_string(&config).unwrap().contains("hunter2"));
             Ok(())
         });
     }

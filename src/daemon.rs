@@ -30,6 +30,7 @@ use crate::source::replication::ReplicationSource;
 use crate::source::replication::SlotKeeper;
 use crate::source::{Pipeline, SourceError};
 use crate::store::Store;
+use crate::trace::Collector;
 
 /// Why `walhook run` (or `recover-slot`) stopped. Each message is complete on its own: no variant exposes
 /// a `source()` that `{:#}` would print a second time.
@@ -46,6 +47,8 @@ pub enum RunError {
     },
     #[error("{0}")]
     Tls(crate::dispatch::client::TlsError),
+    #[error("{0}")]
+    Trace(crate::trace::TraceError),
 }
 
 impl From<ConfigError> for RunError {
@@ -83,6 +86,12 @@ impl From<crate::dispatch::client::TlsError> for RunError {
     }
 }
 
+impl From<crate::trace::TraceError> for RunError {
+    fn from(e: crate::trace::TraceError) -> Self {
+        RunError::Trace(e)
+    }
+}
+
 fn listen_fix(e: &std::io::Error) -> &'static str {
     match e.kind() {
         std::io::ErrorKind::AddrInUse => {
@@ -99,10 +108,13 @@ fn listen_fix(e: &std::io::Error) -> &'static str {
     }
 }
 
-/// What `run` builds from the configuration before it connects: the connection settings and the delivery
-/// client (`delivery.ca_file`, `delivery.allowed_networks`). `walhook check-config` builds the same, so it
-/// refuses exactly what `run` would refuse before touching the database.
-fn build(config: &Config) -> Result<(crate::conninfo::ConnInfo, HttpClient), RunError> {
+/// What `run` builds from the configuration before it connects: the connection settings, the delivery
+/// client (`delivery.ca_file`, `delivery.allowed_networks`) and the span exporter (`[tracing]`, when on).
+/// `walhook check-config` builds the same, so it refuses exactly what `run` would refuse before touching the
+/// database.
+fn build(
+    config: &Config,
+) -> Result<(crate::conninfo::ConnInfo, HttpClient, Option<Collector>), RunError> {
     let db = config.database_url()?;
     let allowed = config
         .delivery
@@ -138,7 +150,12 @@ fn build(config: &Config) -> Result<(crate::conninfo::ConnInfo, HttpClient), Run
         },
         policy,
     )?;
-    Ok((db, client))
+    let collector = config
+        .tracing
+        .settings()
+        .map(|settings| Collector::new(&settings))
+        .transpose()?;
+    Ok((db, client, collector))
 }
 
 /// Binds `http.listen` (`None` when it is off).
@@ -189,7 +206,7 @@ pub async fn run(
     stop: CancellationToken,
     abort: CancellationToken,
 ) -> Result<(), RunError> {
-    let (db, client) = build(&config)?;
+    let (db, client, collector) = build(&config)?;
     // bound before anything is created in the database, so a taken port fails the start without side effects
     let listener = listen(&config).await?;
     let metrics = crate::metrics::install();
@@ -224,9 +241,11 @@ pub async fn run(
         wake.clone(),
     );
     let (disable_tx, disable_rx) = tokio::sync::mpsc::unbounded_channel();
+    let spans = collector.map(Collector::start);
     let dispatcher = Arc::new(
         Dispatcher::new(client, recorder.clone(), settings, disable_tx)
-            .with_payload_logging(config.log.payloads),
+            .with_payload_logging(config.log.payloads)
+            .with_span_export(spans.clone()),
     );
     tokio::spawn(Dispatcher::sweep(Arc::downgrade(&dispatcher)));
     let endpoints = Arc::new(EndpointCache::default());
@@ -395,6 +414,11 @@ pub async fn run(
     drop(dispatcher);
     drop(recorder);
     let _ = recorder_handle.await;
+    // the last attempts' spans, unless aborting: then they are dropped with the export thread's queue
+    if let Some(spans) = spans.filter(|_| !abort.is_cancelled()) {
+        let timeout = config.tracing.otlp_timeout.min(Duration::from_secs(5));
+        let _ = tokio::task::spawn_blocking(move || spans.shutdown(timeout)).await;
+    }
     drain_timer.abort();
     if let Some(h) = health_handle {
         h.abort();

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 
 use crate::lsn::Lsn;
+use crate::trace::TraceParent;
 
 /// A committed outbox row, ready to send.
 #[derive(Debug)]
@@ -30,6 +31,8 @@ pub struct Event {
     pub ordering_key: Option<String>,
     /// The commit position of the event's transaction, which orders events of one key.
     pub commit_lsn: Option<Lsn>,
+    /// `walhook.outbox.traceparent`: the application's span, parent of every attempt's span.
+    pub traceparent: Option<TraceParent>,
 }
 
 impl Event {
@@ -59,7 +62,21 @@ impl Event {
             payload_start,
             ordering_key: None,
             commit_lsn: None,
+            traceparent: None,
         }
+    }
+
+    /// Sets the trace context from the row's (or the delivery copy's) `traceparent` text. Text the outbox's
+    /// constraint would refuse (a copy made otherwise) is ignored: tracing never stops a delivery.
+    pub fn with_traceparent(mut self, text: Option<&str>) -> Event {
+        self.traceparent = text.and_then(|t| {
+            let parsed = TraceParent::parse(t);
+            if parsed.is_none() {
+                tracing::debug!(event_id = self.id, "ignoring an invalid traceparent");
+            }
+            parsed
+        });
+        self
     }
 
     /// Sets the ordering key and commit position (both known only to the source or the stored delivery).

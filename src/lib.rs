@@ -21,8 +21,9 @@
 //! - [`pgoutput`]: pure decoder of the pgoutput protocol.
 //! - [`event`]: an outbox row and its Standard Webhooks envelope.
 //! - [`fanout`]: the endpoint cache and event-type patterns.
-//! - [`dispatch`]: signing ([`sign`]), the guarded HTTP client (directly or through an egress proxy), the retry policy,
-//!   per-endpoint limits.
+//! - [`dispatch`]: signing ([`sign`]), the guarded HTTP client (directly or through an egress proxy), the retry
+//!   policy, per-endpoint limits; [`trace`]: each attempt as a span, child of the row's `traceparent`, sent
+//!   along and exported over OTLP.
 //! - [`record`]: batched writes of outcomes, releasing acknowledgements once durable.
 //! - [`scheduler`]: claims due retries with `FOR UPDATE SKIP LOCKED` leases.
 //! - [`store`]: every SQL statement the daemon runs.
@@ -64,3 +65,4 @@ pub mod source;
 pub mod status;
 pub mod store;
 pub mod systemd;
+pub mod trace;

@@ -34,6 +34,7 @@ pub const RECONNECTS: &str = "walhook_source_reconnects_total";
 pub const RETENTION_DELETED: &str = "walhook_retention_deleted_rows_total";
 pub const BREAKERS: &str = "walhook_circuit_breakers";
 pub const SOURCE: &str = "walhook_source";
+pub const TRACE_EXPORT_FAILURES: &str = "walhook_trace_export_failures_total";
 
 /// Outcomes of `walhook_deliveries_total`: sent, to be retried, given up, disabled by a 410 Gone.
 pub const OUTCOMES: &[&str] = &["delivered", "retry", "dead", "gone"];
@@ -88,6 +89,7 @@ pub fn register_all() {
         RECONNECTS,
         RECORD_BATCHES,
         RECORD_ROWS,
+        TRACE_EXPORT_FAILURES,
     ] {
         counter!(name).increment(0);
     }
@@ -184,5 +186,9 @@ pub fn describe() {
         "deliveries parked as pending because their endpoint was saturated"
     );
     describe_counter!(RECONNECTS, "source sessions restarted after an error");
+    describe_counter!(
+        TRACE_EXPORT_FAILURES,
+        "batches of attempt spans that could not be exported to tracing.otlp_endpoint"
+    );
     describe_counter!(RETENTION_DELETED, "rows removed by retention, by table");
 }

@@ -221,7 +221,8 @@ impl Scheduler {
                     .try_acquire_owned()
                     .expect("claimed no more than the free permits");
                 let event = Event::new(c.event_id, &c.uid, &event_type, &created_at, &payload)
-                    .with_ordering(c.ordering_key, c.commit_lsn);
+                    .with_ordering(c.ordering_key, c.commit_lsn)
+                    .with_traceparent(c.traceparent.as_deref());
                 let attempt = endpoint
                     .policy
                     .timeout

@@ -36,6 +36,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../sql/007_payload_limit.sql"),
     ),
     (8, "proxy", include_str!("../sql/008_proxy.sql")),
+    (9, "tracing", include_str!("../sql/009_tracing.sql")),
     (10, "failover", include_str!("../sql/010_failover.sql")),
 ];
 

@@ -117,7 +117,7 @@ pub struct RecordRow {
     pub next_attempt_at: Option<SystemTime>,
     /// `None` when the delivery is only parked (no attempt was made).
     pub attempt: Option<AttemptRow>,
-    /// The event, whose copy (type, payload, created_at) is kept with deliveries that are not
+    /// The event, whose copy (type, payload, created_at, traceparent) is kept with deliveries that are not
     /// final-succeeded. Shared with the job, not cloned: a failed fan-out to many endpoints holds one payload.
     pub copy: Option<std::sync::Arc<crate::event::Event>>,
     /// For ordered endpoints: the key and the commit position that orders deliveries within it.
@@ -155,6 +155,8 @@ pub struct Claimed {
     pub uid: String,
     /// (type, payload, created_at) from the delivery's copy or the outbox; `None` when both are gone.
     pub content: Option<(String, String, String)>,
+    /// The application's trace context, from the same copy or row.
+    pub traceparent: Option<String>,
     pub ordering_key: Option<String>,
     pub commit_lsn: Option<Lsn>,
     /// `walhook.endpoints_generation` when it was claimed: the endpoint rows it must be judged by.
@@ -165,18 +167,18 @@ const RECORD: &str = "
 with input as (
   select * from unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::timestamptz[],
                        $7::int[], $8::text[], $9::timestamptz[], $10::int[], $11::text[],
-                       $12::text[], $13::text[], $14::text[], $15::text[], $16::text[])
+                       $12::text[], $13::text[], $14::text[], $15::text[], $16::text[], $17::text[])
     as t(event_id, endpoint_id, uid, status, schedule_step, next_attempt_at,
          status_code, error, attempted_at, duration_ms, response_body,
-         event_type, payload, event_created_at, ordering_key, commit_lsn)
+         event_type, payload, event_created_at, ordering_key, commit_lsn, traceparent)
 ), upserted as (
   insert into walhook.deliveries as d
     (event_id, endpoint_id, webhook_id, status, attempts, schedule_step, next_attempt_at,
      last_status_code, last_error, last_attempt_at, event_type, payload, event_created_at,
-     ordering_key, commit_lsn)
+     ordering_key, commit_lsn, traceparent)
   select event_id, endpoint_id, uid::uuid, status, (attempted_at is not null)::int, schedule_step,
          next_attempt_at, status_code, error, attempted_at, event_type, payload::jsonb,
-         event_created_at::timestamptz, ordering_key, commit_lsn::pg_lsn
+         event_created_at::timestamptz, ordering_key, commit_lsn::pg_lsn, traceparent
     from input
   on conflict (event_id, endpoint_id) do update set
     status = excluded.status,
@@ -192,12 +194,14 @@ with input as (
     payload = case when excluded.status = 'succeeded' then null else coalesce(d.payload, excluded.payload) end,
     event_created_at = case when excluded.status = 'succeeded' then null
                             else coalesce(d.event_created_at, excluded.event_created_at) end,
+    traceparent = case when excluded.status = 'succeeded' then null
+                       else coalesce(d.traceparent, excluded.traceparent) end,
     updated_at = now()
   returning d.id, d.event_id, d.endpoint_id, d.attempts
 ), processed as (
   -- notify source: outbox rows whose last delivery is in this batch, in the same transaction
   update walhook.outbox set processed_at = now()
-   where id = any($17::bigint[]) and processed_at is null
+   where id = any($18::bigint[]) and processed_at is null
 )
 insert into walhook.attempts (delivery_id, attempt, attempted_at, duration_ms, status_code, error, response_body)
 select u.id, u.attempts, i.attempted_at, i.duration_ms, i.status_code, i.error, i.response_body
@@ -230,12 +234,13 @@ fn claim_sql(due: &str) -> String {
    where d.id = due.id
   returning d.id, d.event_id, d.endpoint_id, d.attempts, d.schedule_step, d.webhook_id::text as uid,
             d.event_type, d.payload::text as payload, d.event_created_at::text as event_created_at,
-            d.ordering_key, d.commit_lsn::text as commit_lsn
+            d.ordering_key, d.commit_lsn::text as commit_lsn, d.traceparent
 )
 select c.id, c.event_id, c.endpoint_id, c.attempts, c.schedule_step, c.uid,
        coalesce(c.event_type, o.event_type), coalesce(c.payload, o.payload::text),
        coalesce(c.event_created_at, o.created_at::text), c.ordering_key, c.commit_lsn,
-       (select generation from walhook.endpoints_generation)
+       (select generation from walhook.endpoints_generation),
+       coalesce(c.traceparent, o.traceparent)
   from claimed c left join walhook.outbox o on o.id = c.event_id"
     )
 }
@@ -328,9 +333,9 @@ pub async fn backfill_before_slot(client: &mut Client, snapshot: &str) -> Result
         .execute(
             // with their own copy of the event: retention (of another instance) may delete the outbox row
             "insert into walhook.deliveries (event_id, endpoint_id, webhook_id, status, next_attempt_at,
-                                             event_type, payload, event_created_at, ordering_key)
+                                             event_type, payload, event_created_at, ordering_key, traceparent)
              select o.id, e.id, o.uid, 'pending', now(), o.event_type, o.payload, o.created_at,
-                    case when e.ordered then o.ordering_key end
+                    case when e.ordered then o.ordering_key end, o.traceparent
                from walhook.outbox o
                join walhook.endpoints e on e.enabled and walhook.matches(o.event_type, e.event_types)
               where not exists (select 1 from walhook.deliveries d where d.event_id = o.id)
@@ -361,6 +366,7 @@ fn claimed(r: &tokio_postgres::Row) -> Claimed {
         ordering_key: r.get(9),
         commit_lsn: r.get::<_, Option<String>>(10).and_then(|s| s.parse().ok()),
         endpoints_generation: r.get(11),
+        traceparent: r.get(12),
     }
 }
 
@@ -644,6 +650,7 @@ impl Store {
         let mut created = Vec::with_capacity(n);
         let mut key = Vec::with_capacity(n);
         let mut lsn = Vec::with_capacity(n);
+        let mut traceparent = Vec::with_capacity(n);
         for r in rows {
             event_id.push(r.event_id);
             endpoint_id.push(r.endpoint_id);
@@ -663,6 +670,7 @@ impl Store {
             created.push(c.map(|c| c.created_at.as_str()));
             key.push(r.ordering.as_ref().map(|o| o.0.as_str()));
             lsn.push(r.ordering.as_ref().map(|o| o.1.to_string()));
+            traceparent.push(c.and_then(|c| c.traceparent).map(|t| t.to_string()));
         }
         self.client
             .execute(
@@ -684,6 +692,7 @@ impl Store {
                     &created,
                     &key,
                     &lsn,
+                    &traceparent,
                     &processed,
                 ],
             )
@@ -895,7 +904,8 @@ update walhook.outbox o
   from next
  where o.id = next.id
 returning o.id, o.uid::text, o.event_type, o.payload::text, o.created_at::text,
-          array(select d.endpoint_id from walhook.deliveries d where d.event_id = o.id), o.ordering_key";
+          array(select d.endpoint_id from walhook.deliveries d where d.event_id = o.id), o.ordering_key,
+          o.traceparent";
 
 const MARK_PROCESSED: &str = "
 update walhook.outbox set processed_at = now() where id = any($1::bigint[]) and processed_at is null";
@@ -1130,6 +1140,7 @@ pub struct OutboxRow {
     /// Endpoints that already have a delivery of this row.
     pub recorded: Vec<i64>,
     pub ordering_key: Option<String>,
+    pub traceparent: Option<String>,
 }
 
 /// The notify source's connection: claims, marks and lease renewals on `walhook.outbox`.
@@ -1179,6 +1190,7 @@ impl OutboxQueue {
                 created_at: r.get(4),
                 recorded: r.get(5),
                 ordering_key: r.get(6),
+                traceparent: r.get(7),
             })
             .collect();
         claimed.sort_unstable_by_key(|r| r.id);
@@ -1234,15 +1246,21 @@ pub async fn slot_sample(
 }
 
 /// The columns of `walhook.outbox` an event is made of: a publication that leaves one out streams events
-/// walhook cannot build.
-pub const OUTBOX_COLUMNS: [&str; 6] = [
+/// walhook cannot build (or, for `traceparent`, builds without their trace context).
+pub const OUTBOX_COLUMNS: [&str; 7] = [
     "id",
     "uid",
     "event_type",
     "payload",
     "created_at",
     "ordering_key",
+    "traceparent",
 ];
+
+/// Columns of [`OUTBOX_COLUMNS`] added after the slot may have started: WAL written before the migration
+/// that added one is decoded with the table as it was then, without it (an upgrade with a backlog), so the
+/// stream takes a relation without it and its events have none. A publication leaving it out is refused.
+pub const OUTBOX_COLUMNS_ADDED_LATER: [&str; 1] = ["traceparent"];
 
 /// What is wrong with `publication` for walhook, each with its fix; empty when it streams every insert into
 /// `walhook.outbox` with all its columns. A publication is trusted by more than its name: one that leaves out
@@ -1454,9 +1472,9 @@ pub async fn backfill_recovery(
     let n = tx
         .execute(
             "insert into walhook.deliveries (event_id, endpoint_id, webhook_id, status, next_attempt_at,
-                                             event_type, payload, event_created_at, ordering_key)
+                                             event_type, payload, event_created_at, ordering_key, traceparent)
              select o.id, e.id, o.uid, 'pending', now(), o.event_type, o.payload, o.created_at,
-                    case when e.ordered then o.ordering_key end
+                    case when e.ordered then o.ordering_key end, o.traceparent
                from walhook.outbox o
                join walhook.endpoints e on e.enabled and e.created_at <= o.created_at
                                        and walhook.matches(o.event_type, e.event_types)

@@ -74,6 +74,8 @@ pub struct Outgoing<'a> {
     pub headers: &'a [(http::HeaderName, HeaderValue)],
     /// The endpoint's `proxy` column.
     pub proxy: &'a EndpointProxy,
+    /// The attempt's W3C trace context, when it has one.
+    pub traceparent: Option<&'a str>,
 }
 
 /// A response: status, `Retry-After` and the start of the body.
@@ -548,7 +550,13 @@ impl HttpClient {
             plain_via_proxy.then(|| uri.authority().map(|a| a.to_string()).unwrap_or_default());
         let mut builder = Request::post(uri);
         for (name, value) in out.headers {
-            builder = builder.header(name, value);
+            // the attempt's own trace context replaces an endpoint's static one
+            if out.traceparent.is_none() || name != "traceparent" {
+                builder = builder.header(name, value);
+            }
+        }
+        if let Some(traceparent) = out.traceparent {
+            builder = builder.header("traceparent", header(traceparent)?);
         }
         if plain_via_proxy {
             // the endpoint's own Host, as a direct request would carry it

@@ -98,6 +98,8 @@ pub struct Dispatcher {
     in_flight: AtomicUsize,
     /// `log.payloads`: payloads at debug level, for troubleshooting only.
     log_payloads: bool,
+    /// `tracing.otlp_endpoint`: each attempt's span is exported.
+    spans: Option<crate::trace::Exporter>,
 }
 
 /// What an endpoint's limits say about one more request.
@@ -126,6 +128,7 @@ impl Dispatcher {
             waiting: Default::default(),
             in_flight: AtomicUsize::new(0),
             log_payloads: false,
+            spans: None,
         }
     }
 
@@ -134,6 +137,17 @@ impl Dispatcher {
     pub fn with_payload_logging(mut self, on: bool) -> Dispatcher {
         self.log_payloads = on;
         self
+    }
+
+    /// Exports a span per attempt (`tracing.otlp_endpoint`).
+    pub fn with_span_export(mut self, spans: Option<crate::trace::Exporter>) -> Dispatcher {
+        self.spans = spans;
+        self
+    }
+
+    /// The trace id an event's logs carry: its row's, or with spans exported the one its attempts start.
+    fn trace_id(&self, event: &Event) -> Option<String> {
+        crate::trace::trace_id_of(event, self.spans.is_some())
     }
 
     /// HTTP requests in flight right now.
@@ -254,6 +268,7 @@ impl Dispatcher {
                 tracing::debug!(
                     endpoint_id = job.endpoint.id,
                     event_id = job.event.id,
+                    trace_id = this.trace_id(&job.event),
                     "a claimed delivery waited past its lease for the concurrency limit; left for the next claim"
                 );
                 drop(permit);
@@ -378,6 +393,7 @@ impl Dispatcher {
             endpoint_id = job.endpoint.id,
             event_id = job.event.id,
             webhook_id = %job.event.webhook_id,
+            trace_id = self.trace_id(&job.event),
             next = "dead",
             error = %why,
             "delivery refused"
@@ -445,6 +461,8 @@ impl Dispatcher {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
         let signature = endpoint.signature(&event.webhook_id, timestamp, &event.body);
+        let span = crate::trace::AttemptSpan::start(event, self.spans.is_some());
+        let traceparent = span.context.map(|c| c.to_string());
         let started = tokio::time::Instant::now();
         let result = self
             .client
@@ -457,6 +475,7 @@ impl Dispatcher {
                 timeout: endpoint.policy.timeout.unwrap_or(self.settings.timeout),
                 headers: &endpoint.policy.headers,
                 proxy: &endpoint.policy.proxy,
+                traceparent: traceparent.as_deref(),
             })
             .await;
         let elapsed = started.elapsed();
@@ -548,11 +567,13 @@ impl Dispatcher {
         metrics::counter!(crate::metrics::DELIVERIES, "outcome" => outcome).increment(1);
         // one line per failed attempt, with what an operator greps for; never the payload or the secret
         // (the error is the client's own text or "HTTP <code>", never the response body)
+        let trace_id = span.trace_id();
         if let Some(error) = &error {
             tracing::info!(
                 endpoint_id = endpoint.id,
                 event_id = event.id,
                 webhook_id = %event.webhook_id,
+                trace_id,
                 status = status_code,
                 attempt = attempt_no,
                 next = outcome,
@@ -564,8 +585,33 @@ impl Dispatcher {
             tracing::debug!(
                 endpoint_id = endpoint.id,
                 event_id = event.id,
+                trace_id,
                 payload = event.payload(),
                 "delivery payload (log.payloads = true)"
+            );
+        }
+        if let Some(spans) = &self.spans {
+            let error_type = match &result {
+                Ok(r) if !(200..300).contains(&r.status) => Some(Cow::Owned(r.status.to_string())),
+                Ok(_) => None,
+                Err(SendError::Timeout(_)) => Some(Cow::Borrowed("timeout")),
+                Err(SendError::Blocked(_)) => Some(Cow::Borrowed("blocked")),
+                Err(SendError::Connect(_)) => Some(Cow::Borrowed("connect")),
+                Err(SendError::Request(_)) => Some(Cow::Borrowed("request")),
+                Err(SendError::Proxy(_)) => Some(Cow::Borrowed("proxy")),
+            };
+            spans.export(
+                span,
+                crate::trace::AttemptEnd {
+                    endpoint_id: endpoint.id,
+                    uri: &endpoint.uri,
+                    event,
+                    attempt: attempt_no,
+                    status_code,
+                    outcome,
+                    error_type,
+                    error: error.as_deref(),
+                },
             );
         }
         RecordRow {

@@ -305,7 +305,8 @@ impl Poller<'_> {
                 &row.payload,
             )
             // no commit position here: a key's deliveries go in outbox id order
-            .with_ordering(row.ordering_key, None);
+            .with_ordering(row.ordering_key, None)
+            .with_traceparent(row.traceparent.as_deref());
             self.held.insert(row.id);
             let target = AckTarget::Row {
                 marks: self.marks.clone(),

@@ -152,6 +152,8 @@ struct OutboxColumns {
     payload: usize,
     created_at: usize,
     ordering_key: usize,
+    /// Absent from relations decoded from WAL written before migration 9.
+    traceparent: Option<usize>,
 }
 
 /// The publication and the slot: created on first start, checked on every (re)connect, re-created by
@@ -832,8 +834,11 @@ impl Session {
                     return Ok(());
                 }
                 let find = |n: &str| columns.iter().position(|c| c.name == n);
-                let missing: Vec<&str> =
-                    store::OUTBOX_COLUMNS.iter().filter(|c| find(c).is_none()).copied().collect();
+                let missing: Vec<&str> = store::OUTBOX_COLUMNS
+                    .iter()
+                    .filter(|c| find(c).is_none() && !store::OUTBOX_COLUMNS_ADDED_LATER.contains(c))
+                    .copied()
+                    .collect();
                 if !missing.is_empty() {
                     // refuse before any of its inserts is read, so nothing past here is confirmed
                     return Err(SourceError::Fatal(format!(
@@ -859,6 +864,7 @@ impl Session {
                         payload: at("payload"),
                         created_at: at("created_at"),
                         ordering_key: at("ordering_key"),
+                        traceparent: find("traceparent"),
                     }),
                 );
             }
@@ -892,7 +898,8 @@ impl Session {
                 };
                 let ordering_key = text(cols.ordering_key).map(str::to_string);
                 let mut event = Event::new(id, uid, event_type, created_at, payload)
-                    .with_ordering(ordering_key, Some(self.commit_lsn));
+                    .with_ordering(ordering_key, Some(self.commit_lsn))
+                    .with_traceparent(cols.traceparent.and_then(text));
                 event.committed_at = self.committed_at;
                 metrics::counter!(crate::metrics::EVENTS_RECEIVED).increment(1);
                 let Some(txn) = self.txn else {
