@@ -46,6 +46,7 @@ macro_rules! both_sources {
 mod connect;
 mod proxy;
 mod queries;
+mod tenants;
 mod trust;
 
 both_sources!(committed_events_reach_every_matching_endpoint_once_signed);
