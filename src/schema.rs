@@ -38,6 +38,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (8, "proxy", include_str!("../sql/008_proxy.sql")),
     (9, "tracing", include_str!("../sql/009_tracing.sql")),
     (10, "failover", include_str!("../sql/010_failover.sql")),
+    (11, "tenants", include_str!("../sql/011_tenants.sql")),
 ];
 
 /// Privileges of walhook's group roles, applied after every migrate: repeatable and idempotent.

@@ -333,11 +333,14 @@ pub async fn backfill_before_slot(client: &mut Client, snapshot: &str) -> Result
         .execute(
             // with their own copy of the event: retention (of another instance) may delete the outbox row
             "insert into walhook.deliveries (event_id, endpoint_id, webhook_id, status, next_attempt_at,
-                                             event_type, payload, event_created_at, ordering_key, traceparent)
+                                             event_type, payload, event_created_at, ordering_key, traceparent,
+                                             tenant)
              select o.id, e.id, o.uid, 'pending', now(), o.event_type, o.payload, o.created_at,
-                    case when e.ordered then o.ordering_key end, o.traceparent
+                    case when e.ordered then o.ordering_key end, o.traceparent, o.tenant
                from walhook.outbox o
-               join walhook.endpoints e on e.enabled and walhook.matches(o.event_type, e.event_types)
+               join walhook.endpoints e
+                 on e.enabled and walhook.endpoint_accepts(o.event_type, o.tenant, o.payload, e.event_types,
+                                                           e.tenant, e.all_tenants, e.filter)
               where not exists (select 1 from walhook.deliveries d where d.event_id = o.id)
                 and o.processed_at is null
              on conflict (event_id, endpoint_id) do nothing",
@@ -1472,12 +1475,15 @@ pub async fn backfill_recovery(
     let n = tx
         .execute(
             "insert into walhook.deliveries (event_id, endpoint_id, webhook_id, status, next_attempt_at,
-                                             event_type, payload, event_created_at, ordering_key, traceparent)
+                                             event_type, payload, event_created_at, ordering_key, traceparent,
+                                             tenant)
              select o.id, e.id, o.uid, 'pending', now(), o.event_type, o.payload, o.created_at,
-                    case when e.ordered then o.ordering_key end, o.traceparent
+                    case when e.ordered then o.ordering_key end, o.traceparent, o.tenant
                from walhook.outbox o
-               join walhook.endpoints e on e.enabled and e.created_at <= o.created_at
-                                       and walhook.matches(o.event_type, e.event_types)
+               join walhook.endpoints e
+                 on e.enabled and e.created_at <= o.created_at
+                and walhook.endpoint_accepts(o.event_type, o.tenant, o.payload, e.event_types, e.tenant,
+                                             e.all_tenants, e.filter)
               where o.created_at >= coalesce($1::timestamptz, '-infinity')
                 and not exists (select 1 from walhook.deliveries d
                                  where d.event_id = o.id and d.endpoint_id = e.id)

@@ -46,6 +46,7 @@ macro_rules! both_sources {
 mod connect;
 mod proxy;
 mod queries;
+mod tenants;
 mod traces;
 mod trust;
 

@@ -58,14 +58,19 @@ async fn database_at(pg: &Pg, name: &str, version: i32) -> (String, Client) {
 }
 
 /// Everything about the walhook schema that users or the daemon could tell apart, one sorted line per item:
-/// relations, columns (with position, default and grants), constraints (validated or not), indexes (valid or
+/// relations (row-level security on or off, options such as a view's security_invoker), row-level security
+/// policies, columns (with position, default and grants), constraints (validated or not), indexes (valid or
 /// not), functions (definition with its settings, grants), triggers, views, the publication, grants on the
 /// schema and tables, and the recorded versions. Grants are compared as sets: their order in an ACL depends on
 /// the history of GRANTs, not on what they allow.
 async fn catalog(client: &Client) -> Vec<String> {
     let queries = [
-        "select format('relation %s %s', c.relname, c.relkind) from pg_class c
+        "select format('relation %s %s row security %s options %s', c.relname, c.relkind, c.relrowsecurity,
+                       c.reloptions) from pg_class c
           where c.relnamespace = 'walhook'::regnamespace",
+        "select format('policy %s.%s %s %s to %s using %s check %s', p.tablename, p.policyname, p.permissive, p.cmd,
+                       p.roles, p.qual, p.with_check)
+           from pg_policies p where p.schemaname = 'walhook'",
         "select format('column %s.%s #%s %s not null %s default %s identity %s grants %s', c.relname, a.attname,
                        a.attnum, format_type(a.atttypid, a.atttypmod), a.attnotnull, pg_get_expr(d.adbin, d.adrelid),
                        a.attidentity, (select array_agg(x::text order by x::text) from unnest(a.attacl) x))
@@ -993,7 +998,8 @@ async fn the_readme_roles_do_their_jobs_with_notify() {
 /// database belongs to `app_owner`; then each role does its job and no more: the daemon (only
 /// `walhook_daemon`, and `REPLICATION` for replication) delivers, disables an endpoint that answers 410, runs
 /// `status` and `recover-slot`, and its retention prunes; the application publishes; the dashboard reads
-/// status but no secret; the operator manages endpoints, rotates secrets and redelivers.
+/// status but no secret; the operator manages endpoints, rotates secrets and redelivers; the customers' pages
+/// see nothing before they name a tenant, then manage that tenant's endpoints and no more.
 async fn the_readme_roles_do_their_jobs(source: Source) {
     let pg = Pg::start_unmigrated(ClusterOptions {
         wal_level: match source {
@@ -1262,6 +1268,53 @@ async fn the_readme_roles_do_their_jobs(source: Source) {
     .await
     .expect("the operator reads everything and manages endpoints");
     denied(&ops, "the operator", "delete from walhook.deliveries").await;
+
+    // the customers' pages: no row before they name a tenant, then that tenant's only (tests/tenants has the rest)
+    let webapp = pg.client_as("webapp").await;
+    let operators = count(&superuser, "select count(*) from walhook.endpoints").await;
+    for table in [
+        "endpoints",
+        "deliveries",
+        "attempts",
+        "outbox",
+        "endpoint_health",
+    ] {
+        let sql = format!("select count(*) from walhook.{table}");
+        assert_eq!(count(&webapp, &sql).await, 0, "{sql}");
+    }
+    webapp
+        .batch_execute("set walhook.tenant = 'acme'")
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&webapp, "select count(*) from walhook.endpoints").await,
+        0,
+        "the operator's endpoints belong to no tenant"
+    );
+    let (_, tenant_secret) =
+        add_endpoint(&webapp, "https://hooks.acme.example/in", &["order.*"]).await;
+    assert!(Signer::new(&tenant_secret).is_ok());
+    for sql in [
+        "select proxy from walhook.endpoints",
+        "update walhook.endpoints set tenant = 'globex'",
+        "update walhook.endpoints set timeout = '1 minute'",
+        "insert into walhook.outbox (event_type, payload, tenant) values ('order.created', '{}', 'acme')",
+        "update walhook.endpoints_generation set generation = 0",
+        "select * from walhook.slots",
+        "update walhook.tenants set max_endpoints = null",
+        "delete from walhook.deliveries",
+    ] {
+        denied(&webapp, "the customers' pages", sql).await;
+    }
+    webapp
+        .batch_execute("delete from walhook.endpoints")
+        .await
+        .expect("the customers' pages delete their endpoints");
+    assert_eq!(
+        count(&superuser, "select count(*) from walhook.endpoints").await,
+        operators,
+        "and only theirs"
+    );
 
     // `walhook status` as the daemon's role
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_walhook"))
