@@ -250,7 +250,7 @@ begin
   -- redeliver(), and recover(), which re-creates the deliveries its endpoints missed
   grant update (status, schedule_step, next_attempt_at, updated_at) on walhook.deliveries to walhook_tenant;
   grant insert (event_id, endpoint_id, webhook_id, status, next_attempt_at, event_type, payload,
-    event_created_at, ordering_key, tenant) on walhook.deliveries to walhook_tenant;
+    event_created_at, ordering_key, traceparent, tenant) on walhook.deliveries to walhook_tenant;
   grant execute on function walhook.redeliver(bigint[]), walhook.redeliver(bigint, text, timestamptz),
     walhook.recover(bigint, timestamptz, timestamptz, text, text),
     walhook.rotate_secret(bigint, interval), walhook.generate_secret(), walhook.matches(text, text[]),
