@@ -33,6 +33,10 @@ pub struct Event {
     pub commit_lsn: Option<Lsn>,
     /// `walhook.outbox.traceparent`: the application's span, parent of every attempt's span.
     pub traceparent: Option<TraceParent>,
+    /// `walhook.outbox.tenant`: only endpoints of this tenant (or the firehose) receive the event.
+    pub tenant: Option<String>,
+    /// The payload parsed, for endpoints with a filter; parsed once, when the first one needs it.
+    parsed: std::sync::OnceLock<Option<serde_json::Value>>,
 }
 
 impl Event {
@@ -63,11 +67,26 @@ impl Event {
             ordering_key: None,
             commit_lsn: None,
             traceparent: None,
+            tenant: None,
+            parsed: std::sync::OnceLock::new(),
         }
     }
 
     /// Sets the trace context from the row's (or the delivery copy's) `traceparent` text. Text the outbox's
     /// constraint would refuse (a copy made otherwise) is ignored: tracing never stops a delivery.
+    /// Sets the tenant (from the outbox row, or the delivery's copy).
+    pub fn with_tenant(mut self, tenant: Option<String>) -> Event {
+        self.tenant = tenant;
+        self
+    }
+
+    /// The payload as JSON (`None` if it does not parse, which a jsonb column's text always does).
+    pub fn payload_json(&self) -> Option<&serde_json::Value> {
+        self.parsed
+            .get_or_init(|| serde_json::from_str(self.payload()).ok())
+            .as_ref()
+    }
+
     pub fn with_traceparent(mut self, text: Option<&str>) -> Event {
         self.traceparent = text.and_then(|t| {
             let parsed = TraceParent::parse(t);

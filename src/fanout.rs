@@ -16,6 +16,7 @@ use tokio::sync::Notify;
 use crate::dispatch::limits::{Breaker, TokenBucket};
 use crate::dispatch::proxy::EndpointProxy;
 use crate::dispatch::Job;
+use crate::event::Event;
 use crate::sign::{Ed25519Signer, Signer};
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 
@@ -83,16 +84,44 @@ fn contains_nested(payload: &serde_json::Value, filter: &serde_json::Value) -> b
 fn same_scalar(a: &serde_json::Value, b: &serde_json::Value) -> bool {
     use serde_json::Value;
     match (a, b) {
-        (Value::Number(x), Value::Number(y)) => {
-            match (x.as_i64(), y.as_i64(), x.as_u64(), y.as_u64()) {
-                (Some(x), Some(y), _, _) => x == y,
-                (_, _, Some(x), Some(y)) => x == y,
-                _ => x.as_f64().zip(y.as_f64()).is_some_and(|(x, y)| x == y),
-            }
-        }
+        (Value::Number(x), Value::Number(y)) => same_number(&x.to_string(), &y.to_string()),
         (Value::Object(_) | Value::Array(_), _) | (_, Value::Object(_) | Value::Array(_)) => false,
         (x, y) => x == y,
     }
+}
+
+/// Whether two JSON number texts have the same value, exactly, as PostgreSQL's `numeric` compares them:
+/// `1`, `1.0` and `1e0` are equal, `100000000000000000000000000001` and `…000` are not (serde_json keeps the
+/// text, with its `arbitrary_precision` feature, so nothing is rounded through `f64`).
+fn same_number(a: &str, b: &str) -> bool {
+    decimal(a).is_some_and(|a| Some(a) == decimal(b))
+}
+
+/// A JSON number as (negative, significant digits without leading or trailing zeros, exponent of the last
+/// digit); zero is (false, "", 0).
+fn decimal(text: &str) -> Option<(bool, String, i64)> {
+    let (negative, rest) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (mantissa, exponent) = match rest.find(['e', 'E']) {
+        Some(i) => (&rest[..i], rest[i + 1..].parse::<i64>().ok()?),
+        None => (rest, 0),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let mut digits: String = whole.chars().chain(fraction.chars()).collect();
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let mut exponent = exponent.checked_sub(fraction.len() as i64)?;
+    let trailing = digits.len() - digits.trim_end_matches('0').len();
+    digits.truncate(digits.len() - trailing);
+    exponent = exponent.checked_add(trailing as i64)?;
+    let digits = digits.trim_start_matches('0').to_string();
+    if digits.is_empty() {
+        return Some((false, digits, 0));
+    }
+    Some((negative, digits, exponent))
 }
 
 /// An enabled endpoint as the daemon uses it: its configuration (rebuilt when the row changes) and its
@@ -111,6 +140,13 @@ pub struct Endpoint {
     pub rt: Arc<Runtime>,
     /// Paused: its deliveries are recorded as pending and held until it is resumed.
     pub paused: bool,
+    /// The tenant whose events it receives (`None`: events without a tenant), or every tenant's.
+    pub tenant: Option<String>,
+    pub all_tenants: bool,
+    /// Events are sent only if their payload contains this (`payload @> filter`).
+    pub filter: Option<serde_json::Value>,
+    /// The tenant's rate limit (`walhook.tenants.rate_limit`), shared by all of its endpoints.
+    pub tenant_bucket: Option<Arc<Mutex<TokenBucket>>>,
     /// Why the row cannot be used (a key that does not verify, a URL no request can carry): its
     /// deliveries are recorded dead with this reason, never skipped. `None` for a usable endpoint.
     pub unusable: Option<String>,
@@ -207,8 +243,18 @@ impl Runtime {
 }
 
 impl Endpoint {
-    pub fn matches(&self, event_type: &str) -> bool {
-        self.patterns.iter().any(|p| p.matches(event_type))
+    /// Whether the endpoint receives `event`: the rule of `walhook.endpoint_accepts` in SQL (recovery and
+    /// backfills use it), applied here to every streamed or claimed event. Its type matches a pattern; its
+    /// tenant is the endpoint's (no tenant matching no tenant), unless the endpoint is the firehose; and its
+    /// payload contains the endpoint's filter.
+    pub fn accepts(&self, event: &Event) -> bool {
+        self.patterns.iter().any(|p| p.matches(&event.event_type))
+            && (self.all_tenants || self.tenant == event.tenant)
+            && self.filter.as_ref().is_none_or(|f| {
+                event
+                    .payload_json()
+                    .is_some_and(|payload| jsonb_contains(payload, f))
+            })
     }
 
     /// The complete `webhook-signature` value for one attempt.
@@ -247,6 +293,12 @@ pub struct EndpointRow {
     pub ordered: bool,
     pub signing_key: Option<String>,
     pub paused: bool,
+    pub tenant: Option<String>,
+    pub all_tenants: bool,
+    /// The `filter` jsonb as text.
+    pub filter: Option<String>,
+    /// The tenant's `walhook.tenants.rate_limit`: deliveries per second to all of its endpoints together.
+    pub tenant_rate_limit: Option<f64>,
     /// NULL, `'direct'` or a proxy URL (which may hold a password).
     pub proxy: Option<String>,
 }
@@ -261,6 +313,8 @@ impl EndpointRow {
 /// The snapshot of enabled endpoints, shared by the source, the scheduler and dispatch.
 pub struct EndpointCache {
     snapshot: RwLock<Arc<Vec<Arc<Endpoint>>>>,
+    /// Tenants' rate limits, kept across reloads while the rate stays the same.
+    tenant_buckets: Mutex<std::collections::HashMap<String, Arc<Mutex<TokenBucket>>>>,
     /// The `walhook.endpoints_generation` the snapshot was loaded at (-1 before the first load).
     generation: AtomicI64,
     /// Asks the refresher to reload now, rather than at its next tick.
@@ -273,6 +327,7 @@ impl Default for EndpointCache {
     fn default() -> Self {
         EndpointCache {
             snapshot: Default::default(),
+            tenant_buckets: Default::default(),
             generation: AtomicI64::new(-1),
             wanted: Notify::new(),
             loaded: Notify::new(),
@@ -290,6 +345,31 @@ impl EndpointCache {
     pub fn loaded_at(&self, generation: i64) {
         self.generation.store(generation, Ordering::Release);
         self.loaded.notify_waiters();
+    }
+
+    /// The rate limit of every tenant that has one, reusing a bucket whose rate did not change (so its
+    /// tokens carry over a reload).
+    fn tenant_buckets(
+        &self,
+        rows: &[EndpointRow],
+    ) -> std::collections::HashMap<String, Arc<Mutex<TokenBucket>>> {
+        let mut buckets = self.tenant_buckets.lock().expect("never poisoned");
+        let mut next = std::collections::HashMap::new();
+        for row in rows {
+            let (Some(tenant), Some(rate)) = (&row.tenant, row.tenant_rate_limit) else {
+                continue;
+            };
+            if next.contains_key(tenant) {
+                continue;
+            }
+            let bucket = match buckets.get(tenant) {
+                Some(b) if b.lock().expect("never poisoned").rate() == rate => b.clone(),
+                _ => Arc::new(Mutex::new(TokenBucket::new(rate, Instant::now()))),
+            };
+            next.insert(tenant.clone(), bucket);
+        }
+        *buckets = next.clone();
+        next
     }
 
     /// Waits (at most `within`) until the snapshot reflects `generation`, asking for a reload: work claimed
@@ -316,21 +396,18 @@ impl EndpointCache {
             .clone()
     }
 
-    /// The endpoints whose patterns match `event_type`.
-    pub fn matching(&self, event_type: &str) -> Vec<Arc<Endpoint>> {
+    /// The endpoints that receive `event`.
+    pub fn matching(&self, event: &Event) -> Vec<Arc<Endpoint>> {
         self.snapshot()
             .iter()
-            .filter(|e| e.matches(event_type))
+            .filter(|e| e.accepts(event))
             .cloned()
             .collect()
     }
 
-    /// How many endpoints `event_type` goes to.
-    pub fn count_matching(&self, event_type: &str) -> usize {
-        self.snapshot()
-            .iter()
-            .filter(|e| e.matches(event_type))
-            .count()
+    /// How many endpoints `event` goes to.
+    pub fn count_matching(&self, event: &Event) -> usize {
+        self.snapshot().iter().filter(|e| e.accepts(event)).count()
     }
 
     pub fn get(&self, id: i64) -> Option<Arc<Endpoint>> {
@@ -343,6 +420,7 @@ impl EndpointCache {
     pub fn replace(&self, rows: Vec<EndpointRow>) {
         let old = self.snapshot();
         let mut next = Vec::with_capacity(rows.len());
+        let buckets = self.tenant_buckets(&rows);
         for row in rows {
             let fingerprint = row.fingerprint();
             let previous = old.iter().find(|e| e.id == row.id);
@@ -351,8 +429,12 @@ impl EndpointCache {
                 continue;
             }
             let rt = previous.map(|p| p.rt.clone());
+            let tenant_bucket = row.tenant.as_ref().and_then(|t| buckets.get(t).cloned());
             let endpoint = match build(&row, fingerprint.clone(), rt.clone()) {
-                Ok(endpoint) => endpoint,
+                Ok(endpoint) => Endpoint {
+                    tenant_bucket,
+                    ..endpoint
+                },
                 Err(why) => {
                     tracing::warn!(
                         endpoint_id = row.id,
@@ -424,7 +506,17 @@ fn build(
         }
         None => Arc::new(Runtime::new(policy.rate_limit)),
     };
+    let filter = match &row.filter {
+        Some(text) => Some(
+            serde_json::from_str::<serde_json::Value>(text).map_err(|e| format!("filter: {e}"))?,
+        ),
+        None => None,
+    };
     Ok(Endpoint {
+        tenant_bucket: None,
+        tenant: row.tenant.clone(),
+        all_tenants: row.all_tenants,
+        filter,
         id: row.id,
         url: row.url.clone(),
         uri,
@@ -448,6 +540,14 @@ fn unusable(
     why: String,
 ) -> Endpoint {
     Endpoint {
+        tenant_bucket: None,
+        tenant: row.tenant.clone(),
+        all_tenants: row.all_tenants,
+        // (the filter is a JSON object: SQL checks it)
+        filter: row
+            .filter
+            .as_deref()
+            .and_then(|f| serde_json::from_str(f).ok()),
         id: row.id,
         url: row.url.clone(),
         uri: http::Uri::default(),
@@ -539,7 +639,13 @@ mod tests {
             row(2, &["order.*"]),
             row(3, &["user.created", "user.deleted"]),
         ]);
-        let ids = |t: &str| cache.matching(t).iter().map(|e| e.id).collect::<Vec<_>>();
+        let ids = |t: &str| {
+            cache
+                .matching(&event(t))
+                .iter()
+                .map(|e| e.id)
+                .collect::<Vec<_>>()
+        };
         assert_eq!(ids("order.paid"), vec![1, 2]);
         assert_eq!(ids("user.deleted"), vec![1, 3]);
         assert_eq!(ids("invoice.sent"), vec![1]);
@@ -558,13 +664,72 @@ mod tests {
         let mut bad_header = row(7, &["*"]);
         bad_header.headers = r#"{"x-k": "a\u007fb"}"#.into();
         cache.replace(vec![bad, row(6, &["*"]), bad_header]);
-        let matching = cache.matching("order.created");
+        let matching = cache.matching(&event("order.created"));
         assert_eq!(matching.len(), 3, "an unusable row still matches");
         let why = |id| cache.get(id).unwrap().unusable.clone();
         assert!(why(5).unwrap().contains("secret"), "{:?}", why(5));
         assert!(why(7).unwrap().contains("x-k"), "{:?}", why(7));
         assert_eq!(why(6), None);
         assert!(!why(5).unwrap().contains("whsec_short"), "never the secret");
+    }
+
+    fn event(t: &str) -> Event {
+        Event::new(
+            1,
+            "00000000-0000-0000-0000-000000000001",
+            t,
+            "2026-12-01 00:00:00+00",
+            "{}",
+        )
+    }
+
+    /// The cases `tests/tenants` checks against PostgreSQL's `walhook.endpoint_accepts` and `@>`: the
+    /// daemon's fan-out must decide each the same way.
+    #[test]
+    fn fan_out_agrees_with_sql_on_the_shared_vectors() {
+        let vectors: serde_json::Value = serde_json::from_str(include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/tenants/containment_vectors.json"
+        )))
+        .unwrap();
+        for case in vectors["containment"].as_array().unwrap() {
+            let parse = |k: &str| {
+                serde_json::from_str::<serde_json::Value>(case[k].as_str().unwrap()).unwrap()
+            };
+            assert_eq!(
+                jsonb_contains(&parse("payload"), &parse("filter")),
+                case["expected"].as_bool().unwrap(),
+                "{case}"
+            );
+        }
+        for case in vectors["accepts"].as_array().unwrap() {
+            let text = |k: &str| case[k].as_str().map(str::to_string);
+            let mut r = row(1, &[]);
+            r.event_types = case["event_types"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p.as_str().unwrap().to_string())
+                .collect();
+            r.tenant = text("endpoint_tenant");
+            r.all_tenants = case["all_tenants"].as_bool().unwrap();
+            r.filter = text("filter");
+            let cache = EndpointCache::default();
+            cache.replace(vec![r]);
+            let e = Event::new(
+                1,
+                "00000000-0000-0000-0000-000000000001",
+                case["event_type"].as_str().unwrap(),
+                "2026-12-01 00:00:00+00",
+                case["payload"].as_str().unwrap(),
+            )
+            .with_tenant(text("tenant"));
+            assert_eq!(
+                cache.count_matching(&e) == 1,
+                case["expected"].as_bool().unwrap(),
+                "{case}"
+            );
+        }
     }
 
     #[test]

@@ -222,7 +222,8 @@ impl Scheduler {
                     .expect("claimed no more than the free permits");
                 let event = Event::new(c.event_id, &c.uid, &event_type, &created_at, &payload)
                     .with_ordering(c.ordering_key, c.commit_lsn)
-                    .with_traceparent(c.traceparent.as_deref());
+                    .with_traceparent(c.traceparent.as_deref())
+                    .with_tenant(c.tenant);
                 let attempt = endpoint
                     .policy
                     .timeout
@@ -260,5 +261,6 @@ fn gone(c: &crate::store::Claimed) -> RecordRow {
         }),
         copy: None,
         ordering: None,
+        tenant: c.tenant.clone(),
     }
 }

@@ -122,6 +122,8 @@ pub struct RecordRow {
     pub copy: Option<std::sync::Arc<crate::event::Event>>,
     /// For ordered endpoints: the key and the commit position that orders deliveries within it.
     pub ordering: Option<(String, Lsn)>,
+    /// The event's tenant (`walhook.deliveries.tenant`: what a tenant's session may see).
+    pub tenant: Option<String>,
 }
 
 impl RecordRow {
@@ -161,24 +163,26 @@ pub struct Claimed {
     pub commit_lsn: Option<Lsn>,
     /// `walhook.endpoints_generation` when it was claimed: the endpoint rows it must be judged by.
     pub endpoints_generation: i64,
+    pub tenant: Option<String>,
 }
 
 const RECORD: &str = "
 with input as (
   select * from unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::timestamptz[],
                        $7::int[], $8::text[], $9::timestamptz[], $10::int[], $11::text[],
-                       $12::text[], $13::text[], $14::text[], $15::text[], $16::text[], $17::text[])
+                       $12::text[], $13::text[], $14::text[], $15::text[], $16::text[], $17::text[],
+                       $19::text[])
     as t(event_id, endpoint_id, uid, status, schedule_step, next_attempt_at,
          status_code, error, attempted_at, duration_ms, response_body,
-         event_type, payload, event_created_at, ordering_key, commit_lsn, traceparent)
+         event_type, payload, event_created_at, ordering_key, commit_lsn, traceparent, tenant)
 ), upserted as (
   insert into walhook.deliveries as d
     (event_id, endpoint_id, webhook_id, status, attempts, schedule_step, next_attempt_at,
      last_status_code, last_error, last_attempt_at, event_type, payload, event_created_at,
-     ordering_key, commit_lsn, traceparent)
+     ordering_key, commit_lsn, traceparent, tenant)
   select event_id, endpoint_id, uid::uuid, status, (attempted_at is not null)::int, schedule_step,
          next_attempt_at, status_code, error, attempted_at, event_type, payload::jsonb,
-         event_created_at::timestamptz, ordering_key, commit_lsn::pg_lsn, traceparent
+         event_created_at::timestamptz, ordering_key, commit_lsn::pg_lsn, traceparent, tenant
     from input
   on conflict (event_id, endpoint_id) do update set
     status = excluded.status,
@@ -196,6 +200,7 @@ with input as (
                             else coalesce(d.event_created_at, excluded.event_created_at) end,
     traceparent = case when excluded.status = 'succeeded' then null
                        else coalesce(d.traceparent, excluded.traceparent) end,
+    tenant = coalesce(d.tenant, excluded.tenant),
     updated_at = now()
   returning d.id, d.event_id, d.endpoint_id, d.attempts
 ), processed as (
@@ -218,8 +223,9 @@ select e.id, e.url, e.event_types, e.secret,
        array(select s.secret from walhook.endpoint_secrets s
               where s.endpoint_id = e.id and s.expires_at > now() order by s.expires_at desc),
        (select min(s.expires_at) from walhook.endpoint_secrets s where s.endpoint_id = e.id and s.expires_at > now()),
-       e.paused, e.proxy
+       e.paused, e.proxy, e.tenant, e.all_tenants, e.filter::text, t.rate_limit
   from walhook.endpoints e
+  left join walhook.tenants t on t.tenant = e.tenant
  where e.enabled
  order by e.id";
 
@@ -234,13 +240,13 @@ fn claim_sql(due: &str) -> String {
    where d.id = due.id
   returning d.id, d.event_id, d.endpoint_id, d.attempts, d.schedule_step, d.webhook_id::text as uid,
             d.event_type, d.payload::text as payload, d.event_created_at::text as event_created_at,
-            d.ordering_key, d.commit_lsn::text as commit_lsn, d.traceparent
+            d.ordering_key, d.commit_lsn::text as commit_lsn, d.traceparent, d.tenant
 )
 select c.id, c.event_id, c.endpoint_id, c.attempts, c.schedule_step, c.uid,
        coalesce(c.event_type, o.event_type), coalesce(c.payload, o.payload::text),
        coalesce(c.event_created_at, o.created_at::text), c.ordering_key, c.commit_lsn,
        (select generation from walhook.endpoints_generation),
-       coalesce(c.traceparent, o.traceparent)
+       coalesce(c.traceparent, o.traceparent), coalesce(c.tenant, o.tenant)
   from claimed c left join walhook.outbox o on o.id = c.event_id"
     )
 }
@@ -370,6 +376,7 @@ fn claimed(r: &tokio_postgres::Row) -> Claimed {
         commit_lsn: r.get::<_, Option<String>>(10).and_then(|s| s.parse().ok()),
         endpoints_generation: r.get(11),
         traceparent: r.get(12),
+        tenant: r.get(13),
     }
 }
 
@@ -603,6 +610,10 @@ impl Store {
                     old_secrets: r.get(11),
                     paused: r.get(13),
                     proxy: r.get(14),
+                    tenant: r.get(15),
+                    all_tenants: r.get(16),
+                    filter: r.get(17),
+                    tenant_rate_limit: r.get(18),
                 }
             })
             .collect();
@@ -654,6 +665,7 @@ impl Store {
         let mut key = Vec::with_capacity(n);
         let mut lsn = Vec::with_capacity(n);
         let mut traceparent = Vec::with_capacity(n);
+        let mut tenant = Vec::with_capacity(n);
         for r in rows {
             event_id.push(r.event_id);
             endpoint_id.push(r.endpoint_id);
@@ -674,6 +686,7 @@ impl Store {
             key.push(r.ordering.as_ref().map(|o| o.0.as_str()));
             lsn.push(r.ordering.as_ref().map(|o| o.1.to_string()));
             traceparent.push(c.and_then(|c| c.traceparent).map(|t| t.to_string()));
+            tenant.push(r.tenant.as_deref());
         }
         self.client
             .execute(
@@ -697,6 +710,7 @@ impl Store {
                     &lsn,
                     &traceparent,
                     &processed,
+                    &tenant,
                 ],
             )
             .await?;
@@ -908,7 +922,7 @@ update walhook.outbox o
  where o.id = next.id
 returning o.id, o.uid::text, o.event_type, o.payload::text, o.created_at::text,
           array(select d.endpoint_id from walhook.deliveries d where d.event_id = o.id), o.ordering_key,
-          o.traceparent";
+          o.traceparent, o.tenant";
 
 const MARK_PROCESSED: &str = "
 update walhook.outbox set processed_at = now() where id = any($1::bigint[]) and processed_at is null";
@@ -1144,6 +1158,7 @@ pub struct OutboxRow {
     pub recorded: Vec<i64>,
     pub ordering_key: Option<String>,
     pub traceparent: Option<String>,
+    pub tenant: Option<String>,
 }
 
 /// The notify source's connection: claims, marks and lease renewals on `walhook.outbox`.
@@ -1194,6 +1209,7 @@ impl OutboxQueue {
                 recorded: r.get(5),
                 ordering_key: r.get(6),
                 traceparent: r.get(7),
+                tenant: r.get(8),
             })
             .collect();
         claimed.sort_unstable_by_key(|r| r.id);
@@ -1250,7 +1266,7 @@ pub async fn slot_sample(
 
 /// The columns of `walhook.outbox` an event is made of: a publication that leaves one out streams events
 /// walhook cannot build (or, for `traceparent`, builds without their trace context).
-pub const OUTBOX_COLUMNS: [&str; 7] = [
+pub const OUTBOX_COLUMNS: [&str; 8] = [
     "id",
     "uid",
     "event_type",
@@ -1258,12 +1274,13 @@ pub const OUTBOX_COLUMNS: [&str; 7] = [
     "created_at",
     "ordering_key",
     "traceparent",
+    "tenant",
 ];
 
 /// Columns of [`OUTBOX_COLUMNS`] added after the slot may have started: WAL written before the migration
 /// that added one is decoded with the table as it was then, without it (an upgrade with a backlog), so the
 /// stream takes a relation without it and its events have none. A publication leaving it out is refused.
-pub const OUTBOX_COLUMNS_ADDED_LATER: [&str; 1] = ["traceparent"];
+pub const OUTBOX_COLUMNS_ADDED_LATER: [&str; 2] = ["traceparent", "tenant"];
 
 /// What is wrong with `publication` for walhook, each with its fix; empty when it streams every insert into
 /// `walhook.outbox` with all its columns. A publication is trusted by more than its name: one that leaves out

@@ -52,6 +52,15 @@ impl TokenBucket {
         }
     }
 
+    /// How long until a token is available (`None`: now), without taking it.
+    pub fn wait(&mut self, now: Instant) -> Option<Duration> {
+        self.refill(now);
+        (self.tokens < 1.0).then(|| {
+            let wait = (1.0 - self.tokens) / self.rate;
+            Duration::try_from_secs_f64(wait).map_or(MAX_WAIT, |w| w.min(MAX_WAIT))
+        })
+    }
+
     /// Whole tokens available now (how many deliveries the scheduler may claim for this endpoint).
     pub fn available(&mut self, now: Instant) -> usize {
         self.refill(now);

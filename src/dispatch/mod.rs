@@ -177,8 +177,12 @@ impl Dispatcher {
         let now = Instant::now();
         let mut limits = endpoint.rt.limits.lock().expect("never poisoned");
         let open = open.min(limits.breaker.room(now));
-        match limits.bucket.as_mut() {
+        let open = match limits.bucket.as_mut() {
             Some(bucket) => open.min(bucket.available(now)),
+            None => open,
+        };
+        match &endpoint.tenant_bucket {
+            Some(bucket) => open.min(bucket.lock().expect("never poisoned").available(now)),
             None => open,
         }
     }
@@ -231,17 +235,38 @@ impl Dispatcher {
         let mut limits = endpoint.rt.limits.lock().expect("never poisoned");
         let verdict = match limits.breaker.admit(now) {
             Admission::Wait(until) => Start::Park(later(until.saturating_duration_since(now))),
-            admission => match limits.bucket.as_mut().map(|b| b.take(now)) {
-                Some(Err(wait)) => {
-                    limits.breaker.release(&admission);
-                    if wait > self.settings.queue_wait {
-                        Start::Park(later(wait))
-                    } else {
-                        Start::Full
+            admission => {
+                // the endpoint's rate limit and its tenant's (shared by the tenant's endpoints): a token of
+                // each is taken only when both have one
+                let mut tenant = endpoint
+                    .tenant_bucket
+                    .as_ref()
+                    .map(|b| b.lock().expect("never poisoned"));
+                let wait = limits
+                    .bucket
+                    .as_mut()
+                    .and_then(|b| b.wait(now))
+                    .max(tenant.as_mut().and_then(|b| b.wait(now)));
+                match wait {
+                    Some(wait) => {
+                        limits.breaker.release(&admission);
+                        if wait > self.settings.queue_wait {
+                            Start::Park(later(wait))
+                        } else {
+                            Start::Full
+                        }
+                    }
+                    None => {
+                        if let Some(b) = limits.bucket.as_mut() {
+                            let _ = b.take(now);
+                        }
+                        if let Some(b) = tenant.as_mut() {
+                            let _ = b.take(now);
+                        }
+                        Start::Go(admission)
                     }
                 }
-                _ => Start::Go(admission),
-            },
+            }
         };
         if !matches!(verdict, Start::Go(_)) {
             endpoint.rt.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -414,6 +439,7 @@ impl Dispatcher {
             }),
             copy: Some(job.event.clone()),
             ordering: None,
+            tenant: job.event.tenant.clone(),
         };
         self.recorder.record(Outcome {
             row,
@@ -436,6 +462,7 @@ impl Dispatcher {
             attempt: None,
             copy: Some(job.event.clone()),
             ordering,
+            tenant: job.event.tenant.clone(),
         };
         self.recorder.record(Outcome {
             row,
@@ -634,6 +661,7 @@ impl Dispatcher {
             } else {
                 None
             },
+            tenant: event.tenant.clone(),
         }
     }
 

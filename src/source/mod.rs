@@ -65,7 +65,7 @@ impl Pipeline {
     ) -> usize {
         let endpoints: Vec<_> = self
             .endpoints
-            .matching(&event.event_type)
+            .matching(&event)
             .into_iter()
             .filter(|e| !recorded.contains(&(event.id, e.id)))
             .collect();

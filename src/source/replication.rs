@@ -154,6 +154,7 @@ struct OutboxColumns {
     ordering_key: usize,
     /// Absent from relations decoded from WAL written before migration 9.
     traceparent: Option<usize>,
+    tenant: Option<usize>,
 }
 
 /// The publication and the slot: created on first start, checked on every (re)connect, re-created by
@@ -865,6 +866,7 @@ impl Session {
                         created_at: at("created_at"),
                         ordering_key: at("ordering_key"),
                         traceparent: find("traceparent"),
+                        tenant: find("tenant"),
                     }),
                 );
             }
@@ -899,13 +901,14 @@ impl Session {
                 let ordering_key = text(cols.ordering_key).map(str::to_string);
                 let mut event = Event::new(id, uid, event_type, created_at, payload)
                     .with_ordering(ordering_key, Some(self.commit_lsn))
-                    .with_traceparent(cols.traceparent.and_then(text));
+                    .with_traceparent(cols.traceparent.and_then(text))
+                    .with_tenant(cols.tenant.and_then(text).map(str::to_string));
                 event.committed_at = self.committed_at;
                 metrics::counter!(crate::metrics::EVENTS_RECEIVED).increment(1);
                 let Some(txn) = self.txn else {
                     return Err(SourceError::Transient("insert outside a transaction".into()));
                 };
-                let deliveries = self.pipeline.endpoints.count_matching(&event.event_type);
+                let deliveries = self.pipeline.endpoints.count_matching(&event);
                 let permit = self.acquire(deliveries.clamp(1, self.pipeline.budget_size)).await?;
                 // Once one event waits for the duplicate check, every later one waits behind it, so events
                 // reach dispatch in stream order (an ordered key's older event is never parked after a

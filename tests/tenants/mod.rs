@@ -17,6 +17,8 @@ use walhook::schema::{self, MigrateOptions};
 use crate::schema::readme_blocks;
 use crate::support::*;
 
+mod daemon;
+
 const VECTORS: &str = include_str!("containment_vectors.json");
 
 /// A log-in role in `walhook_tenant`, like the README's `webapp`.

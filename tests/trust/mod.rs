@@ -1066,7 +1066,7 @@ async fn a_publication_that_would_skip_events_is_refused() {
         ),
         (
             "alter publication walhook set table walhook.outbox (id, event_type, payload, created_at)",
-            "leaves out columns of walhook.outbox (uid, ordering_key, traceparent)",
+            "leaves out columns of walhook.outbox (uid, ordering_key, traceparent, tenant)",
         ),
         ("alter publication walhook drop table walhook.outbox", "does not include walhook.outbox"),
     ] {
