@@ -77,7 +77,7 @@ begin
 
   grant usage on schema walhook to walhook_reader;
   grant select on walhook.outbox, walhook.deliveries, walhook.endpoint_state, walhook.endpoint_health,
-    walhook.schema_migrations, walhook.tenants to walhook_reader;
+    walhook.schema_migrations, walhook.tenants, walhook.recoveries to walhook_reader;
   grant select (id, delivery_id, attempt, attempted_at, duration_ms, status_code, error) on walhook.attempts
     to walhook_reader;
   -- display_url and paused, and endpoint_stats, for endpoint_health, which reads with the reader's rights
@@ -105,13 +105,16 @@ begin
   grant usage on schema walhook to walhook_admin;
   grant select on walhook.outbox, walhook.endpoints, walhook.endpoint_secrets, walhook.endpoints_generation,
     walhook.deliveries, walhook.attempts, walhook.endpoint_state, walhook.endpoint_stats,
-    walhook.endpoint_health, walhook.slots, walhook.schema_migrations, walhook.tenants to walhook_admin;
+    walhook.endpoint_health, walhook.slots, walhook.schema_migrations, walhook.tenants, walhook.recoveries
+    to walhook_admin;
   grant insert, update, delete on walhook.endpoints, walhook.endpoint_secrets, walhook.tenants to walhook_admin;
   -- the statement trigger on endpoints bumps the generation the daemons poll
   grant update on walhook.endpoints_generation to walhook_admin;
   -- redeliver(), and recover(), which re-creates the deliveries a disabled endpoint missed
   grant update (status, schedule_step, next_attempt_at, updated_at) on walhook.deliveries to walhook_admin;
   grant insert on walhook.deliveries to walhook_admin;
+  grant insert (kind, endpoint_id, tenant, event_type, since, until, deliveries) on walhook.recoveries
+    to walhook_admin;
   grant execute on function walhook.redeliver(bigint[]), walhook.redeliver(bigint, text, timestamptz),
     walhook.recover(bigint, timestamptz, timestamptz, text, text),
     walhook.rotate_secret(bigint, interval), walhook.generate_secret(), walhook.matches(text, text[]),
@@ -163,6 +166,8 @@ begin
   grant execute on function walhook.display_url(text) to walhook_daemon;
   -- the slots walhook created (replication source)
   grant select, insert, update on walhook.slots to walhook_daemon;
+  -- recover-slot and failover record what they queued (published as walhook.recovery.finished)
+  grant insert (kind, since, deliveries) on walhook.recoveries to walhook_daemon;
   -- per-tenant rate limits, for the endpoint cache
   grant select on walhook.tenants to walhook_daemon;
   grant execute on function walhook.matches(text, text[]),
@@ -210,6 +215,7 @@ begin
       ('walhook.endpoint_state', 'walhook_tenant', 'all', own_endpoint, own_endpoint),
       ('walhook.endpoint_stats', 'walhook_tenant', 'all', own_endpoint, own_endpoint),
       ('walhook.tenants', 'walhook_tenant', 'all', own_tenant, own_tenant),
+      ('walhook.recoveries', 'walhook_tenant', 'all', own_tenant, own_tenant),
       ('walhook.deliveries', 'walhook_tenant', 'all', own_tenant || ' and ' || own_endpoint,
        own_tenant || ' and ' || own_endpoint),
       ('walhook.deliveries', 'walhook_tenant_events', 'insert', null,
@@ -246,11 +252,13 @@ begin
   grant select, insert, update, delete on walhook.endpoint_secrets to walhook_tenant;
   -- health, statistics, limits, events, deliveries and attempts: to read
   grant select on walhook.endpoint_state, walhook.endpoint_stats, walhook.endpoint_health, walhook.tenants,
-    walhook.outbox, walhook.deliveries, walhook.attempts to walhook_tenant;
+    walhook.outbox, walhook.deliveries, walhook.attempts, walhook.recoveries to walhook_tenant;
   -- redeliver(), and recover(), which re-creates the deliveries its endpoints missed
   grant update (status, schedule_step, next_attempt_at, updated_at) on walhook.deliveries to walhook_tenant;
   grant insert (event_id, endpoint_id, webhook_id, status, next_attempt_at, event_type, payload,
     event_created_at, ordering_key, traceparent, tenant) on walhook.deliveries to walhook_tenant;
+  grant insert (kind, endpoint_id, tenant, event_type, since, until, deliveries) on walhook.recoveries
+    to walhook_tenant;
   grant execute on function walhook.redeliver(bigint[]), walhook.redeliver(bigint, text, timestamptz),
     walhook.recover(bigint, timestamptz, timestamptz, text, text),
     walhook.rotate_secret(bigint, interval), walhook.generate_secret(), walhook.matches(text, text[]),

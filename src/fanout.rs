@@ -20,7 +20,13 @@ use crate::event::Event;
 use crate::sign::{Ed25519Signer, Signer};
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 
-/// An event-type pattern: `*`, a prefix like `order.*`, or an exact type.
+/// The type prefix reserved for the events walhook publishes about itself (`walhook.endpoint.disabled`, …);
+/// applications cannot insert such types (sql/012_operational_events.sql).
+pub const OPERATIONAL_PREFIX: &str = "walhook.";
+
+/// An event-type pattern: `*`, a prefix like `order.*`, or an exact type. `*` leaves out walhook's own
+/// operational events (types under [`OPERATIONAL_PREFIX`]): a receiver written for the application's events
+/// never gets them unless its patterns name them (`walhook.*`, or an exact type).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Pattern {
     All,
@@ -42,7 +48,7 @@ impl Pattern {
 
     pub fn matches(&self, event_type: &str) -> bool {
         match self {
-            Pattern::All => true,
+            Pattern::All => !event_type.starts_with(OPERATIONAL_PREFIX),
             Pattern::Prefix(prefix) => {
                 event_type.len() > prefix.len() && event_type.starts_with(prefix.as_str())
             }

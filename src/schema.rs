@@ -39,6 +39,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (9, "tracing", include_str!("../sql/009_tracing.sql")),
     (10, "failover", include_str!("../sql/010_failover.sql")),
     (11, "tenants", include_str!("../sql/011_tenants.sql")),
+    (
+        12,
+        "operational events",
+        include_str!("../sql/012_operational_events.sql"),
+    ),
 ];
 
 /// Privileges of walhook's group roles, applied after every migrate: repeatable and idempotent.

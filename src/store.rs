@@ -1508,6 +1508,13 @@ pub async fn backfill_recovery(
             &[&since],
         )
         .await?;
+    // recorded (and published as walhook.recovery.finished) with what it queued, in the same transaction
+    let deliveries = n as i64;
+    tx.execute(
+        "insert into walhook.recoveries (kind, since, deliveries) values ('slot', $1, $2)",
+        &[&since, &deliveries],
+    )
+    .await?;
     tx.commit().await?;
     Ok(n)
 }

@@ -18,6 +18,7 @@ use crate::schema::readme_blocks;
 use crate::support::*;
 
 mod daemon;
+mod operational;
 
 const VECTORS: &str = include_str!("containment_vectors.json");
 
@@ -260,7 +261,7 @@ async fn a_single_tenant_install_works_unchanged_after_migrate() {
         )
         .await
         .unwrap();
-    assert_eq!(schema::migrate(&mut owner).await.unwrap(), vec![11]);
+    assert_eq!(schema::migrate(&mut owner).await.unwrap(), vec![11, 12]);
     owner
         .batch_execute(
             "create role ops login in role walhook_admin; create role dash login in role walhook_reader;
@@ -305,10 +306,24 @@ async fn a_single_tenant_install_works_unchanged_after_migrate() {
         ("ops", "select count(*) from walhook.endpoint_secrets", "1"),
         ("dash", "select count(*) from walhook.deliveries", "2"),
         ("dash", "select count(*) from walhook.endpoint_health", "1"),
-        ("daemon", "select count(*) from walhook.outbox", "2"),
+        (
+            "daemon",
+            "select count(*) from walhook.outbox where event_type not like 'walhook.%'",
+            "2",
+        ),
+        // the operator's recovery, published
+        (
+            "daemon",
+            "select count(*) from walhook.outbox where event_type = 'walhook.recovery.finished'",
+            "1",
+        ),
         ("daemon", "select count(*) from walhook.endpoints", "1"),
         ("bi", "select count(*) from walhook.deliveries", "2"),
-        ("bi", "select count(*) from walhook.outbox", "2"),
+        (
+            "bi",
+            "select count(*) from walhook.outbox where event_type not like 'walhook.%'",
+            "2",
+        ),
     ] {
         let client = as_role(role).await;
         assert_eq!(
@@ -417,7 +432,16 @@ async fn a_tenant_session_never_reads_or_changes_another_tenants_rows() {
         ("select count(*) from walhook.endpoint_state", "1"),
         ("select count(*) from walhook.endpoint_stats", "1"),
         ("select count(*) from walhook.endpoint_health", "1"),
-        ("select count(*) from walhook.outbox", "2"),
+        (
+            "select count(*) from walhook.outbox where event_type not like 'walhook.%'",
+            "2",
+        ),
+        // operational events about its endpoint: its recovery, its two dead deliveries, its breaker opening
+        (
+            "select count(*) from walhook.outbox where event_type like 'walhook.%'",
+            "4",
+        ),
+        ("select count(*) from walhook.recoveries", "1"),
         ("select count(*) from walhook.deliveries", "2"),
         ("select count(*) from walhook.attempts", "2"),
         ("select count(*) from walhook.tenants", "1"),
@@ -448,6 +472,7 @@ async fn a_tenant_session_never_reads_or_changes_another_tenants_rows() {
         format!("select * from walhook.deliveries where endpoint_id in ({b}, {none}, {all})"),
         format!("select * from walhook.attempts where delivery_id in ({b_delivery}, {f_delivery})"),
         "select * from walhook.tenants where tenant <> 'acme'".to_string(),
+        "select * from walhook.recoveries where tenant is distinct from 'acme'".to_string(),
         // through joins, subqueries and views
         format!("select s.secret from walhook.endpoint_secrets s join walhook.endpoints e on e.id = s.endpoint_id where e.id = {b}"),
         format!("select (select secret from walhook.endpoints where id = {b}) where (select secret from walhook.endpoints where id = {b}) is not null"),
@@ -476,8 +501,6 @@ async fn a_tenant_session_never_reads_or_changes_another_tenants_rows() {
         format!("select walhook.redeliver(endpoint_id => {b})"),
         format!("select walhook.redeliver(endpoint_id => {all}, status => 'dead', since => '-infinity')"),
         format!("select walhook.redeliver({none}, 'dead')"),
-        "select walhook.recover(tenant => 'globex', since => '-infinity')".to_string(),
-        format!("select walhook.recover({}, since => '-infinity', tenant => 'globex')", ids["acme"]),
     ];
     for sql in &calls {
         assert_eq!(scalar(&acme, sql).await.as_deref(), Some("0"), "{sql}");
@@ -519,6 +542,9 @@ async fn a_tenant_session_never_reads_or_changes_another_tenants_rows() {
         format!("select walhook.recover({b}, since => '-infinity')"),
         format!("select walhook.recover({all}, since => '-infinity', tenant => 'acme')"),
         format!("select walhook.recover({none}, since => '-infinity')"),
+        // a recovery is recorded in the name of its tenant, which must be the session's
+        "select walhook.recover(tenant => 'globex', since => '-infinity')".to_string(),
+        "insert into walhook.recoveries (kind, tenant, deliveries) values ('recover', 'globex', 0)".to_string(),
     ];
     for sql in &refused {
         let code = outcome(&acme, sql).await.expect_err(sql);
@@ -558,9 +584,31 @@ async fn a_tenant_session_never_reads_or_changes_another_tenants_rows() {
         .await
         .unwrap();
     assert_eq!(everything(&superuser).await, before, "acme changed nothing");
+    // its own endpoint, globex's events: nothing recovered, and the recovery is acme's
+    assert_eq!(
+        scalar(
+            &acme,
+            &format!(
+                "select walhook.recover({}, since => '-infinity', tenant => 'globex')",
+                ids["acme"]
+            )
+        )
+        .await
+        .as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        scalar(
+            &superuser,
+            "select tenant || ':' || deliveries from walhook.recoveries order by id desc limit 1"
+        )
+        .await
+        .as_deref(),
+        Some("acme:0")
+    );
 
-    // walhook's functions run with the caller's rights, but for the two trigger functions that the
-    // statements above could not call; none of them sets walhook.tenant
+    // walhook's functions run with the caller's rights, but for the trigger functions that the statements
+    // above could not call (the operational events' among them); none of them sets walhook.tenant
     let definers: Vec<String> = superuser
         .query(
             "select p.oid::regprocedure::text from pg_proc p
@@ -575,8 +623,12 @@ async fn a_tenant_session_never_reads_or_changes_another_tenants_rows() {
     assert_eq!(
         definers,
         [
+            "walhook.breaker_event()",
+            "walhook.delivery_dead_event()",
+            "walhook.endpoint_disabled_event()",
             "walhook.endpoints_bump()",
-            "walhook.endpoints_tenant_limit()"
+            "walhook.endpoints_tenant_limit()",
+            "walhook.recovery_event()"
         ]
     );
     assert_eq!(

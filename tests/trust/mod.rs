@@ -689,7 +689,12 @@ async fn what_a_disabled_endpoint_missed_is_recovered(source: Source) {
     for i in 0..10 {
         publish(&client, "order.created", &format!("{{\"i\": {i}}}")).await;
     }
-    let events = count(&client, "select count(*) from walhook.outbox").await;
+    // the disabled endpoints' walhook.endpoint.disabled events are not for `*` subscribers
+    let events = count(
+        &client,
+        "select count(*) from walhook.outbox where event_type not like 'walhook.%'",
+    )
+    .await;
     eventually("the enabled endpoint gets everything", || async {
         rx.distinct_ids("/all").len() as i64 == events
     })
@@ -727,7 +732,7 @@ async fn what_a_disabled_endpoint_missed_is_recovered(source: Source) {
     assert_eq!(recovered(by_hand).await, events);
     let missed = count(
         &client,
-        &format!("select count(*) from walhook.outbox o where not exists (select 1 from walhook.deliveries d where d.event_id = o.id and d.endpoint_id = {gone})"),
+        &format!("select count(*) from walhook.outbox o where o.event_type not like 'walhook.%' and not exists (select 1 from walhook.deliveries d where d.event_id = o.id and d.endpoint_id = {gone})"),
     )
     .await;
     assert!(
