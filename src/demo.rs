@@ -3,19 +3,31 @@
 //! It starts a throwaway cluster and a loopback receiver that verifies every signature, registers two
 //! endpoints with different patterns, commits events (and one transaction that rolls back), runs the real
 //! daemon in-process, and prints what SQL says happened. One endpoint fails its first request on purpose so
-//! the summary shows a retry. Everything is removed on exit.
+//! the summary shows a retry. Two tenants, acme and globex, each register an endpoint from their own
+//! `walhook_tenant` session and get events of the same type in one transaction; the summary proves from what
+//! the receiver got (webhook-ids and bodies against the outbox rows), from `walhook.deliveries.tenant` and
+//! from each tenant's row-level-security view that neither saw the other's events. Any problem found makes
+//! the demo fail. Everything is removed on exit.
 
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use serde_json::Value;
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{Cluster, ClusterOptions};
 use crate::config::Config;
-use crate::receiver::{Receiver, Reply};
+use crate::receiver::{Received, Receiver, Reply};
 
 const ORDERS: usize = 12;
 const USERS: usize = 12;
+/// The tenants: each registers an endpoint at its path and gets this many `order.created` events. Different
+/// counts, so that a leak shows in the numbers too.
+const TENANTS: [(&str, &str, usize); 2] = [("acme", "/acme", 5), ("globex", "/globex", 3)];
+/// The endpoints without a tenant (registered by the operator).
+const UNTENANTED: [&str; 2] = ["/orders", "/all"];
 
 pub async fn run() -> anyhow::Result<()> {
     let started = Instant::now();
@@ -23,7 +35,11 @@ pub async fn run() -> anyhow::Result<()> {
     let cluster = tokio::task::spawn_blocking(|| Cluster::start(ClusterOptions::default()))
         .await?
         .context("starting PostgreSQL")?;
-    let url = cluster.create_database("walhook_demo").await?;
+    // the throwaway cluster speaks plaintext only: say so, rather than warn that TLS was not offered
+    let url = format!(
+        "{}?sslmode=disable",
+        cluster.create_database("walhook_demo").await?
+    );
     let db: crate::conninfo::ConnInfo = url.parse()?;
     let mut client = crate::store::connect_client(&db).await?;
     crate::schema::migrate(&mut client).await?;
@@ -57,6 +73,21 @@ pub async fn run() -> anyhow::Result<()> {
         "registered endpoints {} (order.*) and {} (*)",
         receiver.url("/orders"),
         receiver.url("/all")
+    );
+    for (tenant, path, _) in TENANTS {
+        let (id, secret) = register_as_tenant(&mut client, tenant, &receiver.url(path))
+            .await
+            .with_context(|| {
+                format!("registering {tenant}'s endpoint in its walhook_tenant session")
+            })?;
+        receiver.set_secret(path, &secret);
+        endpoint_ids.push((id, path));
+    }
+    println!(
+        "tenants acme and globex registered their own endpoints {} and {} (order.*), each from a \
+         walhook_tenant session",
+        receiver.url("/acme"),
+        receiver.url("/globex")
     );
 
     let mut config = Config::from_figment(
@@ -112,6 +143,24 @@ pub async fn run() -> anyhow::Result<()> {
         .await?;
     }
     tx.commit().await?;
+    // the tenants' orders, interleaved in one transaction: only the tenant column tells them apart
+    let tx = client.transaction().await?;
+    let most = TENANTS.iter().map(|(_, _, n)| *n).max().unwrap_or(0);
+    for i in 1..=most {
+        for (tenant, _, _) in TENANTS.iter().filter(|(_, _, n)| i <= *n) {
+            tx.execute(
+                "insert into walhook.outbox (event_type, payload, tenant)
+                 values ('order.created', $1::text::jsonb, $2)",
+                &[
+                    &format!("{{\"id\": {i}, \"customer\": \"{tenant}\"}}"),
+                    tenant,
+                ],
+            )
+            .await?;
+        }
+    }
+    tx.commit().await?;
+    let tenant_events: usize = TENANTS.iter().map(|(_, _, n)| n).sum();
     let tx = client.transaction().await?;
     tx.execute(
         "insert into walhook.outbox (event_type, payload) values ('order.refunded', '{\"id\": 999}')",
@@ -120,12 +169,15 @@ pub async fn run() -> anyhow::Result<()> {
     .await?;
     tx.rollback().await?;
     println!(
-        "committed {} events ({ORDERS} order.created, {USERS} user.signed_up), rolled back 1 order.refunded",
-        ORDERS + USERS
+        "committed {} events: {ORDERS} order.created and {USERS} user.signed_up without a tenant, {} order.created \
+         for acme and {} for globex; rolled back 1 order.refunded",
+        ORDERS + USERS + tenant_events,
+        TENANTS[0].2,
+        TENANTS[1].2
     );
     println!("waiting for every delivery to be recorded…");
 
-    let expected = (ORDERS * 2 + USERS) as i64;
+    let expected = (ORDERS * 2 + USERS + tenant_events) as i64;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let done: i64 = client
@@ -204,7 +256,8 @@ pub async fn run() -> anyhow::Result<()> {
             "never delivered"
         }
     );
-    if verified != received.len() || refunded || refunded_rows != 0 {
+    let isolated = report_tenants(&mut client, &received).await?;
+    if verified != received.len() || refunded || refunded_rows != 0 || !isolated {
         bail!("the demo found a problem (see the summary above)");
     }
     println!();
@@ -217,4 +270,169 @@ pub async fn run() -> anyhow::Result<()> {
     drop(client);
     tokio::task::spawn_blocking(move || drop(cluster)).await?;
     Ok(())
+}
+
+/// Registers `url` as `tenant`'s endpoint the way a customer-facing settings page does: as `walhook_tenant`,
+/// with the tenant set for the transaction (the endpoint takes the session's tenant). Returns (id, secret).
+async fn register_as_tenant(
+    client: &mut Client,
+    tenant: &str,
+    url: &str,
+) -> anyhow::Result<(i64, String)> {
+    let tx = client.transaction().await?;
+    tx.batch_execute("set local role walhook_tenant").await?;
+    tx.execute("select set_config('walhook.tenant', $1, true)", &[&tenant])
+        .await?;
+    let row = tx
+        .query_one(
+            "insert into walhook.endpoints (url, event_types, description)
+             values ($1, '{order.*}', 'the tenant''s own endpoint') returning id, secret",
+            &[&url],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok((row.get(0), row.get(1)))
+}
+
+/// Prints the tenants' part of the summary and says whether neither tenant saw the other's events, checked
+/// three ways: every request the receiver got, matched to its outbox row by `webhook-id` with the body's
+/// `data` equal to the row's payload; `walhook.deliveries.tenant` against the endpoints' tenants; and each
+/// tenant's own view through row-level security.
+async fn report_tenants(client: &mut Client, received: &[Received]) -> anyhow::Result<bool> {
+    // webhook-id (msg_ and the uid without dashes) -> (tenant, payload) of every outbox row
+    let rows = client
+        .query(
+            "select 'msg_' || replace(uid::text, '-', ''), tenant, payload::text from walhook.outbox",
+            &[],
+        )
+        .await?;
+    let mut outbox = HashMap::new();
+    for row in rows {
+        let payload: Value = serde_json::from_str(row.get(2))?;
+        outbox.insert(
+            row.get::<_, String>(0),
+            (row.get::<_, Option<String>>(1), payload),
+        );
+    }
+    // the tenant whose event a request carried; None for an event without one, Err for a request that
+    // matches no outbox row (unknown webhook-id, or a body that is not that row's)
+    let owner = |r: &Received| -> Result<Option<String>, ()> {
+        let (tenant, payload) = outbox.get(&r.webhook_id).ok_or(())?;
+        let body: Value = serde_json::from_slice(&r.body).map_err(|_| ())?;
+        match body.get("data") == Some(payload) {
+            true => Ok(tenant.clone()),
+            false => Err(()),
+        }
+    };
+
+    let mut isolated = true;
+    println!("  tenants (each request matched to its outbox row by webhook-id and body):");
+    for (tenant, path, n) in TENANTS {
+        let other = other_than(tenant);
+        let (mut own, mut others, mut unmatched, mut untenanted) = (HashSet::new(), 0, 0, 0);
+        for r in received.iter().filter(|r| r.path == path) {
+            match owner(r) {
+                Ok(Some(t)) if t == tenant => {
+                    own.insert(r.webhook_id.as_str());
+                }
+                Ok(Some(_)) => others += 1,
+                Ok(None) => untenanted += 1,
+                Err(()) => unmatched += 1,
+            }
+        }
+        let ok = own.len() == n && others == 0 && untenanted == 0 && unmatched == 0;
+        isolated &= ok;
+        print!(
+            "    {tenant:<6} {path:<8} got {} of its {n} events, {others} of {other}'s, {untenanted} without a tenant",
+            own.len()
+        );
+        if unmatched > 0 {
+            print!(", {unmatched} matching no outbox row");
+        }
+        println!("{}", if ok { "" } else { " (bug!)" });
+    }
+    let leaked = received
+        .iter()
+        .filter(|r| UNTENANTED.contains(&r.path.as_str()))
+        .filter(|r| !matches!(owner(r), Ok(None)))
+        .count();
+    isolated &= leaked == 0;
+    println!(
+        "    {:<15} (no tenant) got {leaked} of the tenants' events{}",
+        UNTENANTED.join(", "),
+        if leaked == 0 { "" } else { " (bug!)" }
+    );
+
+    // what SQL recorded: each delivery's tenant is its event's, and its endpoint's
+    let mut recorded = Vec::new();
+    for (tenant, _, _) in TENANTS {
+        let n: i64 = client
+            .query_one(
+                "select count(*) from walhook.deliveries where tenant = $1",
+                &[&tenant],
+            )
+            .await?
+            .get(0);
+        recorded.push(format!("{n} for {tenant}"));
+    }
+    let crossed: i64 = client
+        .query_one(
+            "select count(*) from walhook.deliveries d
+               join walhook.endpoints e on e.id = d.endpoint_id
+               join walhook.outbox o on o.id = d.event_id
+              where not e.all_tenants and (d.tenant is distinct from e.tenant or o.tenant is distinct from e.tenant)",
+            &[],
+        )
+        .await?
+        .get(0);
+    isolated &= crossed == 0;
+    println!(
+        "    walhook.deliveries: {}, {crossed} to an endpoint of another tenant{}",
+        recorded.join(", "),
+        if crossed == 0 { "" } else { " (bug!)" }
+    );
+
+    // each tenant's own view, as its settings page would read it: row-level security shows its rows only
+    for (tenant, _, n) in TENANTS {
+        let tx = client.transaction().await?;
+        tx.batch_execute("set local role walhook_tenant").await?;
+        tx.execute("select set_config('walhook.tenant', $1, true)", &[&tenant])
+            .await?;
+        let row = tx
+            .query_one(
+                "select (select count(*) from walhook.endpoints), (select count(*) from walhook.outbox),
+                        (select count(*) from walhook.deliveries),
+                        (select count(*) from walhook.outbox where tenant is distinct from $1)
+                        + (select count(*) from walhook.deliveries where tenant is distinct from $1)
+                        + (select count(*) from walhook.endpoints where tenant is distinct from $1)",
+                &[&tenant],
+            )
+            .await?;
+        tx.rollback().await?;
+        let (endpoints, events, deliveries, foreign): (i64, i64, i64, i64) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        let ok = endpoints == 1 && events == n as i64 && deliveries == n as i64 && foreign == 0;
+        isolated &= ok;
+        println!(
+            "    {tenant:<6} as walhook_tenant (row-level security) sees {endpoints} endpoint, {events} events, \
+             {deliveries} deliveries, {foreign} rows not its own{}",
+            if ok { "" } else { " (bug!)" }
+        );
+    }
+    println!(
+        "    {}",
+        match isolated {
+            true => "isolated: neither tenant saw the other's events",
+            false => "NOT ISOLATED: a tenant saw what is not its own (bug!)",
+        }
+    );
+    Ok(isolated)
+}
+
+/// The other demo tenant's name.
+fn other_than(tenant: &str) -> &'static str {
+    TENANTS
+        .iter()
+        .find(|(t, _, _)| *t != tenant)
+        .map_or("", |t| t.0)
 }
