@@ -25,7 +25,8 @@ declare
   r text;
   may boolean := (select rolsuper or rolcreaterole from pg_roles where rolname = current_user);
 begin
-  foreach r in array array['walhook_writer', 'walhook_reader', 'walhook_admin', 'walhook_daemon', 'walhook_tenant'] loop
+  foreach r in array array['walhook_writer', 'walhook_reader', 'walhook_admin', 'walhook_daemon', 'walhook_tenant',
+                         'walhook_portal'] loop
     if exists (select from pg_roles where rolname = r) then
       continue;
     end if;
@@ -118,6 +119,7 @@ begin
   grant execute on function walhook.redeliver(bigint[]), walhook.redeliver(bigint, text, timestamptz),
     walhook.recover(bigint, timestamptz, timestamptz, text, text),
     walhook.rotate_secret(bigint, interval), walhook.generate_secret(), walhook.matches(text, text[]),
+    walhook.portal_link(text, interval, boolean), walhook.send_test(bigint, jsonb),
     walhook.endpoint_accepts(text, text, jsonb, text[], text, boolean, jsonb),
     walhook.display_url(text), walhook.current_tenant(),
     -- the checks of endpoints, endpoint_secrets and tenants
@@ -262,6 +264,7 @@ begin
   grant execute on function walhook.redeliver(bigint[]), walhook.redeliver(bigint, text, timestamptz),
     walhook.recover(bigint, timestamptz, timestamptz, text, text),
     walhook.rotate_secret(bigint, interval), walhook.generate_secret(), walhook.matches(text, text[]),
+    walhook.portal_link(text, interval, boolean), walhook.send_test(bigint, jsonb),
     walhook.endpoint_accepts(text, text, jsonb, text[], text, boolean, jsonb),
     walhook.display_url(text), walhook.current_tenant(),
     -- the checks of endpoints and endpoint_secrets
@@ -273,4 +276,34 @@ begin
     walhook.check_proxy(text), walhook.check_tenant(text), walhook.check_endpoint_tenancy(text, boolean),
     walhook.check_filter(jsonb)
     to walhook_tenant;
+end $$;
+
+-- walhook_portal: the portal process (`walhook portal`). A tenant's rights, held by row-level security to the
+-- tenant of each request's transaction (walhook_tenant's policies apply to its members), plus the functions
+-- that turn a link into a session and a cookie into its tenant, and an operator session's overview. The role
+-- the portal logs in as holds this one and nothing else: no superuser, BYPASSRLS or table ownership, which
+-- would step over row-level security (the portal refuses to start with them).
+do $$
+begin
+  if not exists (select from pg_roles where rolname = 'walhook_portal')
+     or not exists (select from pg_roles where rolname = 'walhook_tenant') then
+    return;
+  end if;
+  revoke all on schema walhook from walhook_portal;
+  revoke all on all tables in schema walhook from walhook_portal;
+  revoke all on all sequences in schema walhook from walhook_portal;
+  revoke all on all functions in schema walhook from walhook_portal;
+  if not pg_has_role('walhook_portal', 'walhook_tenant', 'member') then
+    if (select rolsuper or rolcreaterole from pg_roles where rolname = current_user) then
+      grant walhook_tenant to walhook_portal;
+    else
+      raise warning 'walhook: % may not grant roles; as a superuser run: GRANT walhook_tenant TO walhook_portal;',
+        current_user;
+    end if;
+  end if;
+  grant usage on schema walhook to walhook_portal;
+  grant execute on function walhook.portal_exchange(text, interval), walhook.portal_session(text),
+    walhook.portal_logout(text), walhook.portal_view(text, text), walhook.portal_overview(text),
+    walhook.portal_slots(text)
+    to walhook_portal;
 end $$;

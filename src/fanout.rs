@@ -24,6 +24,10 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 /// applications cannot insert such types (sql/012_operational_events.sql).
 pub const OPERATIONAL_PREFIX: &str = "walhook.";
 
+/// The type of `walhook.send_test()`'s events: delivered only to the endpoint the test is for (its delivery is
+/// queued by the function), never fanned out, whatever the patterns.
+pub const TEST_EVENT: &str = "walhook.test";
+
 /// An event-type pattern: `*`, a prefix like `order.*`, or an exact type. `*` leaves out walhook's own
 /// operational events (types under [`OPERATIONAL_PREFIX`]): a receiver written for the application's events
 /// never gets them unless its patterns name them (`walhook.*`, or an exact type).
@@ -47,6 +51,9 @@ impl Pattern {
     }
 
     pub fn matches(&self, event_type: &str) -> bool {
+        if event_type == TEST_EVENT {
+            return false;
+        }
         match self {
             Pattern::All => !event_type.starts_with(OPERATIONAL_PREFIX),
             Pattern::Prefix(prefix) => {

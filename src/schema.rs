@@ -44,6 +44,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "operational events",
         include_str!("../sql/012_operational_events.sql"),
     ),
+    (13, "portal", include_str!("../sql/013_portal.sql")),
 ];
 
 /// Privileges of walhook's group roles, applied after every migrate: repeatable and idempotent.

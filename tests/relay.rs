@@ -45,6 +45,7 @@ macro_rules! both_sources {
 
 // after the macro, which they use
 mod connect;
+mod portal;
 mod proxy;
 mod queries;
 mod tenants;

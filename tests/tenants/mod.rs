@@ -261,7 +261,7 @@ async fn a_single_tenant_install_works_unchanged_after_migrate() {
         )
         .await
         .unwrap();
-    assert_eq!(schema::migrate(&mut owner).await.unwrap(), vec![11, 12]);
+    assert_eq!(schema::migrate(&mut owner).await.unwrap(), vec![11, 12, 13]);
     owner
         .batch_execute(
             "create role ops login in role walhook_admin; create role dash login in role walhook_reader;
@@ -545,6 +545,17 @@ async fn a_tenant_session_never_reads_or_changes_another_tenants_rows() {
         // a recovery is recorded in the name of its tenant, which must be the session's
         "select walhook.recover(tenant => 'globex', since => '-infinity')".to_string(),
         "insert into walhook.recoveries (kind, tenant, deliveries) values ('recover', 'globex', 0)".to_string(),
+        // a test event to another tenant's endpoint or the firehose, a portal link for another tenant or an
+        // operator's, the portal's own functions
+        format!("select walhook.send_test({b})"),
+        format!("select walhook.send_test({all})"),
+        format!("select walhook.send_test({none})"),
+        "select walhook.portal_link('globex')".to_string(),
+        "select walhook.portal_link(null, operator => true)".to_string(),
+        "select walhook.portal_exchange(repeat('0', 64))".to_string(),
+        "select walhook.portal_overview(repeat('0', 64))".to_string(),
+        "select * from walhook.portal_links".to_string(),
+        "select * from walhook.portal_sessions".to_string(),
     ];
     for sql in &refused {
         let code = outcome(&acme, sql).await.expect_err(sql);
@@ -608,7 +619,8 @@ async fn a_tenant_session_never_reads_or_changes_another_tenants_rows() {
     );
 
     // walhook's functions run with the caller's rights, but for the trigger functions that the statements
-    // above could not call (the operational events' among them); none of them sets walhook.tenant
+    // above could not call (the operational events' among them) and the portal's, which check their caller
+    // themselves (tests/portal/sql.rs); none of them sets walhook.tenant
     let definers: Vec<String> = superuser
         .query(
             "select p.oid::regprocedure::text from pg_proc p
@@ -628,7 +640,16 @@ async fn a_tenant_session_never_reads_or_changes_another_tenants_rows() {
             "walhook.endpoint_disabled_event()",
             "walhook.endpoints_bump()",
             "walhook.endpoints_tenant_limit()",
-            "walhook.recovery_event()"
+            "walhook.portal_exchange(text,interval)",
+            "walhook.portal_link(text,interval,boolean)",
+            "walhook.portal_logout(text)",
+            "walhook.portal_operator(text)",
+            "walhook.portal_overview(text)",
+            "walhook.portal_session(text)",
+            "walhook.portal_slots(text)",
+            "walhook.portal_view(text,text)",
+            "walhook.recovery_event()",
+            "walhook.send_test(bigint,jsonb)"
         ]
     );
     assert_eq!(

@@ -1,0 +1,3 @@
+//! The portal: its SQL contract here; its web server and browser tests beside it.
+
+mod sql;
