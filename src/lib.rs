@@ -34,6 +34,8 @@
 //! - [`demo`], [`cluster`], [`receiver`]: the self-contained demo, a throwaway PostgreSQL cluster and a
 //!   loopback webhook receiver (also used by the tests and benchmarks).
 //! - [`bench`]: `walhook bench`, throughput, latency and cost of the relay on this machine.
+//! - [`listen`]: `walhook listen`, a local verifying receiver for developers (forwards to their app, replays);
+//!   [`send_test`]: `walhook send-test`, a `walhook.test` event to one endpoint, followed attempt by attempt.
 //! - [`lsn`], [`metrics`]: WAL positions; metric names. [`pgerror`]: how a database failure reads (the
 //!   server's message, SQLSTATE, detail, hint, and the fix), for every error that wraps one.
 
@@ -48,6 +50,7 @@ pub mod endpoint_state;
 pub mod event;
 pub mod fanout;
 pub mod health;
+pub mod listen;
 pub mod lsn;
 pub mod metrics;
 pub mod monitor;
@@ -60,6 +63,7 @@ pub mod record;
 pub mod retention;
 pub mod scheduler;
 pub mod schema;
+pub mod send_test;
 pub mod sign;
 pub mod source;
 pub mod status;

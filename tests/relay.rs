@@ -10,6 +10,7 @@
 mod browser;
 mod demo;
 mod failover;
+mod listen;
 mod ops;
 mod scale;
 mod schema;
