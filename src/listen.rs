@@ -738,12 +738,12 @@ async fn forward(
                 StatusCode::BAD_GATEWAY,
                 format!(
                     "walhook listen: forwarding to {to} failed: {}\n",
-                    error_chain(&*e)
+                    root_cause(&*e)
                 ),
             ),
             format!(
                 "forwarding to {to} failed: {} (is your app running?) → 502",
-                error_chain(&*e)
+                root_cause(&*e)
             ),
         ),
         Err(_) => (
@@ -798,13 +798,10 @@ async fn replay(shared: &Shared, webhook_id: &str) -> Response<Full<Bytes>> {
         Paint(shared.colour).bold("↻ replayed"),
         rfc3339(timestamp)
     ));
-    let status = response.status();
-    let mut answer = plain(
-        status,
+    plain(
+        response.status(),
         format!("walhook listen: replayed {webhook_id}: {outcome}\n"),
-    );
-    *answer.status_mut() = status;
-    answer
+    )
 }
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
@@ -823,21 +820,20 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
-/// An error and its sources, "a: b: c".
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let _ = write!(text, ": {cause}");
-        source = cause.source();
+/// The innermost cause of an error: hyper's outer layers ("client error (Connect)") say less than the
+/// operating system's "Connection refused".
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut innermost = e;
+    while let Some(cause) = innermost.source() {
+        innermost = cause;
     }
-    text
+    innermost.to_string()
 }
 
 /// The body as indented JSON, or as text when it is not JSON; cut at `MAX_PRINTED_BYTES`.
 fn pretty(body: &[u8]) -> String {
-    let mut text = match serde_json::from_slice::<serde_json::Value>(body) {
-        Ok(json) => serde_json::to_string_pretty(&json).unwrap_or_default(),
+    let mut text = match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+        Ok(_) => indent_json(&String::from_utf8_lossy(body)),
         Err(_) => String::from_utf8_lossy(body).into_owned(),
     };
     if text.len() > MAX_PRINTED_BYTES {
@@ -852,6 +848,64 @@ fn pretty(body: &[u8]) -> String {
         text.push('\n');
     }
     text
+}
+
+/// Re-indents valid JSON text two spaces a level, keeping keys in the order they were sent (parsing into
+/// a `serde_json::Value` would sort them) and every number and string exactly as written.
+fn indent_json(json: &str) -> String {
+    let mut out = String::with_capacity(json.len() * 2);
+    let mut depth = 0usize;
+    let (mut in_string, mut escaped) = (false, false);
+    let newline = |out: &mut String, depth: usize| {
+        out.push('\n');
+        out.extend(std::iter::repeat_n("  ", depth));
+    };
+    let mut chars = json.chars().peekable();
+    while let Some(c) = chars.next() {
+        if in_string {
+            out.push(c);
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => {
+                in_string = true;
+                out.push(c);
+            }
+            '{' | '[' => {
+                out.push(c);
+                // an empty object or array stays on its line
+                while chars.peek().is_some_and(|c| c.is_whitespace()) {
+                    chars.next();
+                }
+                if let Some(&close @ ('}' | ']')) = chars.peek() {
+                    out.push(close);
+                    chars.next();
+                } else {
+                    depth += 1;
+                    newline(&mut out, depth);
+                }
+            }
+            '}' | ']' => {
+                depth = depth.saturating_sub(1);
+                newline(&mut out, depth);
+                out.push(c);
+            }
+            ',' => {
+                out.push(c);
+                newline(&mut out, depth);
+            }
+            ':' => out.push_str(": "),
+            c if c.is_whitespace() => {}
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Writes one request's lines at once, so concurrent requests do not interleave.
@@ -1062,6 +1116,24 @@ mod tests {
     #[test]
     fn bodies_print_as_indented_json_or_text() {
         assert_eq!(pretty(br#"{"a":1}"#), "{\n  \"a\": 1\n}\n");
+        // keys in the order sent, numbers and strings as written, empty containers kept short
+        let sent = br#" {"type":"x", "data":{"z":1.50,"a":[1, {}, [ ]],"s":"a, \"b\": {c}\\"}} "#;
+        assert_eq!(
+            pretty(sent),
+            r#"{
+  "type": "x",
+  "data": {
+    "z": 1.50,
+    "a": [
+      1,
+      {},
+      []
+    ],
+    "s": "a, \"b\": {c}\\"
+  }
+}
+"#
+        );
         assert_eq!(pretty(b"not json"), "not json\n");
         assert_eq!(pretty(b""), "");
         let long = vec![b'x'; MAX_PRINTED_BYTES + 10];

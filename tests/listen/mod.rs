@@ -431,7 +431,17 @@ async fn listen_with_an_endpoint_reads_its_secrets_and_follows_a_rotation() {
 async fn send_test_waits_for_its_delivery() {
     let pg = Pg::start().await;
     let client = pg.client().await;
-    let env = pg.env();
+    // both commands as an operator (walhook_admin), as the README's roles table says
+    client
+        .batch_execute("create role ops login in role walhook_admin; create role nobody login;")
+        .await
+        .unwrap();
+    let as_role = |role: &str| {
+        let mut env = pg.env();
+        env.push(("WALHOOK_DATABASE_URL".into(), pg.url_as(role)));
+        env
+    };
+    let env = as_role("ops");
     let (endpoint, _) = add_endpoint(&client, "http://127.0.0.1:9/", &["order.*"]).await;
     let id = endpoint.to_string();
     let (listen, base) = listener(&["--endpoint", &id, "--port", "0"], &env).await;
@@ -485,6 +495,22 @@ async fn send_test_waits_for_its_delivery() {
     assert!(
         err.contains("SELECT id, url FROM walhook.endpoints"),
         "the hint: {err}"
+    );
+    let (ok, _, err) = run(&["send-test", "--endpoint", &id], &as_role("nobody")).await;
+    assert!(!ok);
+    assert!(
+        err.contains("GRANT walhook_admin TO nobody"),
+        "the fix: {err}"
+    );
+    let (ok, _, err) = run(
+        &["listen", "--endpoint", &id, "--port", "0"],
+        &as_role("nobody"),
+    )
+    .await;
+    assert!(!ok);
+    assert!(
+        err.contains("GRANT walhook_admin TO nobody"),
+        "the fix: {err}"
     );
 
     // an endpoint that refuses every attempt (the listener has another secret): dead, and it says so
@@ -543,6 +569,15 @@ async fn the_receivers_doc_runs_as_written() {
         panic!("docs/receivers.md: expected 4 blocks, found {blocks:?}");
     };
     assert_eq!([l1, l2, l3, l4], ["sh", "sql", "sh", "sh"]);
+    // the README's pointer to the doc shows the same commands
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    for command in [listen_cmd, send_cmd] {
+        assert!(
+            readme.contains(&format!("`{command}`")),
+            "README: {command}"
+        );
+    }
     let pg = Pg::start().await;
     let client = pg.client().await;
     let env = pg.env();
