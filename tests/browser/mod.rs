@@ -124,6 +124,10 @@ async fn a_browser_fills_and_submits_a_form() {
         42
     );
     assert!(!browser.exists("#name").await);
+    browser.back().await;
+    browser.wait_for("#name").await;
+    browser.refresh().await;
+    assert_eq!(browser.find_all("label").await.len(), 2);
 
     browser.set_window_size(800, 600).await;
     let dir = temp_dir("screenshots");

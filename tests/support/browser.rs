@@ -299,6 +299,17 @@ impl Browser {
             .await;
     }
 
+    /// Back in the history, as the browser's button does.
+    pub async fn back(&self) {
+        self.command(Method::POST, "/back", Some(json!({}))).await;
+    }
+
+    /// Loads the current page again (a form page is requested again with GET, not re-posted).
+    pub async fn refresh(&self) {
+        self.command(Method::POST, "/refresh", Some(json!({})))
+            .await;
+    }
+
     /// The current page's URL.
     pub async fn url(&self) -> String {
         self.command(Method::GET, "/url", None)
