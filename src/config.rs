@@ -145,6 +145,9 @@ pub struct DeliveryConfig {
     /// Events held in memory before the source is paused.
     pub max_in_flight_events: usize,
     pub max_in_flight_per_endpoint: usize,
+    /// Requests in flight to all of one tenant's endpoints together (`None`: a quarter of `concurrency`), so
+    /// one tenant's slow or hanging endpoints never hold every request slot.
+    pub max_in_flight_per_tenant: Option<usize>,
     /// Longest a delivery waits in memory for room at its endpoint before it is parked in the database.
     #[serde(with = "duration")]
     pub queue_wait: Duration,
@@ -182,6 +185,13 @@ pub struct DeliveryConfig {
 }
 
 impl DeliveryConfig {
+    /// `max_in_flight_per_tenant`, or a quarter of `concurrency` when unset.
+    pub fn max_in_flight_per_tenant(&self) -> usize {
+        self.max_in_flight_per_tenant
+            .unwrap_or(self.concurrency / 4)
+            .max(1)
+    }
+
     /// `delivery.proxy`, parsed; `None` when empty. The error never repeats the URL (it may hold a password).
     pub fn proxy(&self) -> Result<Option<ProxyUrl>, ConfigError> {
         if self.proxy.trim().is_empty() {
@@ -237,6 +247,7 @@ impl Default for DeliveryConfig {
             concurrency: 2048,
             max_in_flight_events: 5_000,
             max_in_flight_per_endpoint: 32,
+            max_in_flight_per_tenant: None,
             queue_wait: Duration::from_secs(1),
             response_excerpt_bytes: 1024,
             pool_idle_timeout: Duration::from_secs(90),
@@ -612,6 +623,9 @@ impl Config {
             "delivery.max_in_flight_per_endpoint",
             d.max_in_flight_per_endpoint,
         )?;
+        if let Some(n) = d.max_in_flight_per_tenant {
+            at_least_one("delivery.max_in_flight_per_tenant", n)?;
+        }
         if d.response_excerpt_bytes > 1 << 20 {
             return Err(invalid(
                 "delivery.response_excerpt_bytes",

@@ -231,6 +231,7 @@ pub async fn run(
         timeout: config.delivery.timeout,
         concurrency: config.delivery.concurrency,
         max_in_flight_per_endpoint: config.delivery.max_in_flight_per_endpoint,
+        max_in_flight_per_tenant: config.delivery.max_in_flight_per_tenant(),
         queue_wait: config.delivery.queue_wait,
     };
     let wake = Arc::new(tokio::sync::Notify::new());

@@ -160,6 +160,9 @@ pub struct Endpoint {
     pub filter: Option<serde_json::Value>,
     /// The tenant's rate limit (`walhook.tenants.rate_limit`), shared by all of its endpoints.
     pub tenant_bucket: Option<Arc<Mutex<TokenBucket>>>,
+    /// Requests in flight to all of the tenant's endpoints (dispatch keeps it below the per-tenant limit);
+    /// `None` for endpoints without a tenant, and the firehose.
+    pub tenant_in_flight: Option<Arc<AtomicUsize>>,
     /// Why the row cannot be used (a key that does not verify, a URL no request can carry): its
     /// deliveries are recorded dead with this reason, never skipped. `None` for a usable endpoint.
     pub unusable: Option<String>,
@@ -190,6 +193,54 @@ pub struct Runtime {
     pub queue: Mutex<VecDeque<(Instant, Job)>>,
     pub limits: Mutex<Limits>,
     pub health: Mutex<Health>,
+    /// How fast the endpoint works through its requests: whether a queued job can start within
+    /// `delivery.queue_wait` at all.
+    pub progress: Mutex<Progress>,
+}
+
+/// An endpoint's pace, as dispatch sees it.
+#[derive(Debug)]
+pub struct Progress {
+    /// Moving average of its requests' durations (`None` before the first completes).
+    pub latency: Option<Duration>,
+    /// The last time one of its requests started or completed.
+    pub at: Instant,
+}
+
+impl Progress {
+    /// A request started.
+    pub fn started(&mut self, now: Instant) {
+        self.at = now;
+    }
+
+    /// A request that took `took` completed.
+    pub fn completed(&mut self, took: Duration, now: Instant) {
+        self.at = now;
+        self.latency = Some(match self.latency {
+            None => took,
+            Some(average) => (average * 7 + took) / 8,
+        });
+    }
+
+    /// Whether a job behind `queued` others, at an endpoint with `max_in_flight` requests in flight, would
+    /// wait longer than `queue_wait` to start: several rounds of slow requests ahead of it, or nothing started
+    /// or completed for longer than that (requests that hang).
+    pub fn backed_up(
+        &self,
+        queued: usize,
+        max_in_flight: usize,
+        queue_wait: Duration,
+        now: Instant,
+    ) -> bool {
+        let max = max_in_flight.max(1);
+        if queued < max {
+            return false;
+        }
+        let rounds = u32::try_from(queued / max + 1).unwrap_or(u32::MAX);
+        self.latency
+            .is_some_and(|l| l.saturating_mul(rounds) > queue_wait)
+            || now.saturating_duration_since(self.at) > queue_wait
+    }
 }
 
 #[derive(Debug)]
@@ -251,6 +302,10 @@ impl Runtime {
                 bucket: rate_limit.map(|r| TokenBucket::new(r, now)),
             }),
             health: Mutex::new(Health::default()),
+            progress: Mutex::new(Progress {
+                latency: None,
+                at: now,
+            }),
         }
     }
 }
@@ -328,6 +383,8 @@ pub struct EndpointCache {
     snapshot: RwLock<Arc<Vec<Arc<Endpoint>>>>,
     /// Tenants' rate limits, kept across reloads while the rate stays the same.
     tenant_buckets: Mutex<std::collections::HashMap<String, Arc<Mutex<TokenBucket>>>>,
+    /// Tenants' requests in flight, kept across reloads (requests outlive the snapshot they started in).
+    tenant_flights: Mutex<std::collections::HashMap<String, Arc<AtomicUsize>>>,
     /// The `walhook.endpoints_generation` the snapshot was loaded at (-1 before the first load).
     generation: AtomicI64,
     /// Asks the refresher to reload now, rather than at its next tick.
@@ -341,6 +398,7 @@ impl Default for EndpointCache {
         EndpointCache {
             snapshot: Default::default(),
             tenant_buckets: Default::default(),
+            tenant_flights: Default::default(),
             generation: AtomicI64::new(-1),
             wanted: Notify::new(),
             loaded: Notify::new(),
@@ -382,6 +440,23 @@ impl EndpointCache {
             next.insert(tenant.clone(), bucket);
         }
         *buckets = next.clone();
+        next
+    }
+
+    /// The in-flight counter of every tenant with an endpoint, the existing one where there is one.
+    fn tenant_flights(
+        &self,
+        rows: &[EndpointRow],
+    ) -> std::collections::HashMap<String, Arc<AtomicUsize>> {
+        let mut flights = self.tenant_flights.lock().expect("never poisoned");
+        let mut next = std::collections::HashMap::new();
+        for tenant in rows.iter().filter_map(|r| r.tenant.as_ref()) {
+            if !next.contains_key(tenant) {
+                let counter = flights.get(tenant).cloned().unwrap_or_default();
+                next.insert(tenant.clone(), counter);
+            }
+        }
+        *flights = next.clone();
         next
     }
 
@@ -434,6 +509,7 @@ impl EndpointCache {
         let old = self.snapshot();
         let mut next = Vec::with_capacity(rows.len());
         let buckets = self.tenant_buckets(&rows);
+        let flights = self.tenant_flights(&rows);
         for row in rows {
             let fingerprint = row.fingerprint();
             let previous = old.iter().find(|e| e.id == row.id);
@@ -443,9 +519,11 @@ impl EndpointCache {
             }
             let rt = previous.map(|p| p.rt.clone());
             let tenant_bucket = row.tenant.as_ref().and_then(|t| buckets.get(t).cloned());
+            let tenant_in_flight = row.tenant.as_ref().and_then(|t| flights.get(t).cloned());
             let endpoint = match build(&row, fingerprint.clone(), rt.clone()) {
                 Ok(endpoint) => Endpoint {
                     tenant_bucket,
+                    tenant_in_flight,
                     ..endpoint
                 },
                 Err(why) => {
@@ -527,6 +605,7 @@ fn build(
     };
     Ok(Endpoint {
         tenant_bucket: None,
+        tenant_in_flight: None,
         tenant: row.tenant.clone(),
         all_tenants: row.all_tenants,
         filter,
@@ -554,6 +633,7 @@ fn unusable(
 ) -> Endpoint {
     Endpoint {
         tenant_bucket: None,
+        tenant_in_flight: None,
         tenant: row.tenant.clone(),
         all_tenants: row.all_tenants,
         // (the filter is a JSON object: SQL checks it)
@@ -618,6 +698,37 @@ pub fn request_uri(url: &str) -> Result<http::Uri, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_queue_is_backed_up_when_slow_or_hanging_requests_are_ahead() {
+        let t0 = Instant::now();
+        let wait = Duration::from_secs(1);
+        let mut p = Progress {
+            latency: None,
+            at: t0,
+        };
+        // less than one round queued always waits
+        assert!(!p.backed_up(31, 32, wait, t0 + Duration::from_secs(60)));
+        // nothing known yet, and recent progress: wait
+        assert!(!p.backed_up(5_000, 32, wait, t0));
+        // fast requests: 157 rounds of 1 ms ahead start within the second
+        p.completed(Duration::from_millis(1), t0);
+        assert!(!p.backed_up(5_000, 32, wait, t0));
+        // one-second requests: the second round ahead would start too late
+        for _ in 0..50 {
+            p.completed(Duration::from_secs(1), t0);
+        }
+        assert!(!p.backed_up(31, 32, wait, t0));
+        assert!(p.backed_up(32, 32, wait, t0));
+        // requests that hang: nothing started or completed for longer than the wait
+        let mut hanging = Progress {
+            latency: None,
+            at: t0,
+        };
+        hanging.started(t0);
+        assert!(!hanging.backed_up(64, 32, wait, t0 + Duration::from_millis(500)));
+        assert!(hanging.backed_up(64, 32, wait, t0 + Duration::from_millis(1_500)));
+    }
 
     fn row(id: i64, patterns: &[&str]) -> EndpointRow {
         EndpointRow {

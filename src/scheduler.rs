@@ -57,19 +57,22 @@ impl Scheduler {
         let mut tick = tokio::time::interval(self.poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut backlog = false;
+        // the last claim took every free permit of the budget: claim again as soon as half is free
+        let mut budget_bound = false;
         let mut round = 0usize;
         let mut hungry: std::collections::HashSet<i64> = Default::default();
         let mut backoff = MIN_BACKOFF;
         loop {
             // with a backlog (the last claim filled the budget or an endpoint's share), claim again soon:
-            // as soon as half the budget is free, or after a short pause for endpoints to make room
+            // as soon as half the budget is free (when the budget was what limited it), or after a short pause
+            // for endpoints to make room
             let half = (self.batch_size / 2).max(1) as u32;
             let ticked = tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => true,
                 _ = self.wake.notified() => true,
                 _ = tokio::time::sleep(BACKLOG_PAUSE), if backlog => false,
-                Ok(p) = budget.clone().acquire_many_owned(half), if backlog => {
+                Ok(p) = budget.clone().acquire_many_owned(half), if budget_bound => {
                     drop(p);
                     false
                 }
@@ -80,7 +83,7 @@ impl Scheduler {
             }
             if self.recorder.is_failing() {
                 // outcomes cannot be recorded now: sending more would only send them again later
-                backlog = false;
+                (backlog, budget_bound) = (false, false);
                 continue;
             }
             if store.as_ref().is_none_or(|s| s.is_closed()) {
@@ -88,7 +91,7 @@ impl Scheduler {
                     Ok(s) => store = Some(s),
                     Err(e) => {
                         tracing::warn!("scheduler cannot connect, retrying in {backoff:?}: {e}");
-                        backlog = false;
+                        (backlog, budget_bound) = (false, false);
                         tokio::select! {
                             _ = stop.cancelled() => return,
                             _ = tokio::time::sleep(backoff) => {}
@@ -121,8 +124,14 @@ impl Scheduler {
                 .filter(|(_, _, ordered)| ticked || *ordered)
                 .map(|(id, cap, _)| (*id, *cap))
                 .unzip();
-            let (ids, caps): (Vec<i64>, Vec<i32>) =
-                open.into_iter().map(|(id, cap, _)| (id, cap)).unzip();
+            // between ticks (a backlog's quick rounds) only the endpoints that had more than their share are
+            // asked again: the others' due deliveries wait for the next tick, and an endpoint with a backlog but
+            // no room (a slow one) costs no query at all until it has room again
+            let (ids, caps): (Vec<i64>, Vec<i32>) = open
+                .into_iter()
+                .filter(|(id, _, ordered)| ticked || *ordered || hungry.contains(id))
+                .map(|(id, cap, _)| (id, cap))
+                .unzip();
             let longest = snapshot
                 .iter()
                 .filter_map(|e| e.policy.timeout)
@@ -176,7 +185,7 @@ impl Scheduler {
                     if e.is_connection() {
                         store = None;
                     }
-                    backlog = false;
+                    (backlog, budget_bound) = (false, false);
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         _ = tokio::time::sleep(backoff) => {}
@@ -195,7 +204,8 @@ impl Scheduler {
                 }
             }
             hungry.retain(|id| snapshot.iter().any(|e| e.id == *id));
-            backlog = claimed.len() == room || !hungry.is_empty();
+            budget_bound = claimed.len() == room;
+            backlog = budget_bound || !hungry.is_empty();
             // an endpoint row changed since the cache was loaded (re-enabled, resumed, fixed): judge what was
             // claimed by the new rows, not the old ones
             if let Some(generation) = claimed.iter().map(|c| c.endpoints_generation).max() {

@@ -166,12 +166,30 @@ pub struct Claimed {
     pub tenant: Option<String>,
 }
 
-const RECORD: &str = "
+/// Writes a batch of outcomes: deliveries upserted, attempts inserted, and with `processed` (the notify
+/// source) the outbox rows whose last delivery is in the batch marked, in the same statement. The statement
+/// without the mark is a separate one: a cached generic plan for `id = any($18)` made while the outbox was
+/// small scans the whole outbox on every batch once it is large, even for an empty array.
+fn record_sql(processed: bool) -> String {
+    let (tenant, processed) = if processed {
+        (
+            "$19",
+            ", processed as (
+  -- notify source: outbox rows whose last delivery is in this batch, in the same transaction
+  update walhook.outbox set processed_at = now()
+   where id = any($18::bigint[]) and processed_at is null
+)",
+        )
+    } else {
+        ("$18", "")
+    };
+    format!(
+        "
 with input as (
   select * from unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::timestamptz[],
                        $7::int[], $8::text[], $9::timestamptz[], $10::int[], $11::text[],
                        $12::text[], $13::text[], $14::text[], $15::text[], $16::text[], $17::text[],
-                       $19::text[])
+                       {tenant}::text[])
     as t(event_id, endpoint_id, uid, status, schedule_step, next_attempt_at,
          status_code, error, attempted_at, duration_ms, response_body,
          event_type, payload, event_created_at, ordering_key, commit_lsn, traceparent, tenant)
@@ -203,15 +221,13 @@ with input as (
     tenant = coalesce(d.tenant, excluded.tenant),
     updated_at = now()
   returning d.id, d.event_id, d.endpoint_id, d.attempts
-), processed as (
-  -- notify source: outbox rows whose last delivery is in this batch, in the same transaction
-  update walhook.outbox set processed_at = now()
-   where id = any($18::bigint[]) and processed_at is null
-)
+){processed}
 insert into walhook.attempts (delivery_id, attempt, attempted_at, duration_ms, status_code, error, response_body)
 select u.id, u.attempts, i.attempted_at, i.duration_ms, i.status_code, i.error, i.response_body
   from input i join upserted u using (event_id, endpoint_id)
- where i.attempted_at is not null";
+ where i.attempted_at is not null"
+    )
+}
 
 const ENDPOINTS: &str = "
 select e.id, e.url, e.event_types, e.secret,
@@ -449,6 +465,7 @@ on conflict (endpoint_id) do update set
 pub struct Store {
     client: Client,
     record: Statement,
+    record_processed: Statement,
     claim: Statement,
     claim_ordered: Statement,
 }
@@ -554,12 +571,14 @@ impl Store {
     pub async fn connect(config: &ConnInfo) -> Result<Store, StoreError> {
         let client = connect_client(config).await?;
         check_schema(&client).await?;
-        let record = client.prepare(RECORD).await?;
+        let record = client.prepare(&record_sql(false)).await?;
+        let record_processed = client.prepare(&record_sql(true)).await?;
         let claim = client.prepare(&claim_sql(DUE)).await?;
         let claim_ordered = client.prepare(&claim_sql(DUE_ORDERED)).await?;
         Ok(Store {
             client,
             record,
+            record_processed,
             claim,
             claim_ordered,
         })
@@ -688,32 +707,33 @@ impl Store {
             traceparent.push(c.and_then(|c| c.traceparent).map(|t| t.to_string()));
             tenant.push(r.tenant.as_deref());
         }
-        self.client
-            .execute(
-                &self.record,
-                &[
-                    &event_id,
-                    &endpoint_id,
-                    &uid,
-                    &status,
-                    &step,
-                    &next,
-                    &code,
-                    &error,
-                    &at,
-                    &duration,
-                    &body,
-                    &event_type,
-                    &payload,
-                    &created,
-                    &key,
-                    &lsn,
-                    &traceparent,
-                    &processed,
-                    &tenant,
-                ],
-            )
-            .await?;
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
+            &event_id,
+            &endpoint_id,
+            &uid,
+            &status,
+            &step,
+            &next,
+            &code,
+            &error,
+            &at,
+            &duration,
+            &body,
+            &event_type,
+            &payload,
+            &created,
+            &key,
+            &lsn,
+            &traceparent,
+        ];
+        let statement = if processed.is_empty() {
+            &self.record
+        } else {
+            params.push(&processed);
+            &self.record_processed
+        };
+        params.push(&tenant);
+        self.client.execute(statement, &params).await?;
         Ok(())
     }
 

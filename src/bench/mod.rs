@@ -15,6 +15,8 @@
 //!   latency (writer's clock right after COMMIT returned vs the receiver's arrival time, same clock), backlog.
 //! - `fanout`: a backlog delivered to 10 endpoints that all match every event.
 //! - `retries`: full-speed writers while 10 % of first attempts are answered 500.
+//! - `fairness` and `tenants`: one tenant's backlog beside another's trickle, and 1,000 tenants with a few
+//!   broken endpoints (see `tenants.rs`).
 //!
 //! `--source` picks the relays' source (the scratch database then gets a slot, or the notify source's index
 //! and trigger, before any event is written); `--instances N` runs N relays on the same database, as several
@@ -30,6 +32,7 @@ mod relay;
 mod report;
 mod server;
 mod stats;
+mod tenants;
 mod workload;
 
 use std::collections::{HashMap, HashSet};
@@ -43,8 +46,8 @@ pub use crate::config::SourceKind;
 use crate::receiver::{Receiver, Reply};
 use relay::Relays;
 pub use report::{
-    Baseline, Cost, Drain, Fanout, InstanceCost, Live, LivePhase, Machine, Report, Retries,
-    Settings, StatementUse,
+    Baseline, Cost, Drain, Fairness, Fanout, InstanceCost, Live, LivePhase, Machine, Report,
+    Retries, Settings, StatementUse, Tenants, TenantsPhase,
 };
 use server::{cost, Scratch, Server, Setup};
 pub use stats::Latency;
@@ -130,15 +133,19 @@ pub enum Scenario {
     Live,
     Fanout,
     Retries,
+    Fairness,
+    Tenants,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::Baseline,
         Scenario::Drain,
         Scenario::Live,
         Scenario::Fanout,
         Scenario::Retries,
+        Scenario::Fairness,
+        Scenario::Tenants,
     ];
 
     pub fn name(self) -> &'static str {
@@ -148,6 +155,8 @@ impl Scenario {
             Scenario::Live => "live",
             Scenario::Fanout => "fanout",
             Scenario::Retries => "retries",
+            Scenario::Fairness => "fairness",
+            Scenario::Tenants => "tenants",
         }
     }
 }
@@ -328,6 +337,8 @@ pub async fn run(options: BenchOptions) -> Result<Report, BenchError> {
         live,
         fanout,
         retries,
+        fairness,
+        tenants,
     } = result?;
     Ok(Report {
         source: source_name(plan.source).to_string(),
@@ -350,6 +361,8 @@ pub async fn run(options: BenchOptions) -> Result<Report, BenchError> {
         live,
         fanout,
         retries,
+        fairness,
+        tenants,
         elapsed_s: started.elapsed().as_secs_f64(),
     })
 }
@@ -362,6 +375,8 @@ struct Results {
     live: Option<Live>,
     fanout: Option<Fanout>,
     retries: Option<Retries>,
+    fairness: Option<Fairness>,
+    tenants: Option<Tenants>,
 }
 
 /// The relay configuration every scenario uses, beyond what ties it to its scratch database: loopback
@@ -404,6 +419,8 @@ impl Bench {
                 }
                 Scenario::Fanout => self.fanout(&scratch).await.map(|f| r.fanout = Some(f)),
                 Scenario::Retries => self.retries(&scratch).await.map(|x| r.retries = Some(x)),
+                Scenario::Fairness => self.fairness(&scratch).await.map(|x| r.fairness = Some(x)),
+                Scenario::Tenants => self.tenants(&scratch).await.map(|x| r.tenants = Some(x)),
             };
             let removed = self.server.remove(scratch).await;
             outcome?;
@@ -495,6 +512,7 @@ impl Bench {
             batched,
             p.window,
             Arc::default(),
+            &workload::Tenancy::None,
         )
         .await?;
         Ok(per_sec(commits.events, commits.elapsed))
@@ -508,7 +526,7 @@ impl Bench {
         endpoints: u64,
     ) -> Result<BacklogRun, BenchError> {
         let receiver = BenchReceiver::start(scratch, endpoints, false).await?;
-        let preload = workload::preload(&scratch.db, self.plan.writers, events).await?;
+        let preload = workload::preload(&scratch.db, self.plan.writers, events, None).await?;
         eprintln!(
             "bench:   {events} events committed in {:.1} s; starting the relay",
             preload.as_secs_f64()
@@ -726,7 +744,10 @@ impl Bench {
             let db = scratch.db.clone();
             let (writers, window, committed) =
                 (self.plan.writers, self.plan.window, committed.clone());
-            async move { workload::write(&db, writers, pace, false, window, committed).await }
+            async move {
+                let tenancy = workload::Tenancy::None;
+                workload::write(&db, writers, pace, false, window, committed, &tenancy).await
+            }
         });
         // sample the backlog while the writers run
         let mut backlog = Vec::new();
@@ -811,7 +832,20 @@ impl Bench {
     /// one of them streams from the slot (the others stand by or retry, whichever this build does); with
     /// notify, until each has its `LISTEN` session, or `LISTEN_DEADLINE` has passed.
     async fn start_relays(&self, scratch: &Scratch) -> Result<Relays, BenchError> {
-        let settings = self.plan.relay_settings(&scratch.url, &scratch.name);
+        self.start_relays_with(scratch, &[]).await
+    }
+
+    /// `start_relays` with a scenario's own settings (which `--relay-setting` still overrides).
+    async fn start_relays_with(
+        &self,
+        scratch: &Scratch,
+        scenario_settings: &[(&str, &str)],
+    ) -> Result<Relays, BenchError> {
+        let mut settings = self.plan.relay_settings(&scratch.url, &scratch.name);
+        let given = settings.len() - self.plan.relay_settings.len();
+        for (k, v) in scenario_settings.iter().rev() {
+            settings.insert(given, (k.to_string(), v.to_string()));
+        }
         let mut relays = Relays::spawn(self.plan.instances, &settings, &scratch.name)?;
         let started = Instant::now();
         loop {

@@ -25,6 +25,8 @@ pub struct Report {
     pub live: Option<Live>,
     pub fanout: Option<Fanout>,
     pub retries: Option<Retries>,
+    pub fairness: Option<Fairness>,
+    pub tenants: Option<Tenants>,
     pub elapsed_s: f64,
 }
 
@@ -229,6 +231,63 @@ pub struct Retries {
     pub cost: Cost,
 }
 
+/// Tenant B's trickle alone, beside tenant A's backlog for a slow endpoint, and during A's burst.
+#[derive(Debug, Serialize)]
+pub struct Fairness {
+    /// Tenant B's events per second.
+    pub offered_per_sec: f64,
+    /// Events in tenant A's backlog (and in its later burst).
+    pub backlog_events: u64,
+    /// How long tenant A's endpoint takes to answer.
+    pub slow_endpoint_ms: u64,
+    /// A's backlog committed → a delivery row recorded for every event of it.
+    pub backlog_recorded_s: f64,
+    /// A's pending deliveries when B's second window began.
+    pub backlog_pending: u64,
+    /// A's deliveries started during B's second window.
+    pub backlog_delivered_in_window: u64,
+    /// B's commit → received, alone.
+    pub b_alone: Option<Latency>,
+    pub b_beside_backlog: Option<Latency>,
+    pub b_during_burst: Option<Latency>,
+    /// B's p99 beside A's backlog ÷ B's p99 alone: fair when at most 2.
+    pub p99_ratio: Option<f64>,
+    /// B's p99 during A's burst ÷ B's p99 alone.
+    pub burst_p99_ratio: Option<f64>,
+    pub peak_rss_mib: f64,
+    /// What the relay cost during B's window beside A's backlog, per B's delivery.
+    #[serde(flatten)]
+    pub cost: Cost,
+}
+
+/// Many tenants with an endpoint each, a few of them broken.
+#[derive(Debug, Serialize)]
+pub struct Tenants {
+    pub tenants: u32,
+    /// Endpoints that answer 500 to everything (half) or never answer (half).
+    pub broken: u32,
+    /// Requests the broken endpoints received.
+    pub broken_requests: u64,
+    pub peak_rss_mib: f64,
+    pub phases: Vec<TenantsPhase>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TenantsPhase {
+    pub name: String,
+    /// `null` for full speed.
+    pub offered_per_sec: Option<f64>,
+    pub committed_per_sec: f64,
+    /// Healthy tenants' deliveries received during the writers' window, per second of it.
+    pub healthy_deliveries_per_sec: f64,
+    /// Healthy tenants' commit → received.
+    pub healthy_latency: Option<Latency>,
+    /// Writers stopped → every healthy tenant's event received.
+    pub caught_up_s: f64,
+    #[serde(flatten)]
+    pub cost: Cost,
+}
+
 impl Report {
     /// The machine line, then one line per scenario (per rate for `live`) with the key figures, then where
     /// the CPU went and the relay's most frequent statements.
@@ -348,7 +407,47 @@ impl Report {
             row(&mut out, "retries 10% 500", rate, l, Some(&r.cost));
         }
 
+        if let Some(t) = &self.tenants {
+            for p in &t.phases {
+                let name = format!("tenants {}", p.name);
+                let rate = format!("{} dlv/s", thousands(p.healthy_deliveries_per_sec));
+                let l = latency(p.healthy_latency.as_ref());
+                row(&mut out, &name, rate, l, Some(&p.cost));
+            }
+        }
+
         let _ = writeln!(out);
+        if let Some(f) = &self.fairness {
+            let _ = writeln!(
+                out,
+                "fairness: tenant B at {:.0}/s, p50/p95/p99/max ms alone {}; beside tenant A's {} pending \
+                 deliveries to a {} ms endpoint {} ({}× alone); while A commits a burst of {} {} ({}× alone)",
+                f.offered_per_sec,
+                latency(f.b_alone.as_ref()),
+                thousands(f.backlog_pending as f64),
+                f.slow_endpoint_ms,
+                latency(f.b_beside_backlog.as_ref()),
+                f.p99_ratio.map_or("-".into(), |r| format!("{r:.2}")),
+                thousands(f.backlog_events as f64),
+                latency(f.b_during_burst.as_ref()),
+                f.burst_p99_ratio.map_or("-".into(), |r| format!("{r:.2}")),
+            );
+        }
+        if let Some(t) = &self.tenants {
+            let _ = writeln!(
+                out,
+                "tenants: {} of {} endpoints broken (500 to everything, or no answer within 5 s) got {} \
+                 requests; healthy tenants caught up {} s after the writers stopped",
+                t.broken,
+                thousands(t.tenants as f64),
+                thousands(t.broken_requests as f64),
+                t.phases
+                    .iter()
+                    .map(|p| format!("{:.1}", p.caught_up_s))
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            );
+        }
         if let Some(l) = &self.live {
             for p in &l.phases {
                 let _ = writeln!(
@@ -502,6 +601,14 @@ impl Report {
         if let Some(r) = &self.retries {
             costs.push(("retries".to_string(), &r.cost));
         }
+        if let Some(f) = &self.fairness {
+            costs.push(("fairness beside".to_string(), &f.cost));
+        }
+        if let Some(t) = &self.tenants {
+            for p in &t.phases {
+                costs.push((format!("tenants {}", p.name), &p.cost));
+            }
+        }
         costs
     }
 }
@@ -634,6 +741,8 @@ mod tests {
             live: None,
             fanout: None,
             retries: None,
+            fairness: None,
+            tenants: None,
             elapsed_s: 10.0,
         };
         let table = report.table();

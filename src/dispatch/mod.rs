@@ -82,6 +82,8 @@ pub struct DispatchSettings {
     /// Global limit on requests in flight.
     pub concurrency: usize,
     pub max_in_flight_per_endpoint: usize,
+    /// Requests in flight to one tenant's endpoints together.
+    pub max_in_flight_per_tenant: usize,
     /// Longest a job waits in memory for room at its endpoint before it is parked.
     pub queue_wait: Duration,
 }
@@ -100,6 +102,14 @@ pub struct Dispatcher {
     log_payloads: bool,
     /// `tracing.otlp_endpoint`: each attempt's span is exported.
     spans: Option<crate::trace::Exporter>,
+}
+
+/// Gives back the in-flight slot `try_start` took at the endpoint (and its tenant).
+fn release_slot(endpoint: &Endpoint) {
+    endpoint.rt.in_flight.fetch_sub(1, Ordering::AcqRel);
+    if let Some(tenant) = &endpoint.tenant_in_flight {
+        tenant.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// What an endpoint's limits say about one more request.
@@ -174,6 +184,13 @@ impl Dispatcher {
         let queued = endpoint.rt.queue.lock().expect("never poisoned").len();
         let open = (self.max_in_flight(endpoint) * depth)
             .saturating_sub(endpoint.rt.in_flight.load(Ordering::Relaxed) + queued);
+        let open = match &endpoint.tenant_in_flight {
+            Some(tenant) => open.min(
+                (self.settings.max_in_flight_per_tenant * depth)
+                    .saturating_sub(tenant.load(Ordering::Relaxed)),
+            ),
+            None => open,
+        };
         let now = Instant::now();
         let mut limits = endpoint.rt.limits.lock().expect("never poisoned");
         let open = open.min(limits.breaker.room(now));
@@ -215,7 +232,28 @@ impl Dispatcher {
                 Start::Full => {}
             }
         }
-        queue.push_back((Instant::now(), job));
+        // a queue that cannot move within queue_wait (slow or hanging requests ahead) does not hold the job
+        // in memory, and so neither the events budget nor the stream behind it: it is parked at once. Jobs the
+        // scheduler claimed are within the endpoint's room already, and wait.
+        let now = Instant::now();
+        if job.claim.is_none()
+            && endpoint
+                .rt
+                .progress
+                .lock()
+                .expect("never poisoned")
+                .backed_up(
+                    queue.len(),
+                    self.max_in_flight(&endpoint),
+                    self.settings.queue_wait,
+                    now,
+                )
+        {
+            drop(queue);
+            self.park(job, SystemTime::now());
+            return;
+        }
+        queue.push_back((now, job));
         // registered under the queue's lock, so the sweeper cannot drop an endpoint that just got a job
         self.waiting
             .lock()
@@ -230,6 +268,14 @@ impl Dispatcher {
         if previous >= self.max_in_flight(endpoint) {
             endpoint.rt.in_flight.fetch_sub(1, Ordering::AcqRel);
             return Start::Full;
+        }
+        if let Some(tenant) = &endpoint.tenant_in_flight {
+            // the tenant's endpoints together: one customer's slow endpoints never take every request slot
+            if tenant.fetch_add(1, Ordering::AcqRel) >= self.settings.max_in_flight_per_tenant {
+                tenant.fetch_sub(1, Ordering::AcqRel);
+                endpoint.rt.in_flight.fetch_sub(1, Ordering::AcqRel);
+                return Start::Full;
+            }
         }
         let now = Instant::now();
         let mut limits = endpoint.rt.limits.lock().expect("never poisoned");
@@ -269,7 +315,7 @@ impl Dispatcher {
             }
         };
         if !matches!(verdict, Start::Go(_)) {
-            endpoint.rt.in_flight.fetch_sub(1, Ordering::AcqRel);
+            release_slot(endpoint);
         }
         verdict
     }
@@ -304,7 +350,7 @@ impl Dispatcher {
                     .expect("never poisoned")
                     .breaker
                     .release(&admission);
-                job.endpoint.rt.in_flight.fetch_sub(1, Ordering::AcqRel);
+                release_slot(&job.endpoint);
                 let endpoint = job.endpoint.clone();
                 drop(job);
                 this.pump(&endpoint, false);
@@ -312,11 +358,19 @@ impl Dispatcher {
             }
             this.in_flight.fetch_add(1, Ordering::Relaxed);
             metrics::gauge!(crate::metrics::IN_FLIGHT).increment(1.0);
+            let started = Instant::now();
+            let progress = &job.endpoint.rt.progress;
+            progress.lock().expect("never poisoned").started(started);
             let row = this.attempt(&job, admission).await;
+            let now = Instant::now();
+            progress
+                .lock()
+                .expect("never poisoned")
+                .completed(now - started, now);
             metrics::gauge!(crate::metrics::IN_FLIGHT).decrement(1.0);
             this.in_flight.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
-            job.endpoint.rt.in_flight.fetch_sub(1, Ordering::AcqRel);
+            release_slot(&job.endpoint);
             let endpoint = job.endpoint.clone();
             this.recorder.record(Outcome {
                 row,

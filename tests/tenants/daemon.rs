@@ -146,3 +146,77 @@ async fn a_tenants_rate_limit_spans_its_endpoints_and_delays_without_losing() {
     );
     daemon.stop().await;
 }
+
+both_sources!(a_tenants_hanging_endpoints_do_not_stop_another_tenants_deliveries);
+/// One tenant's endpoints that never answer hold at most `delivery.max_in_flight_per_tenant` requests (a
+/// quarter of `delivery.concurrency` by default), so another tenant's deliveries keep flowing; the first
+/// tenant's backlog waits (queued, then parked) without loss, through a `kill -9`, and is delivered once its
+/// endpoints answer.
+async fn a_tenants_hanging_endpoints_do_not_stop_another_tenants_deliveries(source: Source) {
+    use walhook::receiver::Reply;
+    let pg = Pg::start_for(source).await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    let hanging = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let hang = hanging.clone();
+    rx.set_responder(move |r, _| {
+        if r.path.starts_with("/a") && hang.load(std::sync::atomic::Ordering::SeqCst) {
+            Reply::Hang
+        } else {
+            Reply::Status(200)
+        }
+    });
+    // four endpoints of 32 requests each would take all 64 request slots without the tenant's limit (16)
+    for i in 0..4 {
+        endpoint(&client, &rx.url(&format!("/a{i}")), Some("a"), false, None).await;
+    }
+    endpoint(&client, &rx.url("/b"), Some("b"), false, None).await;
+    let mut env = pg.env_for(source);
+    for (k, v) in [
+        ("WALHOOK_DELIVERY__CONCURRENCY", "64"),
+        ("WALHOOK_DELIVERY__TIMEOUT", "120s"),
+        ("WALHOOK_SHUTDOWN__DRAIN_TIMEOUT", "1s"),
+    ] {
+        env.push((k.to_string(), v.to_string()));
+    }
+    let mut daemon = KillOnDrop(spawn_binary(&["run"], &env));
+    wait_ready(source, &client).await;
+    // tenant A's backlog first, then tenant B's events one transaction each
+    client
+        .execute(
+            "insert into walhook.outbox (event_type, payload, tenant)
+             select 'order.created', jsonb_build_object('n', g), 'a' from generate_series(1, 300) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    for n in 0..40 {
+        publish_for(&client, Some("b"), &format!(r#"{{"n": {n}}}"#)).await;
+    }
+    assert!(
+        rx.wait_until(DEADLINE, |r| r.iter().filter(|r| r.path == "/b").count()
+            >= 40)
+            .await,
+        "tenant B's deliveries stalled behind tenant A's hanging endpoints"
+    );
+    let to_a = rx
+        .received()
+        .iter()
+        .filter(|r| r.path.starts_with("/a"))
+        .count();
+    assert!(
+        (1..=16).contains(&to_a),
+        "{to_a} requests open to tenant A's endpoints; its limit is 16"
+    );
+
+    // a crash with the limit engaged loses nothing: once A's endpoints answer, everything arrives
+    daemon.0.kill().unwrap();
+    daemon.0.wait().unwrap();
+    hanging.store(false, std::sync::atomic::Ordering::SeqCst);
+    let _daemon = KillOnDrop(spawn_binary(&["run"], &env));
+    wait_succeeded(&client, 300 * 4 + 40).await;
+    for i in 0..4 {
+        assert_eq!(rx.distinct_ids(&format!("/a{i}")).len(), 300, "/a{i}");
+    }
+    assert_eq!(rx.distinct_ids("/b").len(), 40);
+}
