@@ -97,8 +97,8 @@ pub(super) fn same_origin(headers: &HeaderMap, origin: &str) -> Result<(), Strin
         let site = site.to_str().unwrap_or("");
         if !matches!(site, "same-origin" | "none") {
             return Err(format!(
-                "this form was sent from another site (Sec-Fetch-Site: {site}); open the portal's page and \
-                 send it from there"
+                "This form was sent from another site (Sec-Fetch-Site: {site}); open the portal's page and \
+                 send it from there."
             ));
         }
     }
@@ -106,8 +106,8 @@ pub(super) fn same_origin(headers: &HeaderMap, origin: &str) -> Result<(), Strin
         let sent = sent.to_str().unwrap_or("");
         if !sent.eq_ignore_ascii_case(origin) {
             return Err(format!(
-                "this form was sent from {sent:?}, not from the portal ({origin:?}); if the portal is reached \
-                 at that address, set portal.public_url to it"
+                "This form was sent from {sent:?}, not from the portal ({origin:?}); if the portal is reached \
+                 at that address, set portal.public_url to it."
             ));
         }
     }

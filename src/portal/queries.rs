@@ -21,7 +21,8 @@ select r.rolname::text as usr, r.rolsuper as superuser, r.rolbypassrls as bypass
                          then pg_has_role(current_user, g, 'member') else false end) as member_of,
        case when exists (select from pg_roles x where x.rolname = 'walhook_portal')
             then pg_has_role(current_user, 'walhook_portal', 'member') else false end as portal,
-       to_regprocedure('walhook.portal_session(text)') is not null as migrated
+       exists (select from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+                where n.nspname = 'walhook' and p.proname = 'portal_session') as migrated
   from pg_roles r where r.rolname = current_user";
 
 /// `walhook portal-link`: the tenant its transaction is for (a walhook_tenant role mints for that one only).
