@@ -1079,3 +1079,34 @@ fn the_portal_docs_toml_loads() {
         Config::from_figment(figment).unwrap_or_else(|e| panic!("{block}: {e}"));
     }
 }
+
+/// config/walhook-portal.service runs `walhook portal` with the relay unit's hardening, line for line
+/// (.ci/run has systemd-analyze verify both and rate their exposure).
+#[test]
+fn the_portal_unit_has_the_relays_hardening() {
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("{}/config/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    };
+    let hardening = |unit: &str| -> Vec<String> {
+        unit.split("# Hardening")
+            .nth(1)
+            .expect("a hardening block")
+            .split("[Install]")
+            .next()
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    let (relay, portal) = (read("walhook.service"), read("walhook-portal.service"));
+    assert_eq!(hardening(&portal), hardening(&relay));
+    let exec = portal
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .unwrap();
+    assert_eq!(
+        exec,
+        "/usr/local/bin/walhook --config /etc/walhook/walhook.toml portal"
+    );
+    assert!(portal.contains("\nEnvironmentFile=/etc/walhook/portal.env\n"));
+}
