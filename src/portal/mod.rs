@@ -75,6 +75,9 @@ pub fn settings(config: &Config) -> Result<Settings, PortalError> {
 /// `walhook portal`: checks the role, binds `portal.listen` and serves until `stop` fires.
 pub async fn run(config: &Config, stop: CancellationToken) -> Result<(), PortalError> {
     let settings = settings(config)?;
+    for warning in settings.warnings() {
+        tracing::warn!("{warning}");
+    }
     let db = config.portal_database_url()?;
     check_role(&db).await?;
     let addr = config.portal.listen;

@@ -55,6 +55,22 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// What an operator should hear at start-up about these settings.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.cookie.embedded && !self.cookie.secure {
+            warnings.push(
+                "portal.frame_ancestors lets other sites frame the portal, but portal.public_url is not https: \
+                 browsers drop a framed site's cookies unless they are SameSite=None; Secure, so serve the \
+                 portal over https and set portal.public_url to its https:// address"
+                    .to_string(),
+            );
+        }
+        warnings
+    }
+}
+
+impl Settings {
     /// From a validated `[portal]` section and the delivery's network policy.
     pub fn new(config: &PortalConfig, policy: NetworkPolicy) -> Settings {
         let public = config.public_url();
@@ -91,7 +107,11 @@ impl Settings {
                     path.to_string()
                 },
                 secure,
-                embedded: frame_ancestors != "'none'",
+                // framed by another site: its requests are third-party ('self' alone needs nothing more)
+                embedded: config
+                    .frame_ancestors
+                    .split_ascii_whitespace()
+                    .any(|source| source != "'none'" && source != "'self'"),
             },
             csp: HeaderValue::from_str(&csp).expect("checked by the configuration"),
             frame_deny: frame_ancestors == "'none'",
@@ -963,5 +983,13 @@ mod tests {
         assert_eq!(s.origin, "http://127.0.0.1:8090");
         assert_eq!((s.theme.base.as_str(), s.cookie.path.as_str()), ("", "/"));
         assert!(!s.cookie.secure && !s.cookie.embedded && s.frame_deny);
+        assert!(s.warnings().is_empty());
+        config.frame_ancestors = "'self'".into();
+        let s = Settings::new(&config, NetworkPolicy::default());
+        assert!(!s.cookie.embedded && !s.frame_deny && s.warnings().is_empty());
+        config.frame_ancestors = "'self' https://app.example.com".into();
+        let s = Settings::new(&config, NetworkPolicy::default());
+        assert!(s.cookie.embedded);
+        assert!(s.warnings()[0].contains("not https"));
     }
 }

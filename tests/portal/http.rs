@@ -40,12 +40,17 @@ struct Web {
 }
 
 impl Web {
+    /// Its public URL is the address the test's requests use.
     async fn start(config: &Config) -> Web {
+        Web::start_with(config, |addr| format!("http://{addr}")).await
+    }
+
+    /// With `portal.public_url` made from the listening address.
+    async fn start_with(config: &Config, public_url: impl FnOnce(SocketAddr) -> String) -> Web {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        // the address the test's requests use, as a proxy's public URL would be
         let mut config = config.clone();
-        config.portal.public_url = format!("http://{addr}");
+        config.portal.public_url = public_url(addr);
         let settings = walhook::portal::settings(&config).unwrap();
         let db = config.portal_database_url().unwrap();
         walhook::portal::check_role(&db)
@@ -1109,4 +1114,78 @@ fn the_portal_unit_has_the_relays_hardening() {
         "/usr/local/bin/walhook --config /etc/walhook/walhook.toml portal"
     );
     assert!(portal.contains("\nEnvironmentFile=/etc/walhook/portal.env\n"));
+}
+
+/// Behind a reverse proxy that serves the portal under a path of the application's https site, embedded in the
+/// application's pages: links, redirects and the cookie carry the path, the cookie is `SameSite=None; Secure`,
+/// and the CSP names the application as the only frame ancestor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_proxy_under_a_path_and_embedded() {
+    let pg = Pg::start().await;
+    let superuser = pg.client().await;
+    roles(&superuser).await;
+    let e = tenant_endpoint(&superuser, "acme", "https://hooks.acme.example/a").await;
+    let config = pg.config_with(|f| {
+        f.merge(("portal.database_url", pg.url_as("portal")))
+            .merge(("portal.frame_ancestors", "https://app.example.com"))
+            .merge(("portal.brand_name", "Acme <hooks>"))
+            .merge(("portal.brand_color", "#0f766e"))
+            .merge(("portal.logo_url", "/logo.svg"))
+    });
+    let web = Web::start_with(&config, |_| "https://app.example.com/webhooks".into()).await;
+    let addr = web.addr;
+    let path = link(&superuser, Some("acme")).await;
+    assert_eq!(
+        request(addr, "GET", &path, &[], None).await.status,
+        404,
+        "outside the prefix"
+    );
+    let opened = request(addr, "GET", &format!("/webhooks{path}"), &[], None).await;
+    assert_eq!(opened.status, 303, "{opened:?}");
+    assert_eq!(opened.location(), "/webhooks/");
+    let cookie = opened.header("set-cookie");
+    assert!(
+        cookie.ends_with("; Max-Age=28800; HttpOnly; Path=/webhooks; SameSite=None; Secure"),
+        "{cookie}"
+    );
+    assert!(opened
+        .header("content-security-policy")
+        .ends_with("; frame-ancestors https://app.example.com"));
+    assert_eq!(opened.header("x-frame-options"), "");
+    let session = cookie.split(';').next().unwrap().to_string();
+    let home = request(addr, "GET", "/webhooks/", &[("cookie", &session)], None).await;
+    assert_eq!(home.status, 200, "{home:?}");
+    for href in [
+        "href=\"/webhooks/static/portal.css\"",
+        "src=\"/webhooks/static/portal.js\"",
+        &format!("href=\"/webhooks/endpoints/{e}\""),
+        "action=\"/webhooks/logout\"",
+        "<img class=\"logo\" src=\"/logo.svg\"",
+        "<span>Acme &lt;hooks&gt;</span>",
+    ] {
+        assert!(home.body.contains(href), "{href} in {}", home.body);
+    }
+    let css = request(addr, "GET", "/webhooks/static/portal.css", &[], None).await;
+    assert!(css.body.starts_with(":root { --brand: #0f766e; }"));
+    // the application's own origin is the portal's: its framed forms pass, another's do not
+    let csrf = csrf_of(&home.body);
+    let pause = |origin: &'static str| {
+        let body = form(&[("csrf", &csrf)]);
+        let session = session.clone();
+        async move {
+            request(
+                addr,
+                "POST",
+                &format!("/webhooks/endpoints/{e}/pause"),
+                &[("cookie", &session), ("origin", origin)],
+                Some(body),
+            )
+            .await
+        }
+    };
+    assert_eq!(pause("https://evil.example").await.status, 403);
+    let paused = pause("https://app.example.com").await;
+    assert_eq!(paused.status, 303, "{paused:?}");
+    assert_eq!(paused.location(), format!("/webhooks/endpoints/{e}"));
+    web.stop().await;
 }
