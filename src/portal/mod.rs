@@ -7,10 +7,11 @@
 //! (404). That is also why the portal refuses to start as a role that would step over row-level security
 //! ([`check_role`]).
 //!
-//! The parts, in the order a request meets them: [`routes`] (the HTTP server, limits, routing, security
-//! headers), [`auth`] (the session cookie, CSRF and origin checks), [`form`] (bounded form and query
-//! parsing), [`queries`] (every statement the pages run) and [`pages`] (server-rendered HTML, everything
-//! escaped, styled by the embedded `static/portal.css`; `static/portal.js` only adds niceties).
+//! The parts, in the order a request meets them: [`server`] (connections, limits, the session's transaction,
+//! security headers), [`auth`] (the session cookie, CSRF and origin checks), [`form`] (bounded form and query
+//! parsing), [`routes`] (the pages and actions), [`queries`] (every statement the pages run) and [`pages`]
+//! (server-rendered HTML, everything escaped, styled by the embedded `static/portal.css`; `static/portal.js`
+//! only adds niceties); [`pool`] lends each request one of a fixed number of database sessions.
 
 mod auth;
 mod form;
@@ -18,6 +19,7 @@ mod pages;
 mod pool;
 mod queries;
 mod routes;
+mod server;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +31,7 @@ use crate::config::{Config, ConfigError};
 use crate::conninfo::ConnInfo;
 use crate::dispatch::guard::{Cidr, NetworkPolicy};
 
-pub use routes::Settings;
+pub use server::Settings;
 
 /// Why the portal cannot start (or stopped).
 #[derive(Debug, thiserror::Error)]
@@ -101,7 +103,7 @@ pub async fn serve(
     connections: usize,
     stop: CancellationToken,
 ) {
-    let portal = Arc::new(routes::Portal::new(
+    let portal = Arc::new(server::Portal::new(
         settings,
         pool::Pool::new(db, connections),
     ));
@@ -118,7 +120,7 @@ pub async fn serve(
                 }
             },
         };
-        tasks.spawn(routes::connection(portal.clone(), stream, stop.clone()));
+        tasks.spawn(server::connection(portal.clone(), stream, stop.clone()));
     }
     tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(10), tasks.wait()).await;
