@@ -267,12 +267,17 @@ pub(super) fn endpoint(
     let mut body = format!(
         r#"<div class="head"><h1>Endpoint {id}</h1><a class="button" href="{base}/endpoints/{id}/edit">Edit</a></div>"#
     );
+    let notice_is_rotation = matches!(notice, Notice::Rotated(_));
     match notice {
         Notice::None => {}
         Notice::Secret(secret) | Notice::Rotated(secret) => {
+            let what = match notice_is_rotation {
+                true => "The new signing secret; the old one keeps signing during the grace period you chose:",
+                false => "The signing secret, to verify the webhook-signature header of every request:",
+            };
             let _ = write!(
                 body,
-                r#"<div class="notice"><p>The signing secret (shown this once; reveal it again at any time):</p><p><code class="secret" id="secret">{}</code> <button type="button" class="copy" data-copy="secret" hidden>Copy</button></p></div>"#,
+                r#"<div class="notice"><p>{what}</p><p><code class="secret" id="secret">{}</code> <button type="button" class="copy" data-copy="secret" hidden>Copy</button></p></div>"#,
                 esc(&secret)
             );
         }
