@@ -36,6 +36,8 @@
 //! - [`portal`]: `walhook portal`, the pages where an application's customers manage their own webhooks, a
 //!   thin client of the SQL contract whose transactions row-level security holds to one tenant.
 //! - [`bench`]: `walhook bench`, throughput, latency and cost of the relay on this machine.
+//! - [`listen`]: `walhook listen`, a local verifying receiver for developers (forwards to their app, replays);
+//!   [`send_test`]: `walhook send-test`, a `walhook.test` event to one endpoint, followed attempt by attempt.
 //! - [`lsn`], [`metrics`]: WAL positions; metric names. [`pgerror`]: how a database failure reads (the
 //!   server's message, SQLSTATE, detail, hint, and the fix), for every error that wraps one.
 
@@ -50,6 +52,7 @@ pub mod endpoint_state;
 pub mod event;
 pub mod fanout;
 pub mod health;
+pub mod listen;
 pub mod lsn;
 pub mod metrics;
 pub mod monitor;
@@ -63,6 +66,7 @@ pub mod record;
 pub mod retention;
 pub mod scheduler;
 pub mod schema;
+pub mod send_test;
 pub mod sign;
 pub mod source;
 pub mod status;

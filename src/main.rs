@@ -81,6 +81,48 @@ enum Command {
     Keygen,
     /// Measure throughput, latency and cost on this machine (a throwaway PostgreSQL unless --database-url).
     Bench(BenchArgs),
+    /// A local receiver for developing one: verifies each request's signature, prints the event, says why a
+    /// request fails (401), and can forward verified requests to your app and replay them.
+    Listen(ListenArgs),
+    /// Queue a walhook.test event to one endpoint (walhook.send_test), signed, sent and recorded by the
+    /// running daemon like any delivery.
+    SendTest {
+        /// The endpoint's id (SELECT id, url FROM walhook.endpoints).
+        #[arg(long, value_name = "ID")]
+        endpoint: i64,
+        /// The event's payload (JSON) [default: a message naming the endpoint].
+        #[arg(long, value_name = "JSON")]
+        payload: Option<String>,
+        /// Follow the delivery until it succeeds or is dead, printing each attempt (status, latency, error).
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("verify").required(true).args(["secret", "endpoint"])))]
+struct ListenArgs {
+    /// Port to listen on (0: any free port, printed).
+    #[arg(long, value_name = "N", default_value_t = walhook::listen::DEFAULT_PORT)]
+    port: u16,
+    /// Address to listen on [default: 127.0.0.1]. The listener stays on loopback unless another address is
+    /// named here: with e.g. 0.0.0.0 other machines can reach it.
+    #[arg(long, value_name = "ADDRESS")]
+    host: Option<std::net::IpAddr>,
+    /// Verify with this secret (whsec_…, the endpoint's walhook.endpoints.secret).
+    #[arg(long, value_name = "SECRET")]
+    secret: Option<String>,
+    /// Verify with this endpoint's secrets (current and in a rotation's grace period), read with the
+    /// configuration's database_url (a role with walhook_admin).
+    #[arg(long, value_name = "ID")]
+    endpoint: Option<i64>,
+    /// Forward each verified request to your app (e.g. http://localhost:3000/webhooks) and answer with its
+    /// status; POST /replay/<webhook-id> to the listener forwards one again.
+    #[arg(long, value_name = "URL")]
+    forward_to: Option<String>,
+    /// How many verified requests are kept for replay.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    keep: usize,
 }
 
 #[derive(clap::Args)]
@@ -153,6 +195,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     if let Command::Bench(args) = cli.command {
         init_logs("warn", LogFormat::Text, false);
         return bench(&runtime, args);
+    }
+    if let Command::Listen(args) = cli.command {
+        return listen(&runtime, args, cli.config.as_deref());
     }
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
@@ -269,7 +314,17 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        Command::Demo | Command::Keygen | Command::Bench(_) => unreachable!("handled above"),
+        Command::SendTest {
+            endpoint,
+            payload,
+            wait,
+        } => {
+            init_logs("warn", config.log.format, false);
+            runtime.block_on(send_test(&config, endpoint, payload.as_deref(), wait))
+        }
+        Command::Demo | Command::Keygen | Command::Bench(_) | Command::Listen(_) => {
+            unreachable!("handled above")
+        }
     }
 }
 
@@ -292,6 +347,69 @@ fn bench(runtime: &tokio::runtime::Runtime, args: BenchArgs) -> anyhow::Result<(
         std::fs::write(&path, json + "\n")
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    Ok(())
+}
+
+/// `walhook listen`: the configuration is read only for --endpoint (its database_url).
+fn listen(
+    runtime: &tokio::runtime::Runtime,
+    args: ListenArgs,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use walhook::listen::{Options, Secrets};
+    init_logs("warn", LogFormat::Text, false);
+    let secrets = match (args.secret, args.endpoint) {
+        (Some(secret), _) => Secrets::Given(secret),
+        (None, Some(id)) => Secrets::Endpoint {
+            id,
+            database: Box::new(Config::load(config)?.database_url()?),
+        },
+        (None, None) => unreachable!("clap requires --secret or --endpoint"),
+    };
+    let forward_to = args
+        .forward_to
+        .as_deref()
+        .map(walhook::listen::parse_forward_to)
+        .transpose()?;
+    let options = Options {
+        host: args.host,
+        port: args.port,
+        secrets,
+        forward_to,
+        keep: args.keep,
+    };
+    runtime.block_on(async {
+        let stop = CancellationToken::new();
+        tokio::spawn(signals(stop.clone(), CancellationToken::new()));
+        walhook::listen::run(options, stop).await?;
+        Ok(())
+    })
+}
+
+/// `walhook send-test`: queue, then (with --wait) follow the delivery; fails when it ends dead.
+async fn send_test(
+    config: &Config,
+    endpoint: i64,
+    payload: Option<&str>,
+    wait: bool,
+) -> anyhow::Result<()> {
+    use walhook::send_test;
+    let db = config.database_url()?;
+    let client = send_test::connect(&db).await?;
+    let queued = send_test::queue(&client, &db, endpoint, payload).await?;
+    println!(
+        "queued delivery {} of a walhook.test event (webhook-id {}) to endpoint {endpoint} ({})",
+        queued.delivery, queued.webhook_id, queued.endpoint_url
+    );
+    if !wait {
+        println!(
+            "the daemon sends it now; follow it with: SELECT status, attempts, last_status_code, last_error \
+             FROM walhook.deliveries WHERE id = {};",
+            queued.delivery
+        );
+        return Ok(());
+    }
+    send_test::wait(&client, &db, queued.delivery, |line| println!("{line}")).await?;
     Ok(())
 }
 

@@ -66,6 +66,8 @@ pub enum Job {
     Migrate,
     /// `walhook status`: the role needs `walhook_reader`.
     Status,
+    /// `walhook send-test`, `walhook listen --endpoint`: the role needs `walhook_admin`.
+    Manage,
 }
 
 /// Where a session connects and as whom, for messages; never the password.
@@ -229,6 +231,10 @@ pub fn server_fix(e: &ServerError, job: Job, target: Option<&Target>) -> Option<
                 "the role lacks a privilege `walhook status` needs: as the owner of the walhook schema, run \
                  GRANT walhook_reader TO {user} (README, \"Roles\")"
             ),
+            Job::Manage => format!(
+                "the role lacks a privilege `walhook send-test` and `walhook listen --endpoint` need: as the \
+                 owner of the walhook schema, run GRANT walhook_admin TO {user} (README, \"Roles\")"
+            ),
             Job::Migrate => "run `walhook migrate` as a role that may create the walhook schema: the \
                              database's owner or a superuser (README, \"Roles\")"
                 .to_string(),
@@ -381,6 +387,7 @@ mod tests {
         assert!(fix(Job::Daemon).contains("GRANT walhook_daemon TO <user>"));
         assert!(fix(Job::Status).contains("GRANT walhook_reader TO <user>"));
         assert!(fix(Job::Migrate).contains("walhook migrate"));
+        assert!(fix(Job::Manage).contains("GRANT walhook_admin TO <user>"));
         assert!(fix(Job::Replication).contains("ALTER ROLE <user> REPLICATION"));
     }
 

@@ -7,8 +7,10 @@
 //! `wal_level = replica` one. Tests of one source's own machinery (the slot, or notify's claims and leases)
 //! run for that source alone.
 
+mod browser;
 mod demo;
 mod failover;
+mod listen;
 mod ops;
 mod scale;
 mod schema;
