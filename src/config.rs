@@ -50,6 +50,7 @@ pub struct Config {
     pub health: HealthConfig,
     pub shutdown: ShutdownConfig,
     pub retention: RetentionConfig,
+    pub portal: PortalConfig,
     /// Set by `walhook demo`: `database_url` names its own throwaway cluster completely, so the `PG*`
     /// variables and the password file, meant for the user's servers, are not read. Not a configuration key.
     #[serde(skip)]
@@ -445,6 +446,189 @@ impl TracingConfig {
     }
 }
 
+/// `walhook portal`: the customer-facing pages (see [`crate::portal`] and docs/portal.md).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PortalConfig {
+    /// Where the portal's HTTP server listens.
+    #[serde(with = "socket_addr")]
+    pub listen: SocketAddr,
+    /// The URL browsers use to reach the portal (`https://hooks.example.com`); links are built on it and
+    /// cookies are `Secure` when it is https. Empty: `http://` + `listen`.
+    #[serde(deserialize_with = "string_like")]
+    pub public_url: String,
+    /// The portal's own connection settings (a role holding only walhook_portal); unset: `database_url`.
+    #[serde(serialize_with = "redacted_database_url")]
+    pub database_url: Option<String>,
+    /// The CSP `frame-ancestors` sources that may embed the portal: `'none'`, or e.g. `https://app.example.com`.
+    #[serde(deserialize_with = "string_like")]
+    pub frame_ancestors: String,
+    #[serde(deserialize_with = "string_like")]
+    pub brand_name: String,
+    /// `#rrggbb`.
+    #[serde(deserialize_with = "string_like")]
+    pub brand_color: String,
+    /// An https:// URL or a path on the portal's host; empty for none.
+    #[serde(deserialize_with = "string_like")]
+    pub logo_url: String,
+    /// How long a session opened by a link lasts (1 minute to 7 days).
+    #[serde(with = "duration")]
+    pub session_ttl: Duration,
+    /// Database connections the portal keeps (each request holds one for its transaction).
+    pub connections: usize,
+}
+
+impl Default for PortalConfig {
+    fn default() -> Self {
+        PortalConfig {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8090)),
+            public_url: String::new(),
+            database_url: None,
+            frame_ancestors: "'none'".into(),
+            brand_name: "Webhooks".into(),
+            brand_color: "#2563eb".into(),
+            logo_url: String::new(),
+            session_ttl: Duration::from_secs(8 * 3600),
+            connections: 8,
+        }
+    }
+}
+
+impl PortalConfig {
+    /// `public_url` without its trailing slash, or `http://` + `listen` when it is empty.
+    pub fn public_url(&self) -> String {
+        match self.public_url.trim() {
+            "" => format!("http://{}", self.listen),
+            url => url.trim_end_matches('/').to_string(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.database_url {
+            crate::conninfo::check_syntax(url).map_err(|e| {
+                let mut e = setting_error(e);
+                if let ConfigError::InvalidValue { key, .. } = &mut e {
+                    if key == "database_url" {
+                        *key = "portal.database_url".into();
+                    }
+                }
+                e
+            })?;
+        }
+        check_public_url(&self.public_url)
+            .map_err(|message| invalid("portal.public_url", message))?;
+        check_frame_ancestors(&self.frame_ancestors)
+            .map_err(|message| invalid("portal.frame_ancestors", message))?;
+        let name = self.brand_name.trim();
+        if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
+            return Err(invalid(
+                "portal.brand_name",
+                "expected 1 to 100 printable characters, like \"Acme webhooks\"",
+            ));
+        }
+        let color = self.brand_color.as_bytes();
+        if color.len() != 7 || color[0] != b'#' || !color[1..].iter().all(u8::is_ascii_hexdigit) {
+            let message = format!(
+                "invalid colour {:?}; expected #rrggbb, like \"#2563eb\"",
+                self.brand_color
+            );
+            return Err(invalid("portal.brand_color", message));
+        }
+        check_logo_url(&self.logo_url).map_err(|message| invalid("portal.logo_url", message))?;
+        if self.session_ttl < Duration::from_secs(60)
+            || self.session_ttl > Duration::from_secs(7 * 86400)
+        {
+            return Err(invalid(
+                "portal.session_ttl",
+                "expected 1m to 7days (walhook.portal_exchange refuses anything else)",
+            ));
+        }
+        if !(1..=100).contains(&self.connections) {
+            let message = format!("{} is out of range; expected 1 to 100", self.connections);
+            return Err(invalid("portal.connections", message));
+        }
+        Ok(())
+    }
+}
+
+/// An `http(s)://host[:port][/path]` URL without credentials, query or fragment.
+fn check_public_url(url: &str) -> Result<(), String> {
+    let url = url.trim();
+    if url.is_empty() {
+        return Ok(());
+    }
+    let expected = "expected the URL browsers use to reach the portal, like \"https://hooks.example.com\", or \"\" for http:// + portal.listen";
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| format!("{url:?} is not an http:// or https:// URL; {expected}"))?;
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority.is_empty() {
+        return Err(format!("{url:?} names no host; {expected}"));
+    }
+    if authority.contains('@') {
+        return Err(format!("{url:?} holds credentials; {expected}"));
+    }
+    if url.contains(['?', '#'])
+        || url
+            .bytes()
+            .any(|b| b <= b' ' || b >= 0x7f || b == b'"' || b == b'<' || b == b'>')
+    {
+        return Err(format!(
+            "{url:?} has a query, a fragment or a character that needs escaping; {expected}"
+        ));
+    }
+    Ok(())
+}
+
+/// CSP `frame-ancestors` sources: `'none'` alone, or `'self'` and scheme or host sources.
+fn check_frame_ancestors(value: &str) -> Result<(), String> {
+    let expected = "expected 'none' (no embedding), 'self', or the origins of the pages that embed the portal separated by spaces, like \"https://app.example.com\"";
+    let sources: Vec<&str> = value.split_ascii_whitespace().collect();
+    if sources.is_empty() {
+        return Err(format!("is empty; {expected}"));
+    }
+    for source in &sources {
+        let ok = match *source {
+            "'none'" => sources.len() == 1,
+            "'self'" => true,
+            s => {
+                !s.starts_with('\'')
+                    && s.bytes().all(|b| {
+                        b.is_ascii_graphic()
+                            && !matches!(b, b';' | b',' | b'"' | b'<' | b'>' | b'\\')
+                    })
+            }
+        };
+        if !ok {
+            return Err(format!(
+                "invalid source {source:?} in {value:?}; {expected}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An `https://` URL or a path (`/logo.svg`) on the portal's host.
+fn check_logo_url(url: &str) -> Result<(), String> {
+    if url.is_empty() {
+        return Ok(());
+    }
+    let https = url
+        .strip_prefix("https://")
+        .is_some_and(|rest| !rest.is_empty());
+    let path = url.starts_with('/') && !url.starts_with("//");
+    let clean = !url
+        .bytes()
+        .any(|b| b <= b' ' || b >= 0x7f || b == b'"' || b == b'<' || b == b'>' || b == b'\\');
+    match (https || path) && clean {
+        true => Ok(()),
+        false => Err(format!(
+            "invalid logo URL {url:?}; expected an https:// URL or a path on the portal's host like \"/logo.svg\" (the portal's CSP loads images from nowhere else), or \"\" for none"
+        )),
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
@@ -706,6 +890,7 @@ impl Config {
         if t.service_name.trim().is_empty() {
             return Err(invalid("tracing.service_name", "must not be empty"));
         }
+        self.portal.validate()?;
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             let level = &self.log.level;
             let message = format!(
@@ -725,6 +910,33 @@ impl Config {
             false => Environment::process(),
         };
         let info = ConnInfo::resolve(self.database_url.as_deref(), &env).map_err(setting_error)?;
+        for warning in info.warnings() {
+            tracing::warn!("{warning}");
+        }
+        Ok(info)
+    }
+}
+
+impl Config {
+    /// The portal's connection settings: `portal.database_url`, else `database_url`, with the `PG*` variables
+    /// and libpq's defaults as for [`Config::database_url`].
+    pub fn portal_database_url(&self) -> Result<ConnInfo, ConfigError> {
+        let Some(url) = &self.portal.database_url else {
+            return self.database_url();
+        };
+        let env = match self.self_contained {
+            true => Environment::default(),
+            false => Environment::process(),
+        };
+        let info = ConnInfo::resolve(Some(url.as_str()), &env).map_err(|e| {
+            let mut e = setting_error(e);
+            if let ConfigError::InvalidValue { key, .. } = &mut e {
+                if key == "database_url" {
+                    *key = "portal.database_url".into();
+                }
+            }
+            e
+        })?;
         for warning in info.warnings() {
             tracing::warn!("{warning}");
         }
@@ -1154,6 +1366,24 @@ mod duration_list {
 }
 
 /// `#[serde(with = "listen")]`: "ip:port", or "" / "off" for none.
+mod socket_addr {
+    use super::*;
+
+    pub fn serialize<S: serde::Serializer>(addr: &SocketAddr, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(addr)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+        let text = String::deserialize(d)?;
+        text.trim().parse().map_err(|_| {
+            serde::de::Error::custom(format!(
+                "invalid listen address {text:?}; expected an IP address and port like \"127.0.0.1:8090\" \
+                 or \"[::1]:8090\""
+            ))
+        })
+    }
+}
+
 mod listen {
     use super::*;
 
@@ -1719,6 +1949,98 @@ mod tests {
             assert_eq!(settings.otlp_endpoint, "http://127.0.0.1:4318");
             assert_eq!(settings.otlp_headers["x_api_key"], "hunter2");
             assert!(!serde_json::to_string(&config).unwrap().contains("hunter2"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn portal_keys_are_checked_and_name_the_key() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            let config = load_in(jail, None).unwrap();
+            assert_eq!(config.portal.public_url(), "http://127.0.0.1:8090");
+            let cases = [
+                (
+                    "[portal]\nlisten = \"localhost\"",
+                    "portal.listen: invalid listen address",
+                ),
+                (
+                    "[portal]\npublic_url = \"hooks.example.com\"",
+                    "portal.public_url: \"hooks.example.com\" is not an http:// or https:// URL",
+                ),
+                (
+                    "[portal]\npublic_url = \"https://u:p@hooks.example.com\"",
+                    "portal.public_url: \"https://u:p@hooks.example.com\" holds credentials",
+                ),
+                (
+                    "[portal]\npublic_url = \"https://hooks.example.com/?a=1\"",
+                    "portal.public_url: \"https://hooks.example.com/?a=1\" has a query",
+                ),
+                (
+                    "[portal]\nframe_ancestors = \"\"",
+                    "portal.frame_ancestors: is empty; expected 'none'",
+                ),
+                (
+                    "[portal]\nframe_ancestors = \"'none' https://a.example\"",
+                    "portal.frame_ancestors: invalid source \"'none'\"",
+                ),
+                (
+                    "[portal]\nframe_ancestors = \"https://a.example; script-src *\"",
+                    "portal.frame_ancestors: invalid source \"https://a.example;\"",
+                ),
+                (
+                    "[portal]\nbrand_color = \"blue\"",
+                    "portal.brand_color: invalid colour \"blue\"; expected #rrggbb",
+                ),
+                (
+                    "[portal]\nbrand_name = \" \"",
+                    "portal.brand_name: expected 1 to 100 printable characters",
+                ),
+                (
+                    "[portal]\nlogo_url = \"http://cdn.example/logo.png\"",
+                    "portal.logo_url: invalid logo URL",
+                ),
+                (
+                    "[portal]\nlogo_url = \"//cdn.example/logo.png\"",
+                    "portal.logo_url: invalid logo URL",
+                ),
+                (
+                    "[portal]\nsession_ttl = \"30s\"",
+                    "portal.session_ttl: expected 1m to 7days",
+                ),
+                (
+                    "[portal]\nconnections = 0",
+                    "portal.connections: 0 is out of range; expected 1 to 100",
+                ),
+                (
+                    "[portal]\ndatabase_url = \"postgres://u:hunter2@h:x/db\"",
+                    "portal.database_url: ",
+                ),
+            ];
+            for (file, want) in cases {
+                let e = err_in(jail, Some(file));
+                assert!(e.starts_with(want), "{file:?}: got {e:?}, want {want:?}");
+                assert!(!e.contains("hunter2"), "{e}");
+            }
+            let config = load_in(
+                jail,
+                Some(
+                    "[portal]\npublic_url = \"https://app.example.com/webhooks/\"\n\
+                     frame_ancestors = \"'self' https://app.example.com\"\nlogo_url = \"/logo.svg\"\n\
+                     brand_color = \"#0A0b0c\"\n",
+                ),
+            )
+            .unwrap();
+            assert_eq!(
+                config.portal.public_url(),
+                "https://app.example.com/webhooks"
+            );
+            jail.set_env("WALHOOK_PORTAL__BRAND_COLOR", "red");
+            let e = err_in(jail, None);
+            assert!(
+                e.ends_with("(from environment variable WALHOOK_PORTAL__BRAND_COLOR)"),
+                "{e}"
+            );
             Ok(())
         });
     }

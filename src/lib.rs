@@ -33,6 +33,8 @@
 //!   [`preflight`]: the start-up checks of `walhook check-config --connect`.
 //! - [`demo`], [`cluster`], [`receiver`]: the self-contained demo, a throwaway PostgreSQL cluster and a
 //!   loopback webhook receiver (also used by the tests and benchmarks).
+//! - [`portal`]: `walhook portal`, the pages where an application's customers manage their own webhooks, a
+//!   thin client of the SQL contract whose transactions row-level security holds to one tenant.
 //! - [`bench`]: `walhook bench`, throughput, latency and cost of the relay on this machine.
 //! - [`listen`]: `walhook listen`, a local verifying receiver for developers (forwards to their app, replays);
 //!   [`send_test`]: `walhook send-test`, a `walhook.test` event to one endpoint, followed attempt by attempt.
@@ -57,6 +59,7 @@ pub mod monitor;
 pub mod pgerror;
 pub mod pgoutput;
 pub mod pgtls;
+pub mod portal;
 pub mod preflight;
 pub mod receiver;
 pub mod record;

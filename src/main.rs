@@ -55,6 +55,27 @@ enum Command {
         #[arg(long, value_name = "TIME|DURATION")]
         since: Option<String>,
     },
+    /// Serve the portal, where your customers manage their own webhooks (the [portal] section), until
+    /// SIGTERM/SIGINT. Connects as portal.database_url (else database_url): a role holding only walhook_portal.
+    Portal,
+    /// Mint a single-use portal link for a tenant's customer (or an operator) and print it on portal.public_url.
+    /// Connects as database_url: a walhook_admin role (or a walhook_tenant role, for its own tenant).
+    PortalLink {
+        /// The tenant whose pages the link opens.
+        #[arg(
+            long,
+            value_name = "TENANT",
+            required_unless_present = "operator",
+            conflicts_with = "operator"
+        )]
+        tenant: Option<String>,
+        /// How long the link may be used (once), 1m to 7days.
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// An operator's link: every tenant's health, and any tenant's pages (needs walhook_admin).
+        #[arg(long)]
+        operator: bool,
+    },
     /// Print a new ed25519 key pair for asymmetric (v1a) signing: the whsk_ key goes into
     /// walhook.endpoints.signing_key, the whpk_ key to the receiver.
     Keygen,
@@ -268,6 +289,28 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                          without deliveries; start walhook to send them"
                     ),
                 }
+                Ok(())
+            })
+        }
+        Command::Portal => {
+            init_logs(&config.log.level, config.log.format, config.log.payloads);
+            runtime.block_on(async {
+                let stop = CancellationToken::new();
+                tokio::spawn(signals(stop.clone(), CancellationToken::new()));
+                walhook::portal::run(&config, stop).await?;
+                Ok(())
+            })
+        }
+        Command::PortalLink {
+            tenant,
+            ttl,
+            operator,
+        } => {
+            init_logs("warn", config.log.format, false);
+            runtime.block_on(async {
+                let link =
+                    walhook::portal::mint_link(&config, tenant.as_deref(), ttl, operator).await?;
+                println!("{link}");
                 Ok(())
             })
         }

@@ -1,3 +1,4 @@
 //! The portal: its SQL contract here; its web server and browser tests beside it.
 
+mod http;
 mod sql;
