@@ -45,6 +45,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../sql/012_operational_events.sql"),
     ),
     (13, "portal", include_str!("../sql/013_portal.sql")),
+    (
+        14,
+        "portal overview",
+        include_str!("../sql/014_portal_overview.sql"),
+    ),
 ];
 
 /// Privileges of walhook's group roles, applied after every migrate: repeatable and idempotent.

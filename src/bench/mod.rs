@@ -17,6 +17,7 @@
 //! - `retries`: full-speed writers while 10 % of first attempts are answered 500.
 //! - `fairness` and `tenants`: one tenant's backlog beside another's trickle, and 1,000 tenants with a few
 //!   broken endpoints (see `tenants.rs`).
+//! - `portal`: the portal's pages over a million deliveries (see `portal.rs`).
 //!
 //! `--source` picks the relays' source (the scratch database then gets a slot, or the notify source's index
 //! and trigger, before any event is written); `--instances N` runs N relays on the same database, as several
@@ -27,6 +28,7 @@
 //! every statement the benchmark runs carries the `/* walhook-bench */` marker, and the relay's statements are
 //! the rest of the scratch database's. Replication protocol commands are not statements and are not counted.
 
+mod portal;
 mod procfs;
 mod relay;
 mod report;
@@ -46,8 +48,8 @@ pub use crate::config::SourceKind;
 use crate::receiver::{Receiver, Reply};
 use relay::Relays;
 pub use report::{
-    Baseline, Cost, Drain, Fairness, Fanout, InstanceCost, Live, LivePhase, Machine, Report,
-    Retries, Settings, StatementUse, Tenants, TenantsPhase,
+    Baseline, Cost, Drain, Fairness, Fanout, InstanceCost, Live, LivePhase, Machine, Portal,
+    PortalPage, Report, Retries, Settings, StatementUse, Tenants, TenantsPhase,
 };
 use server::{cost, Scratch, Server, Setup};
 pub use stats::Latency;
@@ -135,10 +137,11 @@ pub enum Scenario {
     Retries,
     Fairness,
     Tenants,
+    Portal,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::Baseline,
         Scenario::Drain,
         Scenario::Live,
@@ -146,6 +149,7 @@ impl Scenario {
         Scenario::Retries,
         Scenario::Fairness,
         Scenario::Tenants,
+        Scenario::Portal,
     ];
 
     pub fn name(self) -> &'static str {
@@ -157,6 +161,7 @@ impl Scenario {
             Scenario::Retries => "retries",
             Scenario::Fairness => "fairness",
             Scenario::Tenants => "tenants",
+            Scenario::Portal => "portal",
         }
     }
 }
@@ -280,7 +285,7 @@ impl Plan {
     /// What the scratch database of `scenario` gets before any event is written.
     fn setup(&self, scenario: Scenario) -> Setup {
         match (scenario, self.source) {
-            (Scenario::Baseline, _) => Setup::Plain,
+            (Scenario::Baseline | Scenario::Portal, _) => Setup::Plain,
             (_, SourceKind::Replication) => Setup::Slot,
             (_, SourceKind::Notify) => Setup::Notify,
         }
@@ -339,6 +344,7 @@ pub async fn run(options: BenchOptions) -> Result<Report, BenchError> {
         retries,
         fairness,
         tenants,
+        portal,
     } = result?;
     Ok(Report {
         source: source_name(plan.source).to_string(),
@@ -363,6 +369,7 @@ pub async fn run(options: BenchOptions) -> Result<Report, BenchError> {
         retries,
         fairness,
         tenants,
+        portal,
         elapsed_s: started.elapsed().as_secs_f64(),
     })
 }
@@ -377,6 +384,7 @@ struct Results {
     retries: Option<Retries>,
     fairness: Option<Fairness>,
     tenants: Option<Tenants>,
+    portal: Option<Portal>,
 }
 
 /// The relay configuration every scenario uses, beyond what ties it to its scratch database: loopback
@@ -421,6 +429,7 @@ impl Bench {
                 Scenario::Retries => self.retries(&scratch).await.map(|x| r.retries = Some(x)),
                 Scenario::Fairness => self.fairness(&scratch).await.map(|x| r.fairness = Some(x)),
                 Scenario::Tenants => self.tenants(&scratch).await.map(|x| r.tenants = Some(x)),
+                Scenario::Portal => self.portal(&scratch).await.map(|x| r.portal = Some(x)),
             };
             let removed = self.server.remove(scratch).await;
             outcome?;

@@ -27,6 +27,7 @@ pub struct Report {
     pub retries: Option<Retries>,
     pub fairness: Option<Fairness>,
     pub tenants: Option<Tenants>,
+    pub portal: Option<Portal>,
     pub elapsed_s: f64,
 }
 
@@ -288,6 +289,27 @@ pub struct TenantsPhase {
     pub cost: Cost,
 }
 
+/// The portal's pages over a large delivery log.
+#[derive(Debug, Serialize)]
+pub struct Portal {
+    pub deliveries: u64,
+    pub tenants: u64,
+    /// Writing the deliveries, outbox rows and attempts.
+    pub fill_s: f64,
+    pub requests_per_page: usize,
+    /// The highest of the pages' p99: under 50 ms is the target.
+    pub slowest_page_p99_ms: Option<f64>,
+    pub pages: Vec<PortalPage>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PortalPage {
+    pub name: String,
+    pub path: String,
+    /// Request sent → whole page received, one request at a time.
+    pub latency: Option<Latency>,
+}
+
 impl Report {
     /// The machine line, then one line per scenario (per rate for `live`) with the key figures, then where
     /// the CPU went and the relay's most frequent statements.
@@ -432,6 +454,19 @@ impl Report {
                 latency(f.b_during_burst.as_ref()),
                 f.burst_p99_ratio.map_or("-".into(), |r| format!("{r:.2}")),
             );
+        }
+        if let Some(p) = &self.portal {
+            let _ = writeln!(
+                out,
+                "portal, {} deliveries of {} tenants, {} requests per page, ms p50/p95/p99/max (slowest p99 {}):",
+                thousands(p.deliveries as f64),
+                p.tenants,
+                p.requests_per_page,
+                p.slowest_page_p99_ms.map_or("-".into(), |v| format!("{v:.1} ms"))
+            );
+            for page in &p.pages {
+                let _ = writeln!(out, "  {:<26} {}", page.name, latency(page.latency.as_ref()));
+            }
         }
         if let Some(t) = &self.tenants {
             let _ = writeln!(
@@ -743,6 +778,7 @@ mod tests {
             retries: None,
             fairness: None,
             tenants: None,
+            portal: None,
             elapsed_s: 10.0,
         };
         let table = report.table();

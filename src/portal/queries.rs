@@ -308,23 +308,40 @@ pub(super) struct DeliveryLine {
     pub created_at: String,
 }
 
-/// Up to `limit` deliveries, newest first, older than `filter.before`.
+/// Deliveries a filtered page looks through at most: the filters (status, event type, endpoint, time) are not
+/// indexed within a tenant, so a page reads the tenant's next `FILTER_SCAN` deliveries by its `(tenant, id)`
+/// index and keeps the matching ones; when fewer than a page match, the page links to the next stretch. Every
+/// page costs the same whatever the table holds (1M deliveries: see the portal bench in docs/portal.md).
+pub(super) const FILTER_SCAN: i64 = 5_000;
+
+/// Up to `limit` deliveries, newest first, older than `filter.before`; with a filter, among the next
+/// [`FILTER_SCAN`] deliveries only, and then also the id a search for older ones continues below (`None` when
+/// the scan reached the tenant's oldest delivery).
 pub(super) async fn deliveries(
     tx: &Transaction<'_>,
     filter: &DeliveryFilter,
     limit: i64,
-) -> Result<Vec<DeliveryLine>, tokio_postgres::Error> {
+) -> Result<(Vec<DeliveryLine>, Option<i64>), tokio_postgres::Error> {
+    let filtered = filter.status.is_some()
+        || filter.event_type.is_some()
+        || filter.endpoint.is_some()
+        || filter.since.is_some();
+    let scan = if filtered { FILTER_SCAN } else { i64::MAX };
     // unnamed statements are planned with their parameters, so the unused conditions fold away
     let rows = tx
         .query(
-            "select d.id, d.endpoint_id, e.display_url, coalesce(d.event_type, o.event_type) as event_type,
+            "with scanned as (
+               select d.id from walhook.deliveries d
+                where ($1::bigint is null or d.id < $1)
+                order by d.id desc limit $7)
+             select d.id, d.endpoint_id, e.display_url, coalesce(d.event_type, o.event_type) as event_type,
                     d.status, d.attempts, d.last_status_code,
                     to_char(d.created_at, 'YYYY-MM-DD HH24:MI:SS') as created_at
-               from walhook.deliveries d
+               from scanned s
+               join walhook.deliveries d on d.id = s.id
                left join walhook.outbox o on o.id = d.event_id
                left join walhook.endpoints e on e.id = d.endpoint_id
-              where ($1::bigint is null or d.id < $1)
-                and ($2::text is null or d.status = $2)
+              where ($2::text is null or d.status = $2)
                 and ($3::text is null or coalesce(d.event_type, o.event_type) = $3)
                 and ($4::bigint is null or d.endpoint_id = $4)
                 and ($5::timestamptz is null or d.created_at >= $5)
@@ -336,10 +353,24 @@ pub(super) async fn deliveries(
                 &filter.endpoint,
                 &filter.since,
                 &limit,
+                &scan,
             ],
         )
         .await?;
-    Ok(rows
+    let mut continue_below = None;
+    if filtered && (rows.len() as i64) < limit {
+        let bound: Option<i64> = tx
+            .query_one(
+                "select case when count(*) = $2 then min(id) end from (
+                   select d.id from walhook.deliveries d where ($1::bigint is null or d.id < $1)
+                    order by d.id desc limit $2) s",
+                &[&filter.before, &scan],
+            )
+            .await?
+            .get(0);
+        continue_below = bound;
+    }
+    let lines = rows
         .iter()
         .map(|r| DeliveryLine {
             id: r.get(0),
@@ -351,7 +382,8 @@ pub(super) async fn deliveries(
             last_status_code: r.get(6),
             created_at: r.get(7),
         })
-        .collect())
+        .collect();
+    Ok((lines, continue_below))
 }
 
 pub(super) struct Delivery {

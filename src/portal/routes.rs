@@ -155,7 +155,7 @@ async fn endpoint_page(c: &Call<'_>, id: i64, notice: Notice) -> Result<Page, Fa
         endpoint: Some(id),
         ..Default::default()
     };
-    let recent = queries::deliveries(c.tx, &filter, 10).await?;
+    let (recent, _) = queries::deliveries(c.tx, &filter, 10).await?;
     Ok(c.ok(pages::endpoint(c.theme(), c.session, &e, &recent, notice)))
 }
 
@@ -376,17 +376,19 @@ async fn delivery_list(c: &Call<'_>) -> Result<Page, Failure> {
                 .map_err(|_| bad("before: expected a delivery id.".into()))?,
         );
     }
-    let mut lines = queries::deliveries(c.tx, &filter, PAGE + 1).await?;
-    let next = (lines.len() as i64 > PAGE).then(|| {
+    let (mut lines, continue_below) = queries::deliveries(c.tx, &filter, PAGE + 1).await?;
+    let next = if lines.len() as i64 > PAGE {
         lines.truncate(PAGE as usize);
         lines.last().map(|l| l.id)
-    });
+    } else {
+        continue_below
+    };
     Ok(c.ok(pages::deliveries(
         c.theme(),
         c.session,
         &values,
         &lines,
-        next.flatten(),
+        next,
         None,
     )))
 }
