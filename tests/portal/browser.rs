@@ -31,6 +31,22 @@ async fn screenshot(browser: &Browser, name: &str) {
     eprintln!("saved {}", path.display());
 }
 
+/// Sizes the window so that the page's viewport (what a screenshot shows) is `width` x `height`.
+async fn viewport(browser: &Browser, width: u32, height: u32) {
+    browser.set_window_size(width, height).await;
+    let inner = browser
+        .execute("return [window.innerWidth, window.innerHeight]", vec![])
+        .await;
+    let size = |i: usize, want: u32| (2 * want as i64 - inner[i].as_i64().unwrap()) as u32;
+    browser
+        .set_window_size(size(0, width), size(1, height))
+        .await;
+    let inner = browser
+        .execute("return [window.innerWidth, window.innerHeight]", vec![])
+        .await;
+    assert_eq!(inner, serde_json::json!([width, height]));
+}
+
 /// Reloads the delivery's page until its status is `status`.
 async fn wait_for_status(browser: &Browser, status: &str) {
     browser
@@ -82,7 +98,6 @@ async fn a_customer_manages_webhooks_in_a_browser() {
     let Some(browser) = Browser::start().await else {
         return;
     };
-    browser.set_window_size(1200, 800).await;
     let pg = Pg::start().await;
     let superuser = pg.client().await;
     roles(&superuser).await;
@@ -117,6 +132,7 @@ async fn a_customer_manages_webhooks_in_a_browser() {
     browser.goto(&format!("{root}{first_link}")).await;
     browser.wait_for_text("main h1", "Endpoints").await;
     assert_eq!(browser.url().await, format!("{root}/"));
+    viewport(&browser, 1200, 800).await;
     let cookie = browser.cookie("walhook_portal").await.expect("a session");
     assert!(cookie.http_only);
     assert!(browser.source().await.contains("hooks.acme.example/old"));
