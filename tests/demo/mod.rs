@@ -144,10 +144,12 @@ fn the_demo_serves_the_portal_until_ctrl_c() {
     }
     let link = link.unwrap();
     assert!(link.contains("/login?token="), "{link}");
-    assert!(
-        seen.iter().any(|l| l.starts_with("  an operator")),
-        "{seen:?}"
-    );
+    let operator = seen
+        .iter()
+        .find(|l| l.starts_with("  an operator"))
+        .and_then(|l| l.split_whitespace().last())
+        .unwrap_or_else(|| panic!("no operator link in {seen:?}"))
+        .to_string();
 
     // the link: a session cookie and the way to the endpoints, which are acme's only
     let (status, head, _) = get(&link, None);
@@ -175,6 +177,9 @@ fn the_demo_serves_the_portal_until_ctrl_c() {
     assert!(!page.contains("globex"), "nothing of globex:\n{page}");
     // the link works once
     assert_eq!(get(&link, None).0, 401);
+    // the operator's link opens a session too
+    let (status, head, _) = get(&operator, None);
+    assert_eq!(status, 303, "{head}");
 
     // Ctrl-C: it stops, exits 0 and removes its cluster
     unsafe {
