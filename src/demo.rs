@@ -29,7 +29,7 @@ const TENANTS: [(&str, &str, usize); 2] = [("acme", "/acme", 5), ("globex", "/gl
 /// The endpoints without a tenant (registered by the operator).
 const UNTENANTED: [&str; 2] = ["/orders", "/all"];
 
-pub async fn run() -> anyhow::Result<()> {
+pub async fn run(portal: bool) -> anyhow::Result<()> {
     let started = Instant::now();
     println!("walhook demo: starting a throwaway PostgreSQL cluster…");
     let cluster = tokio::task::spawn_blocking(|| Cluster::start(ClusterOptions::default()))
@@ -101,7 +101,11 @@ pub async fn run() -> anyhow::Result<()> {
     config.self_contained = true;
     let stop = CancellationToken::new();
     let abort = CancellationToken::new();
-    let daemon = tokio::spawn(crate::daemon::run(config, stop.clone(), abort.clone()));
+    let daemon = tokio::spawn(crate::daemon::run(
+        config.clone(),
+        stop.clone(),
+        abort.clone(),
+    ));
     // wait until the daemon holds its slot: from here on every commit is streamed
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -261,14 +265,119 @@ pub async fn run() -> anyhow::Result<()> {
         bail!("the demo found a problem (see the summary above)");
     }
     println!();
-    println!("next: the README's production quick start runs the same against your own database");
-    println!(
-        "demo finished in {:.1} s; cleaning up",
-        started.elapsed().as_secs_f64()
-    );
+    if portal {
+        serve_portal(&cluster, &client, config, &receiver).await?;
+    } else {
+        println!(
+            "next: the README's production quick start runs the same against your own database"
+        );
+        println!(
+            "demo finished in {:.1} s; cleaning up",
+            started.elapsed().as_secs_f64()
+        );
+    }
     receiver.shutdown().await;
     drop(client);
     tokio::task::spawn_blocking(move || drop(cluster)).await?;
+    Ok(())
+}
+
+/// `--portal`: the relay again and the portal beside it, on 127.0.0.1:8090 (or a free port), connecting as a
+/// log-in role that holds only `walhook_portal`, as docs/portal.md creates it; prints a link for acme and one
+/// for an operator, and serves until SIGINT or SIGTERM. Test events sent from the portal reach the demo's
+/// receiver, which verifies them as before.
+async fn serve_portal(
+    cluster: &Cluster,
+    client: &Client,
+    mut config: Config,
+    receiver: &Receiver,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // listening for the signals first: from the moment a link is printed, Ctrl-C means "clean up"
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let password: String = client
+        .query_one("select gen_random_uuid()::text", &[])
+        .await?
+        .get(0);
+    client
+        .batch_execute(&format!(
+            "CREATE ROLE portal LOGIN PASSWORD '{password}' IN ROLE walhook_portal"
+        ))
+        .await
+        .context("creating the portal's role")?;
+    let listener = match tokio::net::TcpListener::bind("127.0.0.1:8090").await {
+        Ok(listener) => listener,
+        Err(_) => tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+    };
+    let addr = listener.local_addr()?;
+    config.portal.listen = addr;
+    config.portal.public_url = format!("http://{addr}");
+    config.portal.database_url = Some(format!(
+        "postgres://portal:{password}@127.0.0.1:{}/walhook_demo?sslmode=disable",
+        cluster.port()
+    ));
+    let settings = crate::portal::settings(&config)?;
+    let db = config.portal_database_url()?;
+    crate::portal::check_role(&db).await?;
+
+    let stop = CancellationToken::new();
+    let abort = CancellationToken::new();
+    let mut relay = tokio::spawn(crate::daemon::run(
+        config.clone(),
+        stop.clone(),
+        abort.clone(),
+    ));
+    let portal = tokio::spawn(crate::portal::serve(
+        listener,
+        settings,
+        db,
+        config.portal.connections,
+        stop.clone(),
+    ));
+    let mint = |tenant: Option<&'static str>| async move {
+        let row = client
+            .query_one(
+                "select path from walhook.portal_link($1, interval '1 hour', operator => $2)",
+                &[&tenant, &tenant.is_none()],
+            )
+            .await?;
+        anyhow::Ok(format!("http://{addr}{}", row.get::<_, String>(0)))
+    };
+    println!("the portal, where each tenant's customers manage their own webhooks, is serving on http://{addr}");
+    println!(
+        "  as role portal (LOGIN, member of walhook_portal only: row-level security decides what a page sees)"
+    );
+    println!(
+        "  acme's customer (single-use link, 1 hour):  {}",
+        mint(Some("acme")).await?
+    );
+    println!(
+        "  an operator, every tenant (single-use):      {}",
+        mint(None).await?
+    );
+    println!(
+        "  the relay is running: a test event sent from the portal reaches the demo's receiver"
+    );
+    println!("press Ctrl-C to stop and clean up");
+    let before = receiver.received().len();
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+        done = &mut relay => bail!("the relay stopped early: {done:?}"),
+    }
+    stop.cancel();
+    portal.await?;
+    relay.await??;
+    let received = receiver.received();
+    let verified = received[before..]
+        .iter()
+        .filter(|r| r.verified == Some(true))
+        .count();
+    println!(
+        "stopping: the receiver got {} more requests while the portal ran, {verified} verified; cleaning up",
+        received.len() - before
+    );
     Ok(())
 }
 

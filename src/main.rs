@@ -36,7 +36,11 @@ enum Command {
     /// Run the relay until SIGTERM/SIGINT.
     Run,
     /// Self-contained demo: throwaway PostgreSQL, a verifying receiver, sample events, a summary.
-    Demo,
+    Demo {
+        /// Then serve the portal on 127.0.0.1 (with the relay running) and print links to it, until Ctrl-C.
+        #[arg(long)]
+        portal: bool,
+    },
     /// Validate the configuration as `run` does before it connects, and exit (non-zero naming the key and the
     /// fix): `database_url`, the delivery client (`delivery.ca_file`, `delivery.allowed_networks`), binding
     /// `http.listen`.
@@ -188,9 +192,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         println!("public_key  {public}");
         return Ok(());
     }
-    if let Command::Demo = cli.command {
+    if let Command::Demo { portal } = cli.command {
         init_logs("warn", LogFormat::Text, false);
-        return runtime.block_on(walhook::demo::run());
+        return runtime.block_on(walhook::demo::run(portal));
     }
     if let Command::Bench(args) = cli.command {
         init_logs("warn", LogFormat::Text, false);
@@ -322,7 +326,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             init_logs("warn", config.log.format, false);
             runtime.block_on(send_test(&config, endpoint, payload.as_deref(), wait))
         }
-        Command::Demo | Command::Keygen | Command::Bench(_) | Command::Listen(_) => {
+        Command::Demo { .. } | Command::Keygen | Command::Bench(_) | Command::Listen(_) => {
             unreachable!("handled above")
         }
     }

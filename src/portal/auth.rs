@@ -92,9 +92,15 @@ pub(super) fn same_secret(a: &str, b: &str) -> bool {
 
 /// Refuses a change that a browser says comes from another site. Requests without these headers (old browsers,
 /// scripts) rely on the CSRF token alone.
+///
+/// `Origin: null` passes only beside `Sec-Fetch-Site: same-origin`: the portal's pages are sent with
+/// `Referrer-Policy: no-referrer`, under which browsers send their own forms' POSTs with `Origin: null` (the
+/// Fetch standard's "serialize a request origin"), while Sec-Fetch-Site still says where the form came from.
 pub(super) fn same_origin(headers: &HeaderMap, origin: &str) -> Result<(), String> {
-    if let Some(site) = headers.get("sec-fetch-site") {
-        let site = site.to_str().unwrap_or("");
+    let site = headers
+        .get("sec-fetch-site")
+        .map(|site| site.to_str().unwrap_or(""));
+    if let Some(site) = site {
         if !matches!(site, "same-origin" | "none") {
             return Err(format!(
                 "This form was sent from another site (Sec-Fetch-Site: {site}); open the portal's page and \
@@ -104,7 +110,8 @@ pub(super) fn same_origin(headers: &HeaderMap, origin: &str) -> Result<(), Strin
     }
     if let Some(sent) = headers.get(ORIGIN) {
         let sent = sent.to_str().unwrap_or("");
-        if !sent.eq_ignore_ascii_case(origin) {
+        let own_form = sent == "null" && site == Some("same-origin");
+        if !own_form && !sent.eq_ignore_ascii_case(origin) {
             return Err(format!(
                 "This form was sent from {sent:?}, not from the portal ({origin:?}); if the portal is reached \
                  at that address, set portal.public_url to it."
@@ -187,6 +194,15 @@ mod tests {
         assert!(with(&[("sec-fetch-site", "same-origin")]).is_ok());
         assert!(with(&[("origin", "https://evil.example")]).is_err());
         assert!(with(&[("origin", "null")]).is_err());
+        // what a browser sends for the portal's own forms under Referrer-Policy: no-referrer
+        assert!(with(&[("origin", "null"), ("sec-fetch-site", "same-origin")]).is_ok());
+        assert!(with(&[("origin", "null"), ("sec-fetch-site", "none")]).is_err());
+        assert!(with(&[("origin", "null"), ("sec-fetch-site", "cross-site")]).is_err());
+        assert!(with(&[
+            ("origin", "https://evil.example"),
+            ("sec-fetch-site", "same-origin")
+        ])
+        .is_err());
         assert!(with(&[("sec-fetch-site", "cross-site")]).is_err());
         assert!(with(&[("sec-fetch-site", "same-site")]).is_err());
     }

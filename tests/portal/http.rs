@@ -22,7 +22,7 @@ const CSP: &str =
                    form-action 'self'; base-uri 'none'; frame-ancestors 'none'";
 
 /// Log-in roles: `portal` as docs/portal.md creates it, `ops` an operator.
-async fn roles(superuser: &Client) {
+pub(super) async fn roles(superuser: &Client) {
     superuser
         .batch_execute(
             "CREATE ROLE portal LOGIN PASSWORD 'secret' IN ROLE walhook_portal;
@@ -33,15 +33,15 @@ async fn roles(superuser: &Client) {
 }
 
 /// The portal running in this test's runtime on 127.0.0.1:0.
-struct Web {
-    addr: SocketAddr,
+pub(super) struct Web {
+    pub(super) addr: SocketAddr,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Web {
     /// Its public URL is the address the test's requests use.
-    async fn start(config: &Config) -> Web {
+    pub(super) async fn start(config: &Config) -> Web {
         Web::start_with(config, |addr| format!("http://{addr}")).await
     }
 
@@ -67,7 +67,7 @@ impl Web {
         Web { addr, stop, task }
     }
 
-    async fn stop(self) {
+    pub(super) async fn stop(self) {
         self.stop.cancel();
         tokio::time::timeout(DEADLINE, self.task)
             .await
@@ -77,7 +77,7 @@ impl Web {
 }
 
 /// Config for the portal of `pg`, connecting as `portal`; `private` decides whether loopback URLs pass.
-fn portal_config(pg: &Pg, private: bool) -> Config {
+pub(super) fn portal_config(pg: &Pg, private: bool) -> Config {
     pg.config_with(|f| {
         f.merge(("portal.database_url", pg.url_as("portal")))
             .merge(("delivery.allow_private_networks", private))
@@ -231,7 +231,7 @@ fn csrf_of(html: &str) -> String {
 }
 
 /// `/login?token=…` of a new link minted by `client`.
-async fn link(client: &Client, tenant: Option<&str>) -> String {
+pub(super) async fn link(client: &Client, tenant: Option<&str>) -> String {
     client
         .query_one(
             "select path from walhook.portal_link($1, interval '1 hour', $2)",
@@ -242,7 +242,7 @@ async fn link(client: &Client, tenant: Option<&str>) -> String {
         .get(0)
 }
 
-async fn tenant_endpoint(client: &Client, tenant: &str, url: &str) -> i64 {
+pub(super) async fn tenant_endpoint(client: &Client, tenant: &str, url: &str) -> i64 {
     client
         .query_one(
             "insert into walhook.endpoints (tenant, url) values ($1, $2) returning id",
@@ -254,7 +254,7 @@ async fn tenant_endpoint(client: &Client, tenant: &str, url: &str) -> i64 {
 }
 
 /// A dead delivery of a `tenant`'s event to `endpoint`, with one failed attempt; returns its id.
-async fn dead_delivery(superuser: &Client, tenant: &str, endpoint: i64) -> i64 {
+pub(super) async fn dead_delivery(superuser: &Client, tenant: &str, endpoint: i64) -> i64 {
     let event: i64 = superuser
         .query_one(
             "insert into walhook.outbox (event_type, payload, tenant) values ('order.created', '{}', $1) returning id",
