@@ -53,8 +53,10 @@ impl Bench {
             what: "reading the portal's port".into(),
             source,
         })?;
-        let mut config = crate::config::PortalConfig::default();
-        config.listen = addr;
+        let config = crate::config::PortalConfig {
+            listen: addr,
+            ..Default::default()
+        };
         let settings = crate::portal::Settings::new(&config, Default::default());
         let stop = CancellationToken::new();
         let server = tokio::spawn(crate::portal::serve(
@@ -98,7 +100,9 @@ impl Bench {
             e = ENDPOINTS_PER_TENANT - 1,
         ))
         .await
-        .map_err(db_err("creating the portal's role and the tenants' endpoints"))?;
+        .map_err(db_err(
+            "creating the portal's role and the tenants' endpoints",
+        ))?;
         // in chunks, so that no statement holds a million rows at once
         let chunk = 100_000i64;
         let mut from = 1i64;
@@ -137,9 +141,11 @@ impl Bench {
             .map_err(db_err("writing the deliveries"))?;
             from = to + 1;
         }
-        c.batch_execute("/* walhook-bench */ analyze walhook.outbox, walhook.deliveries, walhook.attempts")
-            .await
-            .map_err(db_err("analyzing the tables"))?;
+        c.batch_execute(
+            "/* walhook-bench */ analyze walhook.outbox, walhook.deliveries, walhook.attempts",
+        )
+        .await
+        .map_err(db_err("analyzing the tables"))?;
         Ok(())
     }
 
@@ -177,11 +183,31 @@ impl Bench {
             ("endpoints", "/".to_string(), &tenant_cookie),
             ("endpoint", format!("/endpoints/{endpoint}"), &tenant_cookie),
             ("deliveries", "/deliveries".into(), &tenant_cookie),
-            ("deliveries, older page", format!("/deliveries?before={older}"), &tenant_cookie),
-            ("deliveries, dead", "/deliveries?status=dead".into(), &tenant_cookie),
-            ("deliveries, one endpoint", format!("/deliveries?endpoint={endpoint}"), &tenant_cookie),
-            ("deliveries, a rare type", "/deliveries?event_type=order.refunded".into(), &tenant_cookie),
-            ("delivery and attempts", format!("/deliveries/{dead}"), &tenant_cookie),
+            (
+                "deliveries, older page",
+                format!("/deliveries?before={older}"),
+                &tenant_cookie,
+            ),
+            (
+                "deliveries, dead",
+                "/deliveries?status=dead".into(),
+                &tenant_cookie,
+            ),
+            (
+                "deliveries, one endpoint",
+                format!("/deliveries?endpoint={endpoint}"),
+                &tenant_cookie,
+            ),
+            (
+                "deliveries, a rare type",
+                "/deliveries?event_type=order.refunded".into(),
+                &tenant_cookie,
+            ),
+            (
+                "delivery and attempts",
+                format!("/deliveries/{dead}"),
+                &tenant_cookie,
+            ),
             ("operator overview", "/operator".into(), &operator_cookie),
         ];
         let mut measured = Vec::new();
@@ -198,8 +224,12 @@ impl Bench {
             let latency = Latency::from_ms(ms);
             eprintln!(
                 "bench:   {name:<26} p50 {} ms, p99 {} ms",
-                latency.as_ref().map_or("-".into(), |l| format!("{:.1}", l.p50_ms)),
-                latency.as_ref().map_or("-".into(), |l| format!("{:.1}", l.p99_ms)),
+                latency
+                    .as_ref()
+                    .map_or("-".into(), |l| format!("{:.1}", l.p50_ms)),
+                latency
+                    .as_ref()
+                    .map_or("-".into(), |l| format!("{:.1}", l.p99_ms)),
             );
             measured.push(PortalPage {
                 name: name.into(),
@@ -232,7 +262,11 @@ impl PageClient {
         Ok(PageClient { addr, sender })
     }
 
-    async fn send(&mut self, path: &str, cookie: &str) -> Result<hyper::Response<Bytes>, BenchError> {
+    async fn send(
+        &mut self,
+        path: &str,
+        cookie: &str,
+    ) -> Result<hyper::Response<Bytes>, BenchError> {
         let request = hyper::Request::get(path)
             .header("host", self.addr.to_string())
             .header("cookie", cookie)

@@ -465,7 +465,12 @@ impl Report {
                 p.slowest_page_p99_ms.map_or("-".into(), |v| format!("{v:.1} ms"))
             );
             for page in &p.pages {
-                let _ = writeln!(out, "  {:<26} {}", page.name, latency(page.latency.as_ref()));
+                let _ = writeln!(
+                    out,
+                    "  {:<26} {}",
+                    page.name,
+                    latency(page.latency.as_ref())
+                );
             }
         }
         if let Some(t) = &self.tenants {
