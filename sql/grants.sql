@@ -56,7 +56,10 @@ begin
   revoke all on all functions in schema walhook from walhook_writer;
 
   grant usage on schema walhook to walhook_writer;
-  grant insert (event_type, payload, ordering_key, traceparent, tenant) on walhook.outbox to walhook_writer;
+  grant insert (event_type, payload, ordering_key, traceparent, tenant, event_version) on walhook.outbox
+    to walhook_writer;
+  -- the event catalog, to read what a type's versions must look like
+  grant select on walhook.event_types, walhook.event_type_versions to walhook_writer;
   grant select (id, uid, created_at) on walhook.outbox to walhook_writer;
   grant execute on function walhook.check_event_type(text), walhook.check_payload_size(jsonb, integer),
     walhook.check_traceparent(text), walhook.check_tenant(text)
@@ -78,13 +81,14 @@ begin
 
   grant usage on schema walhook to walhook_reader;
   grant select on walhook.outbox, walhook.deliveries, walhook.endpoint_state, walhook.endpoint_health,
-    walhook.schema_migrations, walhook.tenants, walhook.recoveries to walhook_reader;
+    walhook.schema_migrations, walhook.tenants, walhook.recoveries, walhook.event_types,
+    walhook.event_type_versions to walhook_reader;
   grant select (id, delivery_id, attempt, attempted_at, duration_ms, status_code, error) on walhook.attempts
     to walhook_reader;
   -- display_url and paused, and endpoint_stats, for endpoint_health, which reads with the reader's rights
   grant select (id, event_types, enabled, description, created_at, updated_at, timeout, retry_schedule,
     rate_limit, max_in_flight, metadata, ordered, disabled_reason, paused, resumed_at, tenant, all_tenants,
-    filter, display_url) on walhook.endpoints to walhook_reader;
+    filter, display_url, event_versions, format) on walhook.endpoints to walhook_reader;
   grant select on walhook.endpoint_stats to walhook_reader;
   grant execute on function walhook.matches(text, text[]), walhook.display_url(text),
     walhook.endpoint_accepts(text, text, jsonb, text[], text, boolean, jsonb)
@@ -109,6 +113,8 @@ begin
     walhook.endpoint_health, walhook.slots, walhook.schema_migrations, walhook.tenants, walhook.recoveries
     to walhook_admin;
   grant insert, update, delete on walhook.endpoints, walhook.endpoint_secrets, walhook.tenants to walhook_admin;
+  -- the event catalog (its statement triggers bump the generation too)
+  grant select, insert, update, delete on walhook.event_types, walhook.event_type_versions to walhook_admin;
   -- the statement trigger on endpoints bumps the generation the daemons poll
   grant update on walhook.endpoints_generation to walhook_admin;
   -- redeliver(), and recover(), which re-creates the deliveries a disabled endpoint missed
@@ -120,8 +126,11 @@ begin
     walhook.recover(bigint, timestamptz, timestamptz, text, text),
     walhook.rotate_secret(bigint, interval), walhook.generate_secret(), walhook.matches(text, text[]),
     walhook.portal_link(text, interval, boolean), walhook.send_test(bigint, jsonb),
+    walhook.send_test(bigint, text), walhook.render_payload(text, integer, integer, jsonb),
     walhook.endpoint_accepts(text, text, jsonb, text[], text, boolean, jsonb),
     walhook.display_url(text), walhook.current_tenant(),
+    -- the checks of the catalog
+    walhook.check_downgrade(regprocedure), walhook.check_event_versions(jsonb), walhook.check_event_type(text),
     -- the checks of endpoints, endpoint_secrets and tenants
     walhook.check_url(text), walhook.check_url_characters(text), walhook.check_event_patterns(text[]),
     walhook.check_secret(text), walhook.check_secret_canonical(text), walhook.check_headers(jsonb),
@@ -172,7 +181,10 @@ begin
   grant insert (kind, since, deliveries) on walhook.recoveries to walhook_daemon;
   -- per-tenant rate limits, for the endpoint cache
   grant select on walhook.tenants to walhook_daemon;
+  -- the event catalog: schemas to check payloads against, downgrades for pinned endpoints
+  grant select on walhook.event_types, walhook.event_type_versions to walhook_daemon;
   grant execute on function walhook.matches(text, text[]),
+    walhook.render_payload(text, integer, integer, jsonb), walhook.check_event_versions(jsonb),
     walhook.endpoint_accepts(text, text, jsonb, text[], text, boolean, jsonb),
     -- the checks of the rows it updates: outbox (notify) and endpoints
     walhook.check_event_type(text), walhook.check_payload_size(jsonb, integer), walhook.check_traceparent(text),
@@ -244,11 +256,14 @@ begin
   -- its tenant once the endpoint exists
   grant select (id, url, event_types, secret, enabled, description, created_at, updated_at, timeout,
     retry_schedule, rate_limit, max_in_flight, headers, metadata, ordered, signing_key, disabled_reason, paused,
-    resumed_at, tenant, all_tenants, filter, display_url) on walhook.endpoints to walhook_tenant;
+    resumed_at, tenant, all_tenants, filter, display_url, event_versions, format) on walhook.endpoints
+    to walhook_tenant;
   grant insert (tenant, url, event_types, secret, enabled, description, rate_limit, headers, metadata, ordered,
-    signing_key, paused, filter) on walhook.endpoints to walhook_tenant;
+    signing_key, paused, filter, event_versions, format) on walhook.endpoints to walhook_tenant;
   grant update (url, event_types, secret, enabled, description, rate_limit, headers, metadata, ordered,
-    signing_key, paused, filter) on walhook.endpoints to walhook_tenant;
+    signing_key, paused, filter, event_versions, format) on walhook.endpoints to walhook_tenant;
+  -- the event catalog: the types, their schemas and examples
+  grant select on walhook.event_types, walhook.event_type_versions to walhook_tenant;
   grant delete on walhook.endpoints to walhook_tenant;
   -- rotate_secret(), and ending a rotation's grace period early
   grant select, insert, update, delete on walhook.endpoint_secrets to walhook_tenant;
@@ -258,13 +273,14 @@ begin
   -- redeliver(), and recover(), which re-creates the deliveries its endpoints missed
   grant update (status, schedule_step, next_attempt_at, updated_at) on walhook.deliveries to walhook_tenant;
   grant insert (event_id, endpoint_id, webhook_id, status, next_attempt_at, event_type, payload,
-    event_created_at, ordering_key, traceparent, tenant) on walhook.deliveries to walhook_tenant;
+    event_created_at, ordering_key, traceparent, tenant, event_version) on walhook.deliveries to walhook_tenant;
   grant insert (kind, endpoint_id, tenant, event_type, since, until, deliveries) on walhook.recoveries
     to walhook_tenant;
   grant execute on function walhook.redeliver(bigint[]), walhook.redeliver(bigint, text, timestamptz),
     walhook.recover(bigint, timestamptz, timestamptz, text, text),
     walhook.rotate_secret(bigint, interval), walhook.generate_secret(), walhook.matches(text, text[]),
     walhook.portal_link(text, interval, boolean), walhook.send_test(bigint, jsonb),
+    walhook.send_test(bigint, text), walhook.check_event_versions(jsonb),
     walhook.endpoint_accepts(text, text, jsonb, text[], text, boolean, jsonb),
     walhook.display_url(text), walhook.current_tenant(),
     -- the checks of endpoints and endpoint_secrets

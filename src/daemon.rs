@@ -243,10 +243,12 @@ pub async fn run(
     );
     let (disable_tx, disable_rx) = tokio::sync::mpsc::unbounded_channel();
     let spans = collector.map(Collector::start);
+    let catalog = Arc::new(crate::catalog::CatalogCell::default());
     let dispatcher = Arc::new(
         Dispatcher::new(client, recorder.clone(), settings, disable_tx)
             .with_payload_logging(config.log.payloads)
-            .with_span_export(spans.clone()),
+            .with_span_export(spans.clone())
+            .with_catalog(catalog.clone(), crate::catalog::Renderer::new(db.clone())),
     );
     tokio::spawn(Dispatcher::sweep(Arc::downgrade(&dispatcher)));
     let endpoints = Arc::new(EndpointCache::default());
@@ -294,6 +296,7 @@ pub async fn run(
     let mut refresher = EndpointRefresher {
         db: db.clone(),
         cache: endpoints.clone(),
+        catalog,
         generation: None,
         store: None,
         next_expiry: None,
@@ -448,6 +451,8 @@ pub async fn recover_slot(
 struct EndpointRefresher {
     db: crate::conninfo::ConnInfo,
     cache: Arc<EndpointCache>,
+    /// The event catalog, reloaded with the endpoints (its tables bump the same generation).
+    catalog: Arc<crate::catalog::CatalogCell>,
     generation: Option<i64>,
     store: Option<Store>,
     /// When the first old secret of a rotation expires: the cache reloads then to stop signing with it.
@@ -467,6 +472,8 @@ impl EndpointRefresher {
             .is_some_and(|t| t <= std::time::SystemTime::now());
         if self.generation != Some(generation) || expired {
             let (rows, next_expiry) = store.enabled_endpoints().await?;
+            self.catalog
+                .set(crate::catalog::Catalog::build(store.catalog().await?));
             self.next_expiry = next_expiry;
             tracing::debug!(generation, endpoints = rows.len(), "endpoints reloaded");
             self.cache.replace(rows);

@@ -3,6 +3,10 @@
 //! The envelope `{"type":…,"timestamp":…,"data":…}` is assembled around the payload *text* that pgoutput (or
 //! SQL) already delivers, with no JSON parse and re-encode: jsonb's text output is valid JSON. Every endpoint
 //! and every retry sends these same bytes, so the body, and with it the signed content, is stable.
+//!
+//! A versioned event (its type is in the catalog, [`crate::catalog`]) names its version in the envelope,
+//! `{"type":…,"version":2,"timestamp":…,"data":…}`. CloudEvents bodies ([`Format`]) are built from the same
+//! parts when an endpoint asks for them, once per event.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -37,6 +41,75 @@ pub struct Event {
     pub tenant: Option<String>,
     /// The payload parsed, for endpoints with a filter; parsed once, when the first one needs it.
     parsed: std::sync::OnceLock<Option<serde_json::Value>>,
+    /// `walhook.outbox.event_version` (or the delivery copy's): the catalog version of the payload, `None`
+    /// when the row left it to the catalog's current version, or for types outside the catalog.
+    pub version: Option<i32>,
+    /// The CloudEvents structured body, built when the first such endpoint needs it.
+    cloudevent: std::sync::OnceLock<Bytes>,
+    /// The catalog's verdict on the payload ([`crate::catalog::Catalog::plan`]), reached once per event:
+    /// the event naming its published version (`None`: this one as it is), or why it must not be sent.
+    checked: std::sync::OnceLock<Result<Option<std::sync::Arc<Event>>, String>>,
+}
+
+/// How an endpoint wants its requests (`walhook.endpoints.format`). Every format carries the Standard
+/// Webhooks signature headers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Format {
+    /// The Standard Webhooks envelope `{"type","timestamp","data"}` as the JSON body.
+    #[default]
+    Standard,
+    /// CloudEvents 1.0 structured mode: the event and its attributes as one `application/cloudevents+json`
+    /// body.
+    CloudEvents,
+    /// CloudEvents 1.0 binary mode: the attributes as `ce-*` headers, the payload alone as the JSON body.
+    CloudEventsBinary,
+}
+
+impl Format {
+    /// The column's value; `None` for text the schema's check would refuse.
+    pub fn parse(text: &str) -> Option<Format> {
+        match text {
+            "standard" => Some(Format::Standard),
+            "cloudevents" => Some(Format::CloudEvents),
+            "cloudevents-binary" => Some(Format::CloudEventsBinary),
+            _ => None,
+        }
+    }
+}
+
+/// What one request carries besides the Standard Webhooks headers: the body, its content type and any
+/// CloudEvents binary-mode headers.
+#[derive(Debug)]
+pub struct Rendition {
+    pub body: Bytes,
+    pub content_type: &'static str,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+/// The `source` attribute of walhook's CloudEvents: a URI reference naming the producer.
+pub const CLOUDEVENTS_SOURCE: &str = "/walhook";
+
+/// The envelope around `payload`, and where the payload starts in it.
+fn envelope(
+    event_type: &str,
+    version: Option<i32>,
+    timestamp: &str,
+    payload: &str,
+) -> (String, usize) {
+    let mut body = String::with_capacity(payload.len() + event_type.len() + timestamp.len() + 56);
+    body.push_str("{\"type\":");
+    push_json_string(&mut body, event_type);
+    if let Some(v) = version {
+        body.push_str(",\"version\":");
+        body.push_str(&v.to_string());
+    }
+    body.push_str(",\"timestamp\":");
+    push_json_string(&mut body, timestamp);
+    body.push_str(",\"data\":");
+    let payload_start = body.len();
+    body.push_str(payload);
+    body.push('}');
+    (body, payload_start)
 }
 
 impl Event {
@@ -45,17 +118,7 @@ impl Event {
         let mut webhook_id = String::with_capacity(36);
         webhook_id.push_str("msg_");
         webhook_id.extend(uid.chars().filter(|c| *c != '-'));
-        let timestamp = rfc3339(created_at);
-        let mut body =
-            String::with_capacity(payload.len() + event_type.len() + timestamp.len() + 40);
-        body.push_str("{\"type\":");
-        push_json_string(&mut body, event_type);
-        body.push_str(",\"timestamp\":");
-        push_json_string(&mut body, &timestamp);
-        body.push_str(",\"data\":");
-        let payload_start = body.len();
-        body.push_str(payload);
-        body.push('}');
+        let (body, payload_start) = envelope(event_type, None, &rfc3339(created_at), payload);
         Event {
             id,
             webhook_id,
@@ -69,7 +132,130 @@ impl Event {
             traceparent: None,
             tenant: None,
             parsed: std::sync::OnceLock::new(),
+            version: None,
+            cloudevent: std::sync::OnceLock::new(),
+            checked: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The catalog's verdict, computed by `verdict` the first time only.
+    pub fn checked(
+        &self,
+        verdict: impl FnOnce() -> Result<Option<std::sync::Arc<Event>>, String>,
+    ) -> Result<Option<std::sync::Arc<Event>>, String> {
+        self.checked.get_or_init(verdict).clone()
+    }
+
+    /// A copy naming `version` in its envelope.
+    pub fn clone_with_version(&self, version: Option<i32>) -> Event {
+        self.rendered(version, self.payload())
+    }
+
+    /// Sets the payload's catalog version, which the envelope then names.
+    pub fn with_version(self, version: Option<i32>) -> Event {
+        if version == self.version {
+            return self;
+        }
+        self.clone_with_version(version)
+    }
+
+    /// The same event (id, `webhook-id`, type, time, tenant, trace and ordering) with another payload in
+    /// another version: what an endpoint pinned to an older version receives.
+    pub fn rendered(&self, version: Option<i32>, payload: &str) -> Event {
+        let (body, payload_start) = envelope(
+            &self.event_type,
+            version,
+            &rfc3339(&self.created_at),
+            payload,
+        );
+        Event {
+            id: self.id,
+            webhook_id: self.webhook_id.clone(),
+            event_type: self.event_type.clone(),
+            created_at: self.created_at.clone(),
+            body: Bytes::from(body),
+            committed_at: self.committed_at,
+            payload_start,
+            ordering_key: self.ordering_key.clone(),
+            commit_lsn: self.commit_lsn,
+            traceparent: self.traceparent,
+            tenant: self.tenant.clone(),
+            parsed: std::sync::OnceLock::new(),
+            version,
+            cloudevent: std::sync::OnceLock::new(),
+            checked: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The body, content type and extra headers of a request in `format`. The Standard Webhooks body is the
+    /// one built with the event; the CloudEvents structured body is built once, on first use.
+    ///
+    /// The CloudEvents attributes: `id` is the `webhook-id`, `source` is [`CLOUDEVENTS_SOURCE`], `type` the
+    /// event type, `time` the row's `created_at`, `datacontenttype` `application/json`, and the extensions
+    /// `dataversion` (the catalog version, when there is one) and `tenant` (when the event has one).
+    pub fn rendition(&self, format: Format) -> Rendition {
+        match format {
+            Format::Standard => Rendition {
+                body: self.body.clone(),
+                content_type: "application/json",
+                headers: Vec::new(),
+            },
+            Format::CloudEvents => Rendition {
+                body: self
+                    .cloudevent
+                    .get_or_init(|| Bytes::from(self.cloudevent_json()))
+                    .clone(),
+                content_type: "application/cloudevents+json",
+                headers: Vec::new(),
+            },
+            Format::CloudEventsBinary => {
+                let mut headers = vec![
+                    ("ce-specversion", "1.0".to_string()),
+                    ("ce-id", self.webhook_id.clone()),
+                    ("ce-source", CLOUDEVENTS_SOURCE.to_string()),
+                    ("ce-type", self.event_type.clone()),
+                    ("ce-time", rfc3339(&self.created_at)),
+                ];
+                if let Some(v) = self.version {
+                    headers.push(("ce-dataversion", v.to_string()));
+                }
+                if let Some(t) = &self.tenant {
+                    // header values must be visible ASCII: a tenant outside it is percent-encoded
+                    headers.push(("ce-tenant", percent_encode_header(t)));
+                }
+                Rendition {
+                    body: self.body.slice(self.payload_start..self.body.len() - 1),
+                    content_type: "application/json",
+                    headers,
+                }
+            }
+        }
+    }
+
+    fn cloudevent_json(&self) -> String {
+        let payload = self.payload();
+        let mut out = String::with_capacity(payload.len() + 200);
+        out.push_str("{\"specversion\":\"1.0\",\"id\":");
+        push_json_string(&mut out, &self.webhook_id);
+        out.push_str(",\"source\":");
+        push_json_string(&mut out, CLOUDEVENTS_SOURCE);
+        out.push_str(",\"type\":");
+        push_json_string(&mut out, &self.event_type);
+        out.push_str(",\"time\":");
+        push_json_string(&mut out, &rfc3339(&self.created_at));
+        out.push_str(",\"datacontenttype\":\"application/json\"");
+        if let Some(v) = self.version {
+            out.push_str(",\"dataversion\":");
+            out.push_str(&v.to_string());
+        }
+        if let Some(t) = &self.tenant {
+            out.push_str(",\"tenant\":");
+            push_json_string(&mut out, t);
+        }
+        out.push_str(",\"data\":");
+        out.push_str(payload);
+        out.push('}');
+        out
     }
 
     /// Sets the trace context from the row's (or the delivery copy's) `traceparent` text. Text the outbox's
@@ -180,6 +366,19 @@ fn parse_pg_timestamp(pg: &str) -> Option<SystemTime> {
     };
     let secs = u64::try_from(secs).ok()?;
     Some(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(micros as u64))
+}
+
+/// CloudEvents' HTTP binding percent-encodes header values outside printable ASCII (and `%` itself).
+fn percent_encode_header(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' && b != b'"' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn push_json_string(out: &mut String, s: &str) {

@@ -166,6 +166,10 @@ pub struct Endpoint {
     /// Why the row cannot be used (a key that does not verify, a URL no request can carry): its
     /// deliveries are recorded dead with this reason, never skipped. `None` for a usable endpoint.
     pub unusable: Option<String>,
+    /// The catalog version each event type is pinned to (`walhook.endpoints.event_versions`).
+    pub pins: std::collections::HashMap<String, i32>,
+    /// The request's shape: Standard Webhooks or CloudEvents.
+    pub format: crate::event::Format,
     /// Fingerprint of the row's delivery-relevant columns, to reuse the `Arc` across reloads.
     fingerprint: String,
 }
@@ -369,6 +373,10 @@ pub struct EndpointRow {
     pub tenant_rate_limit: Option<f64>,
     /// NULL, `'direct'` or a proxy URL (which may hold a password).
     pub proxy: Option<String>,
+    /// `event_versions` as JSON text: the catalog version pinned per event type (`{}`: none).
+    pub event_versions: String,
+    /// `format`: `standard`, `cloudevents` or `cloudevents-binary`.
+    pub format: String,
 }
 
 impl EndpointRow {
@@ -603,7 +611,20 @@ fn build(
         ),
         None => None,
     };
+    let pins: std::collections::HashMap<String, i32> = if row.event_versions.is_empty() {
+        Default::default()
+    } else {
+        serde_json::from_str(&row.event_versions).map_err(|e| format!("event_versions: {e}"))?
+    };
+    let format = crate::event::Format::parse(if row.format.is_empty() {
+        "standard"
+    } else {
+        &row.format
+    })
+    .ok_or_else(|| format!("format: {:?} is not one walhook knows", row.format))?;
     Ok(Endpoint {
+        pins,
+        format,
         tenant_bucket: None,
         tenant_in_flight: None,
         tenant: row.tenant.clone(),
@@ -632,6 +653,8 @@ fn unusable(
     why: String,
 ) -> Endpoint {
     Endpoint {
+        pins: Default::default(),
+        format: Default::default(),
         tenant_bucket: None,
         tenant_in_flight: None,
         tenant: row.tenant.clone(),

@@ -20,7 +20,8 @@
 //!   ([`source::notify`]); the shared fan-out ([`source::Pipeline`]) and acknowledgements ([`source::ack`]).
 //! - [`pgoutput`]: pure decoder of the pgoutput protocol.
 //! - [`event`]: an outbox row and its Standard Webhooks envelope.
-//! - [`fanout`]: the endpoint cache and event-type patterns.
+//! - [`fanout`]: the endpoint cache and event-type patterns; [`catalog`]: event types' JSON Schemas and
+//!   versions, checked before a request and rendered for endpoints pinned to an older version.
 //! - [`dispatch`]: signing ([`sign`]), the guarded HTTP client (directly or through an egress proxy), the retry
 //!   policy, per-endpoint limits; [`trace`]: each attempt as a span, child of the row's `traceparent`, sent
 //!   along and exported over OTLP.
@@ -42,6 +43,7 @@
 //!   server's message, SQLSTATE, detail, hint, and the fix), for every error that wraps one.
 
 pub mod bench;
+pub mod catalog;
 pub mod cluster;
 pub mod config;
 pub mod conninfo;

@@ -95,8 +95,12 @@ enum Command {
         #[arg(long, value_name = "ID")]
         endpoint: i64,
         /// The event's payload (JSON) [default: a message naming the endpoint].
-        #[arg(long, value_name = "JSON")]
+        #[arg(long, value_name = "JSON", conflicts_with = "event_type")]
         payload: Option<String>,
+        /// Send the event catalog's example of this type (in the version the endpoint pinned) instead of a
+        /// walhook.test event.
+        #[arg(long, value_name = "TYPE")]
+        event_type: Option<String>,
         /// Follow the delivery until it succeeds or is dead, printing each attempt (status, latency, error).
         #[arg(long)]
         wait: bool,
@@ -321,10 +325,17 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::SendTest {
             endpoint,
             payload,
+            event_type,
             wait,
         } => {
             init_logs("warn", config.log.format, false);
-            runtime.block_on(send_test(&config, endpoint, payload.as_deref(), wait))
+            runtime.block_on(send_test(
+                &config,
+                endpoint,
+                payload.as_deref(),
+                event_type.as_deref(),
+                wait,
+            ))
         }
         Command::Demo { .. } | Command::Keygen | Command::Bench(_) | Command::Listen(_) => {
             unreachable!("handled above")
@@ -395,14 +406,19 @@ async fn send_test(
     config: &Config,
     endpoint: i64,
     payload: Option<&str>,
+    event_type: Option<&str>,
     wait: bool,
 ) -> anyhow::Result<()> {
     use walhook::send_test;
     let db = config.database_url()?;
     let client = send_test::connect(&db).await?;
-    let queued = send_test::queue(&client, &db, endpoint, payload).await?;
+    let queued = send_test::queue(&client, &db, endpoint, payload, event_type).await?;
+    let what = match event_type {
+        Some(t) => format!("the catalog's example of {t}"),
+        None => "a walhook.test event".to_string(),
+    };
     println!(
-        "queued delivery {} of a walhook.test event (webhook-id {}) to endpoint {endpoint} ({})",
+        "queued delivery {} of {what} (webhook-id {}) to endpoint {endpoint} ({})",
         queued.delivery, queued.webhook_id, queued.endpoint_url
     );
     if !wait {

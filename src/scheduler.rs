@@ -233,7 +233,8 @@ impl Scheduler {
                 let event = Event::new(c.event_id, &c.uid, &event_type, &created_at, &payload)
                     .with_ordering(c.ordering_key, c.commit_lsn)
                     .with_traceparent(c.traceparent.as_deref())
-                    .with_tenant(c.tenant);
+                    .with_tenant(c.tenant)
+                    .with_version(c.version);
                 let attempt = endpoint
                     .policy
                     .timeout

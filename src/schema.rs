@@ -50,6 +50,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "portal overview",
         include_str!("../sql/014_portal_overview.sql"),
     ),
+    (15, "catalog", include_str!("../sql/015_catalog.sql")),
 ];
 
 /// Privileges of walhook's group roles, applied after every migrate: repeatable and idempotent.

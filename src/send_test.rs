@@ -88,24 +88,34 @@ fn db_error(e: tokio_postgres::Error, database: &ConnInfo) -> SendTestError {
     SendTestError::Database(describe_for(&e, Job::Manage, Some(&Target::of(database))))
 }
 
-/// Queues a test event for `endpoint` with `payload` (JSON text; `None`: walhook's default message).
+/// Queues a test event for `endpoint`: a `walhook.test` event with `payload` (JSON text; `None`: walhook's
+/// default message), or with `event_type`, the catalog's example of that type in the endpoint's version.
 pub async fn queue(
     client: &Client,
     database: &ConnInfo,
     endpoint: i64,
     payload: Option<&str>,
+    event_type: Option<&str>,
 ) -> Result<Queued, SendTestError> {
     if let Some(payload) = payload {
         serde_json::from_str::<serde_json::Value>(payload).map_err(SendTestError::Payload)?;
     }
-    let delivery: i64 = client
-        .query_one(
-            "select walhook.send_test($1, $2::text::jsonb)",
-            &[&endpoint, &payload],
-        )
-        .await
-        .map_err(|e| db_error(e, database))?
-        .get(0);
+    let queued = match event_type {
+        Some(t) => {
+            client
+                .query_one("select walhook.send_test($1, $2::text)", &[&endpoint, &t])
+                .await
+        }
+        None => {
+            client
+                .query_one(
+                    "select walhook.send_test($1, $2::text::jsonb)",
+                    &[&endpoint, &payload],
+                )
+                .await
+        }
+    };
+    let delivery: i64 = queued.map_err(|e| db_error(e, database))?.get(0);
     let row = client
         .query_one(
             "select 'msg_' || replace(d.webhook_id::text, '-', ''), e.url

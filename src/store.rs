@@ -164,6 +164,8 @@ pub struct Claimed {
     /// `walhook.endpoints_generation` when it was claimed: the endpoint rows it must be judged by.
     pub endpoints_generation: i64,
     pub tenant: Option<String>,
+    /// The catalog version of the copy's payload.
+    pub version: Option<i32>,
 }
 
 /// Writes a batch of outcomes: deliveries upserted, attempts inserted, and with `processed` (the notify
@@ -171,9 +173,10 @@ pub struct Claimed {
 /// without the mark is a separate one: a cached generic plan for `id = any($18)` made while the outbox was
 /// small scans the whole outbox on every batch once it is large, even for an empty array.
 fn record_sql(processed: bool) -> String {
-    let (tenant, processed) = if processed {
+    let (tenant, version, processed) = if processed {
         (
             "$19",
+            "$20",
             ", processed as (
   -- notify source: outbox rows whose last delivery is in this batch, in the same transaction
   update walhook.outbox set processed_at = now()
@@ -181,7 +184,7 @@ fn record_sql(processed: bool) -> String {
 )",
         )
     } else {
-        ("$18", "")
+        ("$18", "$19", "")
     };
     format!(
         "
@@ -189,18 +192,18 @@ with input as (
   select * from unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::int[], $6::timestamptz[],
                        $7::int[], $8::text[], $9::timestamptz[], $10::int[], $11::text[],
                        $12::text[], $13::text[], $14::text[], $15::text[], $16::text[], $17::text[],
-                       {tenant}::text[])
+                       {tenant}::text[], {version}::int[])
     as t(event_id, endpoint_id, uid, status, schedule_step, next_attempt_at,
          status_code, error, attempted_at, duration_ms, response_body,
-         event_type, payload, event_created_at, ordering_key, commit_lsn, traceparent, tenant)
+         event_type, payload, event_created_at, ordering_key, commit_lsn, traceparent, tenant, event_version)
 ), upserted as (
   insert into walhook.deliveries as d
     (event_id, endpoint_id, webhook_id, status, attempts, schedule_step, next_attempt_at,
      last_status_code, last_error, last_attempt_at, event_type, payload, event_created_at,
-     ordering_key, commit_lsn, traceparent, tenant)
+     ordering_key, commit_lsn, traceparent, tenant, event_version)
   select event_id, endpoint_id, uid::uuid, status, (attempted_at is not null)::int, schedule_step,
          next_attempt_at, status_code, error, attempted_at, event_type, payload::jsonb,
-         event_created_at::timestamptz, ordering_key, commit_lsn::pg_lsn, traceparent, tenant
+         event_created_at::timestamptz, ordering_key, commit_lsn::pg_lsn, traceparent, tenant, event_version
     from input
   on conflict (event_id, endpoint_id) do update set
     status = excluded.status,
@@ -214,6 +217,9 @@ with input as (
     event_type = case when excluded.status = 'succeeded' then null
                       else coalesce(d.event_type, excluded.event_type) end,
     payload = case when excluded.status = 'succeeded' then null else coalesce(d.payload, excluded.payload) end,
+    -- the version of whichever copy is kept
+    event_version = case when excluded.status = 'succeeded' then null
+                         when d.payload is not null then d.event_version else excluded.event_version end,
     event_created_at = case when excluded.status = 'succeeded' then null
                             else coalesce(d.event_created_at, excluded.event_created_at) end,
     traceparent = case when excluded.status = 'succeeded' then null
@@ -239,11 +245,18 @@ select e.id, e.url, e.event_types, e.secret,
        array(select s.secret from walhook.endpoint_secrets s
               where s.endpoint_id = e.id and s.expires_at > now() order by s.expires_at desc),
        (select min(s.expires_at) from walhook.endpoint_secrets s where s.endpoint_id = e.id and s.expires_at > now()),
-       e.paused, e.proxy, e.tenant, e.all_tenants, e.filter::text, t.rate_limit
+       e.paused, e.proxy, e.tenant, e.all_tenants, e.filter::text, t.rate_limit, e.event_versions::text,
+       e.format
   from walhook.endpoints e
   left join walhook.tenants t on t.tenant = e.tenant
  where e.enabled
  order by e.id";
+
+const CATALOG: &str = "
+select t.name, t.current_version, v.version, v.schema::text
+  from walhook.event_types t
+  left join walhook.event_type_versions v on v.event_type = t.name
+ order by t.name, v.version";
 
 /// Claims due deliveries for `lease` (their `next_attempt_at` moves past it) and returns them with the event
 /// content, from the delivery's own copy or the outbox. `due` selects the ids to claim, locked.
@@ -256,13 +269,14 @@ fn claim_sql(due: &str) -> String {
    where d.id = due.id
   returning d.id, d.event_id, d.endpoint_id, d.attempts, d.schedule_step, d.webhook_id::text as uid,
             d.event_type, d.payload::text as payload, d.event_created_at::text as event_created_at,
-            d.ordering_key, d.commit_lsn::text as commit_lsn, d.traceparent, d.tenant
+            d.ordering_key, d.commit_lsn::text as commit_lsn, d.traceparent, d.tenant, d.event_version
 )
 select c.id, c.event_id, c.endpoint_id, c.attempts, c.schedule_step, c.uid,
        coalesce(c.event_type, o.event_type), coalesce(c.payload, o.payload::text),
        coalesce(c.event_created_at, o.created_at::text), c.ordering_key, c.commit_lsn,
        (select generation from walhook.endpoints_generation),
-       coalesce(c.traceparent, o.traceparent), coalesce(c.tenant, o.tenant)
+       coalesce(c.traceparent, o.traceparent), coalesce(c.tenant, o.tenant),
+       case when c.payload is not null then c.event_version else o.event_version end
   from claimed c left join walhook.outbox o on o.id = c.event_id"
     )
 }
@@ -393,6 +407,7 @@ fn claimed(r: &tokio_postgres::Row) -> Claimed {
         endpoints_generation: r.get(11),
         traceparent: r.get(12),
         tenant: r.get(13),
+        version: r.get(14),
     }
 }
 
@@ -633,10 +648,26 @@ impl Store {
                     all_tenants: r.get(16),
                     filter: r.get(17),
                     tenant_rate_limit: r.get(18),
+                    event_versions: r.get(19),
+                    format: r.get(20),
                 }
             })
             .collect();
         Ok((endpoints, next_expiry))
+    }
+
+    /// The event catalog: every type with each of its versions (a type without versions once, with none).
+    pub async fn catalog(&self) -> Result<Vec<crate::catalog::CatalogRow>, StoreError> {
+        let rows = self.client.query(CATALOG, &[]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| crate::catalog::CatalogRow {
+                event_type: r.get(0),
+                current_version: r.get(1),
+                version: r.get(2),
+                schema: r.get(3),
+            })
+            .collect())
     }
 
     /// The highest outbox id with a recorded delivery: replayed events above it cannot be recorded yet.
@@ -685,6 +716,7 @@ impl Store {
         let mut lsn = Vec::with_capacity(n);
         let mut traceparent = Vec::with_capacity(n);
         let mut tenant = Vec::with_capacity(n);
+        let mut version = Vec::with_capacity(n);
         for r in rows {
             event_id.push(r.event_id);
             endpoint_id.push(r.endpoint_id);
@@ -706,6 +738,7 @@ impl Store {
             lsn.push(r.ordering.as_ref().map(|o| o.1.to_string()));
             traceparent.push(c.and_then(|c| c.traceparent).map(|t| t.to_string()));
             tenant.push(r.tenant.as_deref());
+            version.push(c.and_then(|c| c.version));
         }
         let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
             &event_id,
@@ -733,6 +766,7 @@ impl Store {
             &self.record_processed
         };
         params.push(&tenant);
+        params.push(&version);
         self.client.execute(statement, &params).await?;
         Ok(())
     }
@@ -942,7 +976,7 @@ update walhook.outbox o
  where o.id = next.id
 returning o.id, o.uid::text, o.event_type, o.payload::text, o.created_at::text,
           array(select d.endpoint_id from walhook.deliveries d where d.event_id = o.id), o.ordering_key,
-          o.traceparent, o.tenant";
+          o.traceparent, o.tenant, o.event_version";
 
 const MARK_PROCESSED: &str = "
 update walhook.outbox set processed_at = now() where id = any($1::bigint[]) and processed_at is null";
@@ -1179,6 +1213,7 @@ pub struct OutboxRow {
     pub ordering_key: Option<String>,
     pub traceparent: Option<String>,
     pub tenant: Option<String>,
+    pub version: Option<i32>,
 }
 
 /// The notify source's connection: claims, marks and lease renewals on `walhook.outbox`.
@@ -1230,6 +1265,7 @@ impl OutboxQueue {
                 ordering_key: r.get(6),
                 traceparent: r.get(7),
                 tenant: r.get(8),
+                version: r.get(9),
             })
             .collect();
         claimed.sort_unstable_by_key(|r| r.id);

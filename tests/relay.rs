@@ -8,6 +8,7 @@
 //! run for that source alone.
 
 mod browser;
+mod catalog;
 mod demo;
 mod failover;
 mod listen;

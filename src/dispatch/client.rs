@@ -68,6 +68,10 @@ pub struct Outgoing<'a> {
     /// The complete `webhook-signature` value.
     pub signature: &'a str,
     pub body: Bytes,
+    /// `application/json`, or `application/cloudevents+json` for CloudEvents' structured mode.
+    pub content_type: &'static str,
+    /// The format's own headers (CloudEvents binary mode's `ce-*`).
+    pub extra_headers: &'a [(&'static str, String)],
     /// Bounds the whole exchange, connection included.
     pub timeout: Duration,
     /// The endpoint's static extra headers (validated by the schema).
@@ -568,10 +572,13 @@ impl HttpClient {
                 builder = builder.header(http::header::PROXY_AUTHORIZATION, header(authorization)?);
             }
         }
+        for (name, value) in out.extra_headers {
+            builder = builder.header(*name, header(value)?);
+        }
         let request = builder
             .header(
                 http::header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
+                HeaderValue::from_static(out.content_type),
             )
             .header(http::header::USER_AGENT, self.routes.user_agent.clone())
             .header("webhook-id", header(out.webhook_id)?)

@@ -102,6 +102,28 @@ pub struct Dispatcher {
     log_payloads: bool,
     /// `tracing.otlp_endpoint`: each attempt's span is exported.
     spans: Option<crate::trace::Exporter>,
+    /// The event catalog, checked before each request, and what renders payloads for pinned endpoints.
+    catalog: Option<(Arc<crate::catalog::CatalogCell>, crate::catalog::Renderer)>,
+}
+
+/// Why a job is not sent now.
+enum Unsent {
+    /// The catalog refuses it: recorded dead with the reason.
+    Refuse(String),
+    /// Its rendering needs the database, which is unreachable: parked, tried again later.
+    Later(String),
+}
+
+/// Gives back what `try_start` took for a request that is not made: the breaker's admission and the slot.
+fn unused(endpoint: &Endpoint, admission: &Admission) {
+    endpoint
+        .rt
+        .limits
+        .lock()
+        .expect("never poisoned")
+        .breaker
+        .release(admission);
+    release_slot(endpoint);
 }
 
 /// Gives back the in-flight slot `try_start` took at the endpoint (and its tenant).
@@ -139,6 +161,39 @@ impl Dispatcher {
             in_flight: AtomicUsize::new(0),
             log_payloads: false,
             spans: None,
+            catalog: None,
+        }
+    }
+
+    /// Checks events against the catalog and renders them for pinned endpoints.
+    pub fn with_catalog(
+        mut self,
+        catalog: Arc<crate::catalog::CatalogCell>,
+        renderer: crate::catalog::Renderer,
+    ) -> Dispatcher {
+        self.catalog = Some((catalog, renderer));
+        self
+    }
+
+    /// The event as this endpoint gets it: checked against its version's schema, in its pinned version.
+    async fn prepare(&self, job: &Job) -> Result<Arc<Event>, Unsent> {
+        use crate::catalog::{Plan, RenderError};
+        let Some((cell, renderer)) = &self.catalog else {
+            return Ok(job.event.clone());
+        };
+        let catalog = cell.get();
+        let pin = job.endpoint.pins.get(&job.event.event_type).copied();
+        match catalog.plan(&job.event, pin) {
+            Plan::Send(event) => Ok(event),
+            Plan::Refuse(why) => Err(Unsent::Refuse(why)),
+            Plan::Render { event, from, to } => renderer
+                .render(&catalog, &event, from, to)
+                .await
+                .map(Arc::new)
+                .map_err(|e| match e {
+                    RenderError::Refuse(why) => Unsent::Refuse(why),
+                    RenderError::Later(why) => Unsent::Later(why),
+                }),
         }
     }
 
@@ -343,25 +398,41 @@ impl Dispatcher {
                     "a claimed delivery waited past its lease for the concurrency limit; left for the next claim"
                 );
                 drop(permit);
-                job.endpoint
-                    .rt
-                    .limits
-                    .lock()
-                    .expect("never poisoned")
-                    .breaker
-                    .release(&admission);
-                release_slot(&job.endpoint);
+                unused(&job.endpoint, &admission);
                 let endpoint = job.endpoint.clone();
                 drop(job);
                 this.pump(&endpoint, false);
                 return;
             }
+            let send = match this.prepare(&job).await {
+                Ok(send) => send,
+                Err(unsent) => {
+                    // no request: the slot, the breaker's admission and the permit go back unused
+                    drop(permit);
+                    unused(&job.endpoint, &admission);
+                    let endpoint = job.endpoint.clone();
+                    match unsent {
+                        Unsent::Refuse(why) => this.refuse(job, why),
+                        Unsent::Later(why) => {
+                            tracing::warn!(
+                                endpoint_id = endpoint.id,
+                                event_id = job.event.id,
+                                "rendering the event in the endpoint's pinned version needs the database: \
+                                 {why}; the delivery is parked and tried again"
+                            );
+                            this.park(job, later(Duration::from_secs(5)));
+                        }
+                    }
+                    this.pump(&endpoint, false);
+                    return;
+                }
+            };
             this.in_flight.fetch_add(1, Ordering::Relaxed);
             metrics::gauge!(crate::metrics::IN_FLIGHT).increment(1.0);
             let started = Instant::now();
             let progress = &job.endpoint.rt.progress;
             progress.lock().expect("never poisoned").started(started);
-            let row = this.attempt(&job, admission).await;
+            let row = this.attempt(&job, &send, admission).await;
             let now = Instant::now();
             progress
                 .lock()
@@ -534,14 +605,17 @@ impl Dispatcher {
     }
 
     /// Makes one attempt and decides what it leaves behind.
-    async fn attempt(&self, job: &Job, admission: Admission) -> RecordRow {
+    /// `send` is the job's event as its endpoint gets it (checked, in its pinned version); the job's own
+    /// event stays the delivery's copy.
+    async fn attempt(&self, job: &Job, send: &Event, admission: Admission) -> RecordRow {
         let event = &job.event;
         let endpoint = &job.endpoint;
         let attempted_at = SystemTime::now();
         let timestamp = attempted_at
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        let signature = endpoint.signature(&event.webhook_id, timestamp, &event.body);
+        let rendition = send.rendition(endpoint.format);
+        let signature = endpoint.signature(&event.webhook_id, timestamp, &rendition.body);
         let span = crate::trace::AttemptSpan::start(event, self.spans.is_some());
         let traceparent = span.context.map(|c| c.to_string());
         let started = tokio::time::Instant::now();
@@ -552,7 +626,9 @@ impl Dispatcher {
                 webhook_id: &event.webhook_id,
                 timestamp,
                 signature: &signature,
-                body: event.body.clone(),
+                body: rendition.body,
+                content_type: rendition.content_type,
+                extra_headers: &rendition.headers,
                 timeout: endpoint.policy.timeout.unwrap_or(self.settings.timeout),
                 headers: &endpoint.policy.headers,
                 proxy: &endpoint.policy.proxy,

@@ -307,7 +307,8 @@ impl Poller<'_> {
             // no commit position here: a key's deliveries go in outbox id order
             .with_ordering(row.ordering_key, None)
             .with_traceparent(row.traceparent.as_deref())
-            .with_tenant(row.tenant);
+            .with_tenant(row.tenant)
+            .with_version(row.version);
             self.held.insert(row.id);
             let target = AckTarget::Row {
                 marks: self.marks.clone(),

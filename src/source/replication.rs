@@ -155,6 +155,8 @@ struct OutboxColumns {
     /// Absent from relations decoded from WAL written before migration 9.
     traceparent: Option<usize>,
     tenant: Option<usize>,
+    /// Absent before migration 15.
+    event_version: Option<usize>,
 }
 
 /// The publication and the slot: created on first start, checked on every (re)connect, re-created by
@@ -867,6 +869,7 @@ impl Session {
                         ordering_key: at("ordering_key"),
                         traceparent: find("traceparent"),
                         tenant: find("tenant"),
+                        event_version: find("event_version"),
                     }),
                 );
             }
@@ -902,7 +905,12 @@ impl Session {
                 let mut event = Event::new(id, uid, event_type, created_at, payload)
                     .with_ordering(ordering_key, Some(self.commit_lsn))
                     .with_traceparent(cols.traceparent.and_then(text))
-                    .with_tenant(cols.tenant.and_then(text).map(str::to_string));
+                    .with_tenant(cols.tenant.and_then(text).map(str::to_string))
+                    .with_version(
+                        cols.event_version
+                            .and_then(text)
+                            .and_then(|v| v.parse().ok()),
+                    );
                 event.committed_at = self.committed_at;
                 metrics::counter!(crate::metrics::EVENTS_RECEIVED).increment(1);
                 let Some(txn) = self.txn else {

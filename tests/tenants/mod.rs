@@ -554,6 +554,8 @@ async fn a_tenant_session_never_reads_or_changes_another_tenants_rows() {
         format!("select walhook.send_test({b})"),
         format!("select walhook.send_test({all})"),
         format!("select walhook.send_test({none})"),
+        format!("select walhook.send_test({b}, 'order.created')"),
+        format!("select walhook.send_test({all}, 'order.created')"),
         "select walhook.portal_link('globex')".to_string(),
         "select walhook.portal_link(null, operator => true)".to_string(),
         "select walhook.portal_exchange(repeat('0', 64))".to_string(),
@@ -653,7 +655,8 @@ async fn a_tenant_session_never_reads_or_changes_another_tenants_rows() {
             "walhook.portal_slots(text)",
             "walhook.portal_view(text,text)",
             "walhook.recovery_event()",
-            "walhook.send_test(bigint,jsonb)"
+            "walhook.send_test(bigint,jsonb)",
+            "walhook.send_test(bigint,text)"
         ]
     );
     assert_eq!(

@@ -174,7 +174,7 @@ async fn each_tenant_hears_of_its_own_endpoints_and_the_operator_of_all(source: 
     assert_eq!(failing_dead["last_status_code"], 500);
     let webhook_id: String = client
         .query_one(
-            "select uid::text from walhook.outbox where id = $1",
+            "select 'msg_' || replace(uid::text, '-', '') from walhook.outbox where id = $1",
             &[&acme_event],
         )
         .await
