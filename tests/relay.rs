@@ -12,6 +12,7 @@ mod demo;
 mod failover;
 mod listen;
 mod ops;
+mod receivers;
 mod scale;
 mod schema;
 mod startup;
