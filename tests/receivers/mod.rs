@@ -34,8 +34,10 @@ struct Sample {
     /// Arguments of `program` that succeed only when the Standard Webhooks library is installed, run in the
     /// sample's folder.
     probe: &'static [&'static str],
-    /// How to install what the probe needs.
+    /// How to install what the probe needs, as the guide says.
     install: &'static str,
+    /// How the guide says to start it (the test starts `program` with the file's path and the same secret).
+    start: &'static str,
 }
 
 const PYTHON: Sample = Sample {
@@ -44,6 +46,7 @@ const PYTHON: Sample = Sample {
     program: "python3",
     probe: &["-c", "import standardwebhooks"],
     install: "pip install -r docs/receivers/python/requirements.txt",
+    start: "WEBHOOK_SECRET=whsec_… python3 docs/receivers/python/receiver.py",
 };
 
 const NODE: Sample = Sample {
@@ -52,6 +55,7 @@ const NODE: Sample = Sample {
     program: "node",
     probe: &["--input-type=module", "-e", "import 'standardwebhooks'"],
     install: "cd docs/receivers/node && npm ci",
+    start: "WEBHOOK_SECRET=whsec_… node receiver.mjs",
 };
 
 fn docs() -> PathBuf {
@@ -452,6 +456,18 @@ fn the_guide_shows_the_samples_as_they_run() {
         (NODE.file, NODE.fence),
         ("node/verify.ts", "ts"),
     ];
+    for sample in [PYTHON, NODE] {
+        let commands = format!("```sh\n{}\n{}\n```\n", sample.install, sample.start);
+        assert!(
+            guide.contains(&commands),
+            "docs/receivers.md must show how to install and start {}:\n{commands}",
+            sample.file
+        );
+        let ci = std::fs::read_to_string(docs().join("../.ci/run")).unwrap();
+        let installs = sample.install.rsplit("&& ").next().unwrap();
+        let installs = installs.replace("pip install", "pip install -q --root-user-action=ignore");
+        assert!(ci.contains(&installs), ".ci/run must run {installs}");
+    }
     for (file, fence) in shown {
         let code = std::fs::read_to_string(docs().join("receivers").join(file)).unwrap();
         assert!(
