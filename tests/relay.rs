@@ -13,6 +13,7 @@ mod demo;
 mod failover;
 mod listen;
 mod ops;
+mod receivers;
 mod scale;
 mod schema;
 mod startup;
