@@ -78,10 +78,8 @@ async function handle(webhookId, event) {
     const reason = data.reason ?? "no reason given";
     console.error(`ALERT endpoint ${data.endpoint_id} disabled (${data.cause}): ${reason}`);
   } else if (type === "walhook.delivery.dead") {
-    // data.webhook_id is the event's UUID; its requests' webhook-id is msg_ and its hex digits
-    const dead = `msg_${data.webhook_id.replaceAll("-", "")}`;
     console.error(
-      `ALERT ${data.event_type} ${dead} to endpoint ${data.endpoint_id} dead after` +
+      `ALERT ${data.event_type} ${data.webhook_id} to endpoint ${data.endpoint_id} dead after` +
         ` ${data.attempts} attempts: ${data.last_error}`,
     );
   } else if (type.startsWith("walhook.")) {

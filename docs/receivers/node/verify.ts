@@ -4,6 +4,7 @@ import { Webhook, WebhookVerificationError } from "standardwebhooks";
 /** The body walhook sends: the Standard Webhooks envelope around an outbox row's payload. */
 export interface WalhookEvent<Type extends string = string, Data = Record<string, unknown>> {
   type: Type;
+  version?: number; // the catalog version of data, for types in the event catalog (docs/catalog.md)
   timestamp: string; // the outbox row's created_at, RFC 3339
   data: Data;
 }

@@ -92,9 +92,7 @@ def process(webhook_id, event):
         reason = data["reason"] or "no reason given"
         print(f"ALERT endpoint {data['endpoint_id']} disabled ({data['cause']}): {reason}", file=sys.stderr)
     elif kind == "walhook.delivery.dead":
-        # data.webhook_id is the event's UUID; its requests' webhook-id is msg_ and its hex digits
-        dead = "msg_" + data["webhook_id"].replace("-", "")
-        print(f"ALERT {data['event_type']} {dead} to endpoint {data['endpoint_id']} dead after"
+        print(f"ALERT {data['event_type']} {data['webhook_id']} to endpoint {data['endpoint_id']} dead after"
               f" {data['attempts']} attempts: {data['last_error']}", file=sys.stderr)
     elif kind.startswith("walhook."):
         print(f"walhook: {kind} {json.dumps(data)}", file=sys.stderr)
