@@ -329,3 +329,117 @@ begin
     'dead_at', now()));
   return null;
 end $$;
+
+-- walhook:step endpoints: the registration handshake (endpoints is small)
+-- An endpoint inserted with verification = 'pending' (or put through walhook.verify_endpoint) stays disabled
+-- until it answers a signed walhook.endpoint.verification request with 2xx: proof that the URL is up and that
+-- its receiver holds the secret. Until then it receives nothing else; the daemon loads it only to send the
+-- verification. Once that delivery succeeds, a trigger enables the endpoint; if it ends dead, the endpoint's
+-- disabled_reason says why and how to try again.
+alter table walhook.endpoints add column if not exists verification text;
+alter table walhook.endpoints add column if not exists verified_at timestamptz;
+do $$
+begin
+  if not exists (select 1 from pg_constraint where conname = 'endpoints_verification_valid') then
+    alter table walhook.endpoints add constraint endpoints_verification_valid
+      check (verification in ('pending', 'verified'));
+  end if;
+end $$;
+
+-- walhook:step functions: verify_endpoint() and the handshake's triggers
+create or replace function walhook.verify_endpoint(endpoint_id bigint) returns bigint
+language plpgsql volatile security definer
+set search_path = pg_catalog, walhook, pg_temp
+as $$
+declare
+  e record;
+  was text := coalesce(current_setting('walhook.publishing_operational', true), '');
+  body jsonb;
+  event record;
+  delivery bigint;
+begin
+  select x.id, x.tenant, x.all_tenants, x.url into e from walhook.endpoints x where x.id = verify_endpoint.endpoint_id;
+  if not found or not (walhook.caller_is_admin()
+                       or (e.tenant = walhook.current_tenant() and not e.all_tenants) is true) then
+    raise exception 'no endpoint %', verify_endpoint.endpoint_id
+      using errcode = 'no_data_found', hint = 'SELECT id, url FROM walhook.endpoints lists the ones you may verify';
+  end if;
+  update walhook.endpoints x
+     set verification = 'pending', verified_at = null, enabled = false,
+         disabled_reason = 'awaiting verification: walhook sent a signed walhook.endpoint.verification request; '
+                           || 'the endpoint is enabled once it answers 2xx'
+   where x.id = e.id;
+  body := jsonb_build_object(
+    'endpoint_id', e.id,
+    'url', walhook.operational_text(walhook.display_url(e.url), 512),
+    'message', 'walhook verifies this endpoint: verify the signature and answer 2xx to start receiving events');
+  perform set_config('walhook.publishing_operational', 'on', true);
+  insert into walhook.outbox (event_type, tenant, payload)
+  values ('walhook.endpoint.verification', e.tenant, body)
+  returning id, created_at into event;
+  perform set_config('walhook.publishing_operational', was, true);
+  insert into walhook.deliveries (event_id, endpoint_id, webhook_id, status, next_attempt_at, event_type,
+                                  payload, event_created_at, tenant)
+  values (event.id, e.id, gen_random_uuid(), 'pending', now(), 'walhook.endpoint.verification', body,
+          event.created_at, e.tenant)
+  returning id into delivery;
+  return delivery;
+end $$;
+
+-- An endpoint inserted with verification = 'pending' starts disabled (it was never live: no
+-- walhook.endpoint.disabled event) and is sent its verification request.
+create or replace function walhook.endpoint_verification_requested() returns trigger
+language plpgsql security definer
+set search_path = pg_catalog, walhook, pg_temp
+as $$
+begin
+  if tg_when = 'BEFORE' then
+    new.enabled := false;
+    return new;
+  end if;
+  perform walhook.verify_endpoint(new.id);
+  return null;
+end $$;
+
+-- The verification's outcome: 2xx enables the endpoint; a dead verification says why it stays disabled.
+create or replace function walhook.endpoint_verification_finished() returns trigger
+language plpgsql security definer
+set search_path = pg_catalog, walhook, pg_temp
+as $$
+begin
+  if new.status = 'succeeded' then
+    update walhook.endpoints e
+       set enabled = true, verification = 'verified', verified_at = now(), disabled_reason = null
+     where e.id = new.endpoint_id and e.verification = 'pending';
+  else
+    update walhook.endpoints e
+       set disabled_reason = 'verification failed: ' || coalesce(walhook.operational_text(new.last_error, 512), 'no answer')
+                             || format('; fix the receiver, then SELECT walhook.verify_endpoint(%s)', e.id)
+     where e.id = new.endpoint_id and e.verification = 'pending';
+  end if;
+  return null;
+end $$;
+
+create or replace trigger endpoints_verification_pending before insert on walhook.endpoints
+  for each row when (new.verification = 'pending') execute function walhook.endpoint_verification_requested();
+create or replace trigger endpoints_verification_requested after insert on walhook.endpoints
+  for each row when (new.verification = 'pending') execute function walhook.endpoint_verification_requested();
+-- the copy's type is the verification's until the delivery succeeds (a succeeded delivery drops its copy)
+create or replace trigger deliveries_verification_finished after update of status on walhook.deliveries
+  for each row when (old.event_type = 'walhook.endpoint.verification' and old.status = 'pending'
+                     and new.status in ('succeeded', 'dead'))
+  execute function walhook.endpoint_verification_finished();
+
+-- walhook:step functions: a verification, like a test, goes only to the endpoint it is for
+create or replace function walhook.matches(event_type text, patterns text[]) returns boolean
+language sql immutable
+set search_path = pg_catalog, walhook, pg_temp
+as $$
+  select event_type not in ('walhook.test', 'walhook.endpoint.verification') and exists (
+    select 1 from unnest(patterns) p
+     where (p = '*' and left(event_type, 8) <> 'walhook.')
+        or p = event_type
+        or (right(p, 2) = '.*' and length(event_type) > length(p) - 1
+            and left(event_type, length(p) - 1) = left(p, length(p) - 1))
+  )
+$$;

@@ -88,7 +88,8 @@ begin
   -- display_url and paused, and endpoint_stats, for endpoint_health, which reads with the reader's rights
   grant select (id, event_types, enabled, description, created_at, updated_at, timeout, retry_schedule,
     rate_limit, max_in_flight, metadata, ordered, disabled_reason, paused, resumed_at, tenant, all_tenants,
-    filter, display_url, event_versions, format) on walhook.endpoints to walhook_reader;
+    filter, display_url, event_versions, format, verification, verified_at) on walhook.endpoints
+    to walhook_reader;
   grant select on walhook.endpoint_stats to walhook_reader;
   grant execute on function walhook.matches(text, text[]), walhook.display_url(text),
     walhook.endpoint_accepts(text, text, jsonb, text[], text, boolean, jsonb)
@@ -127,6 +128,7 @@ begin
     walhook.rotate_secret(bigint, interval), walhook.generate_secret(), walhook.matches(text, text[]),
     walhook.portal_link(text, interval, boolean), walhook.send_test(bigint, jsonb),
     walhook.send_test(bigint, text), walhook.render_payload(text, integer, integer, jsonb),
+    walhook.verify_endpoint(bigint),
     walhook.endpoint_accepts(text, text, jsonb, text[], text, boolean, jsonb),
     walhook.display_url(text), walhook.current_tenant(),
     -- the checks of the catalog
@@ -256,10 +258,10 @@ begin
   -- its tenant once the endpoint exists
   grant select (id, url, event_types, secret, enabled, description, created_at, updated_at, timeout,
     retry_schedule, rate_limit, max_in_flight, headers, metadata, ordered, signing_key, disabled_reason, paused,
-    resumed_at, tenant, all_tenants, filter, display_url, event_versions, format) on walhook.endpoints
-    to walhook_tenant;
+    resumed_at, tenant, all_tenants, filter, display_url, event_versions, format, verification, verified_at)
+    on walhook.endpoints to walhook_tenant;
   grant insert (tenant, url, event_types, secret, enabled, description, rate_limit, headers, metadata, ordered,
-    signing_key, paused, filter, event_versions, format) on walhook.endpoints to walhook_tenant;
+    signing_key, paused, filter, event_versions, format, verification) on walhook.endpoints to walhook_tenant;
   grant update (url, event_types, secret, enabled, description, rate_limit, headers, metadata, ordered,
     signing_key, paused, filter, event_versions, format) on walhook.endpoints to walhook_tenant;
   -- the event catalog: the types, their schemas and examples
@@ -280,7 +282,7 @@ begin
     walhook.recover(bigint, timestamptz, timestamptz, text, text),
     walhook.rotate_secret(bigint, interval), walhook.generate_secret(), walhook.matches(text, text[]),
     walhook.portal_link(text, interval, boolean), walhook.send_test(bigint, jsonb),
-    walhook.send_test(bigint, text), walhook.check_event_versions(jsonb),
+    walhook.send_test(bigint, text), walhook.check_event_versions(jsonb), walhook.verify_endpoint(bigint),
     walhook.endpoint_accepts(text, text, jsonb, text[], text, boolean, jsonb),
     walhook.display_url(text), walhook.current_tenant(),
     -- the checks of endpoints and endpoint_secrets

@@ -28,6 +28,9 @@ pub const OPERATIONAL_PREFIX: &str = "walhook.";
 /// queued by the function), never fanned out, whatever the patterns.
 pub const TEST_EVENT: &str = "walhook.test";
 
+/// The type of `walhook.verify_endpoint()`'s requests: like a test, only to the endpoint being verified.
+pub const VERIFICATION_EVENT: &str = "walhook.endpoint.verification";
+
 /// An event-type pattern: `*`, a prefix like `order.*`, or an exact type. `*` leaves out walhook's own
 /// operational events (types under [`OPERATIONAL_PREFIX`]): a receiver written for the application's events
 /// never gets them unless its patterns name them (`walhook.*`, or an exact type).
@@ -51,7 +54,7 @@ impl Pattern {
     }
 
     pub fn matches(&self, event_type: &str) -> bool {
-        if event_type == TEST_EVENT {
+        if event_type == TEST_EVENT || event_type == VERIFICATION_EVENT {
             return false;
         }
         match self {
@@ -170,6 +173,8 @@ pub struct Endpoint {
     pub pins: std::collections::HashMap<String, i32>,
     /// The request's shape: Standard Webhooks or CloudEvents.
     pub format: crate::event::Format,
+    /// Disabled until it answers its verification request: loaded only to be sent that, it accepts no event.
+    pub awaiting_verification: bool,
     /// Fingerprint of the row's delivery-relevant columns, to reuse the `Arc` across reloads.
     fingerprint: String,
 }
@@ -320,7 +325,8 @@ impl Endpoint {
     /// tenant is the endpoint's (no tenant matching no tenant), unless the endpoint is the firehose; and its
     /// payload contains the endpoint's filter.
     pub fn accepts(&self, event: &Event) -> bool {
-        self.patterns.iter().any(|p| p.matches(&event.event_type))
+        !self.awaiting_verification
+            && self.patterns.iter().any(|p| p.matches(&event.event_type))
             && (self.all_tenants || self.tenant == event.tenant)
             && self.filter.as_ref().is_none_or(|f| {
                 event
@@ -377,6 +383,8 @@ pub struct EndpointRow {
     pub event_versions: String,
     /// `format`: `standard`, `cloudevents` or `cloudevents-binary`.
     pub format: String,
+    /// Disabled, awaiting its verification (`verification = 'pending'`).
+    pub awaiting_verification: bool,
 }
 
 impl EndpointRow {
@@ -625,6 +633,7 @@ fn build(
     Ok(Endpoint {
         pins,
         format,
+        awaiting_verification: row.awaiting_verification,
         tenant_bucket: None,
         tenant_in_flight: None,
         tenant: row.tenant.clone(),
@@ -655,6 +664,7 @@ fn unusable(
     Endpoint {
         pins: Default::default(),
         format: Default::default(),
+        awaiting_verification: row.awaiting_verification,
         tenant_bucket: None,
         tenant_in_flight: None,
         tenant: row.tenant.clone(),

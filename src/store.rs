@@ -246,10 +246,11 @@ select e.id, e.url, e.event_types, e.secret,
               where s.endpoint_id = e.id and s.expires_at > now() order by s.expires_at desc),
        (select min(s.expires_at) from walhook.endpoint_secrets s where s.endpoint_id = e.id and s.expires_at > now()),
        e.paused, e.proxy, e.tenant, e.all_tenants, e.filter::text, t.rate_limit, e.event_versions::text,
-       e.format
+       e.format, not e.enabled
   from walhook.endpoints e
   left join walhook.tenants t on t.tenant = e.tenant
- where e.enabled
+ -- an endpoint awaiting its verification is loaded only to be sent that request (it accepts no event)
+ where e.enabled or e.verification = 'pending'
  order by e.id";
 
 const CATALOG: &str = "
@@ -650,6 +651,7 @@ impl Store {
                     tenant_rate_limit: r.get(18),
                     event_versions: r.get(19),
                     format: r.get(20),
+                    awaiting_verification: r.get(21),
                 }
             })
             .collect();

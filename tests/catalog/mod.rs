@@ -401,3 +401,237 @@ async fn the_notify_source_sends_the_rows_version() {
     assert_eq!(body["data"]["id"], 1);
     daemon.stop().await;
 }
+
+/// The README's handshake: an endpoint inserted with `verification = 'pending'` gets nothing but its signed
+/// verification request until it answers 2xx (a first 401, as from a receiver without the secret yet, is
+/// retried), then every event; an endpoint subscribed to `walhook.*` never sees a verification; a verification
+/// that ends dead says why, and `verify_endpoint` tries again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_awaiting_verification_gets_only_its_verification_until_it_answers() {
+    let pg = Pg::start().await;
+    let owner = pg.client().await;
+    let rx = Receiver::start_on(9002).await.expect("port 9002 free");
+    let (_, ops_secret) = add_endpoint(&owner, &rx.url("/ops"), &["walhook.*"]).await;
+    rx.set_secret("/ops", &ops_secret);
+    // the first request to /hooks is refused, as by a receiver that does not have the secret yet
+    rx.set_responder(|r, _| {
+        let first = r.path == "/hooks" && r.verified != Some(true);
+        walhook::receiver::Reply::Status(if first || r.path == "/broken" {
+            401
+        } else {
+            200
+        })
+    });
+    let daemon = Daemon::start(pg.config());
+    wait_streaming(&owner).await;
+    let blocks =
+        crate::schema::readme_blocks("### Verifying an endpoint before it receives events", "sql");
+    assert_eq!(blocks.len(), 2);
+    let row = owner
+        .query_one(blocks[0].as_str(), &[])
+        .await
+        .expect("the README's insert");
+    let (id, secret): (i64, String) = (row.get(0), row.get(1));
+    let state = owner.query_one(blocks[1].as_str(), &[]).await.unwrap();
+    assert!(!state.get::<_, bool>(0));
+    assert_eq!(
+        state.get::<_, Option<String>>(1).as_deref(),
+        Some("pending")
+    );
+    let reason: String = state.get(3);
+    assert!(reason.starts_with("awaiting verification"), "{reason}");
+    publish(&owner, "order.created", r#"{"before": true}"#).await;
+    // the receiver gets its secret only now: the first attempt was refused, the retry verifies
+    eventually("the first verification attempt", || async {
+        rx.count() >= 1
+    })
+    .await;
+    rx.set_secret("/hooks", &secret);
+    eventually("the endpoint is verified and enabled", || async {
+        let s = owner.query_one(blocks[1].as_str(), &[]).await.unwrap();
+        s.get::<_, bool>(0) && s.get::<_, Option<String>>(1).as_deref() == Some("verified")
+    })
+    .await;
+    let state = owner.query_one(blocks[1].as_str(), &[]).await.unwrap();
+    assert!(state.get::<_, Option<std::time::SystemTime>>(2).is_some());
+    assert_eq!(state.get::<_, Option<String>>(3), None);
+    // a test event goes through the scheduler, which waits for the endpoint cache to catch up with the claim:
+    // once it arrives, the daemon knows the endpoint is enabled
+    owner
+        .execute("select walhook.send_test($1)", &[&id])
+        .await
+        .unwrap();
+    eventually("the test event arrives", || async {
+        rx.received().iter().any(|r| {
+            r.path == "/hooks" && String::from_utf8_lossy(&r.body).contains("walhook.test")
+        })
+    })
+    .await;
+    publish(&owner, "order.created", r#"{"after": true}"#).await;
+    eventually("the event after verification arrives", || async {
+        rx.received()
+            .iter()
+            .any(|r| r.path == "/hooks" && String::from_utf8_lossy(&r.body).contains("after"))
+    })
+    .await;
+    let hooks: Vec<Value> = rx
+        .received()
+        .iter()
+        .filter(|r| r.path == "/hooks")
+        .map(|r| json(&r.body))
+        .collect();
+    assert!(
+        hooks.iter().all(|b| b["data"].get("before").is_none()),
+        "nothing before it was verified"
+    );
+    assert_eq!(hooks[0]["type"], "walhook.endpoint.verification");
+    assert_eq!(hooks[0]["data"]["endpoint_id"], id);
+    let last = rx
+        .received()
+        .into_iter()
+        .rfind(|r| r.path == "/hooks")
+        .unwrap();
+    assert_eq!(last.verified, Some(true));
+    assert!(
+        rx.received().iter().all(|r| r.path != "/ops"
+            || !String::from_utf8_lossy(&r.body).contains("walhook.endpoint.verification")),
+        "a verification goes only to its endpoint"
+    );
+
+    // a receiver that never answers 2xx: dead, the reason says how to try again
+    let broken: i64 = owner
+        .query_one(
+            "insert into walhook.endpoints (url, verification) values ('http://127.0.0.1:9002/broken', 'pending') returning id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    eventually("the broken endpoint's verification is dead", || async {
+        let reason: Option<String> = owner
+            .query_one(
+                "select disabled_reason from walhook.endpoints where id = $1",
+                &[&broken],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        reason.is_some_and(|r| r.starts_with("verification failed: HTTP 401"))
+    })
+    .await;
+    let reason: String = owner
+        .query_one(
+            "select disabled_reason from walhook.endpoints where id = $1",
+            &[&broken],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        reason.ends_with(&format!("SELECT walhook.verify_endpoint({broken})")),
+        "{reason}"
+    );
+    owner
+        .execute(
+            "update walhook.endpoints set url = 'http://127.0.0.1:9002/fixed' where id = $1",
+            &[&broken],
+        )
+        .await
+        .unwrap();
+    owner
+        .execute("select walhook.verify_endpoint($1)", &[&broken])
+        .await
+        .unwrap();
+    eventually("verified after the fix", || async {
+        owner
+            .query_one(
+                "select enabled from walhook.endpoints where id = $1",
+                &[&broken],
+            )
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    })
+    .await;
+    daemon.stop().await;
+}
+
+/// A `kill -9` while the catalog refuses some events and renders others for a pinned endpoint loses nothing:
+/// after a restart every valid event reaches both endpoints (the pinned one in its version), every malformed
+/// one is dead at both and was never sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_while_the_catalog_checks_and_renders_loses_nothing() {
+    let pg = Pg::start().await;
+    let owner = pg.client().await;
+    let blocks = doc_blocks();
+    owner.batch_execute(&blocks[0]).await.unwrap();
+    owner.batch_execute(&blocks[1]).await.unwrap();
+    let rx = Receiver::start().await.unwrap();
+    // the receivers are slow enough that the kill lands mid-stream
+    rx.set_responder(|_, _| {
+        walhook::receiver::Reply::Delay(std::time::Duration::from_millis(20), 200)
+    });
+    let (_, current) = add_endpoint(&owner, &rx.url("/current"), &["order.*"]).await;
+    rx.set_secret("/current", &current);
+    let pinned: String = owner
+        .query_one(
+            "insert into walhook.endpoints (url, event_types, event_versions) values ($1, '{order.*}', '{\"order.created\": 1}')
+             returning secret",
+            &[&rx.url("/pinned")],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    rx.set_secret("/pinned", &pinned);
+    let mut daemon = KillOnDrop(spawn_binary(&["run"], &pg.env()));
+    wait_ready(Source::Replication, &owner).await;
+    // every fifth event breaks version 2's schema
+    owner
+        .execute(
+            "insert into walhook.outbox (event_type, payload)
+             select 'order.created', case when g % 5 = 0 then jsonb_build_object('order_id', g, 'amount_cents', 'x')
+                                          else jsonb_build_object('order_id', g, 'amount_cents', g) end
+               from generate_series(1, 500) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(
+        rx.wait_until(DEADLINE, |r| r.len() >= 50).await,
+        "deliveries started"
+    );
+    daemon.0.kill().unwrap();
+    daemon.0.wait().unwrap();
+    let _daemon = KillOnDrop(spawn_binary(&["run"], &pg.env()));
+    eventually("every delivery at its end", || async {
+        count(
+            &owner,
+            "select count(*) from walhook.deliveries where status = 'succeeded'",
+        )
+        .await
+            == 800
+            && count(
+                &owner,
+                "select count(*) from walhook.deliveries where status = 'dead'",
+            )
+            .await
+                == 200
+    })
+    .await;
+    assert_eq!(rx.distinct_ids("/current").len(), 400);
+    assert_eq!(rx.distinct_ids("/pinned").len(), 400);
+    for r in rx.received() {
+        let body = json(&r.body);
+        assert_ne!(
+            body["data"]["amount_cents"], "x",
+            "a malformed event was sent"
+        );
+        assert_eq!(r.verified, Some(true));
+        if r.path == "/pinned" {
+            assert_eq!(body["version"], 1);
+            assert!(body["data"].get("amount").is_some(), "{body}");
+        } else {
+            assert_eq!(body["version"], 2);
+        }
+    }
+}

@@ -556,6 +556,8 @@ async fn a_tenant_session_never_reads_or_changes_another_tenants_rows() {
         format!("select walhook.send_test({none})"),
         format!("select walhook.send_test({b}, 'order.created')"),
         format!("select walhook.send_test({all}, 'order.created')"),
+        format!("select walhook.verify_endpoint({b})"),
+        format!("select walhook.verify_endpoint({all})"),
         "select walhook.portal_link('globex')".to_string(),
         "select walhook.portal_link(null, operator => true)".to_string(),
         "select walhook.portal_exchange(repeat('0', 64))".to_string(),
@@ -644,6 +646,8 @@ async fn a_tenant_session_never_reads_or_changes_another_tenants_rows() {
             "walhook.breaker_event()",
             "walhook.delivery_dead_event()",
             "walhook.endpoint_disabled_event()",
+            "walhook.endpoint_verification_finished()",
+            "walhook.endpoint_verification_requested()",
             "walhook.endpoints_bump()",
             "walhook.endpoints_tenant_limit()",
             "walhook.portal_exchange(text,interval)",
@@ -656,7 +660,8 @@ async fn a_tenant_session_never_reads_or_changes_another_tenants_rows() {
             "walhook.portal_view(text,text)",
             "walhook.recovery_event()",
             "walhook.send_test(bigint,jsonb)",
-            "walhook.send_test(bigint,text)"
+            "walhook.send_test(bigint,text)",
+            "walhook.verify_endpoint(bigint)"
         ]
     );
     assert_eq!(
