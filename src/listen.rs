@@ -616,9 +616,11 @@ async fn webhook(
                 .get(verified.key)
                 .map(|k| k.name.clone())
                 .unwrap_or_default();
+            // the body's type (Standard Webhooks, CloudEvents structured) or CloudEvents binary mode's header
             let event_type = serde_json::from_slice::<serde_json::Value>(&body)
                 .ok()
                 .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_string))
+                .or_else(|| (!header("ce-type").is_empty()).then(|| header("ce-type").to_string()))
                 .unwrap_or_else(|| "(no type)".to_string());
             let _ = writeln!(
                 out,
