@@ -10,7 +10,9 @@
 use std::fmt::Write;
 
 use super::auth::Session;
-use super::queries::{Attempt, Delivery, DeliveryLine, Endpoint, EndpointLine, OverviewLine, Slot};
+use super::queries::{
+    Attempt, CatalogType, Delivery, DeliveryLine, Endpoint, EndpointLine, OverviewLine, Slot,
+};
 
 /// What the frame of every page shows: the configured name and logo, and the prefix of every link.
 #[derive(Clone, Debug)]
@@ -83,6 +85,7 @@ pub(super) fn layout(theme: &Theme, session: Option<&Session>, title: &str, body
                 r#"<a href="{base}/">Endpoints</a><a href="{base}/deliveries">Deliveries</a>"#
             );
         }
+        let _ = write!(nav, r#"<a href="{base}/event-types">Event types</a>"#);
         if s.operator {
             let _ = write!(nav, r#"<a href="{base}/operator">Overview</a>"#);
             if let Some(viewing) = &s.viewing {
@@ -623,4 +626,56 @@ mod tests {
         assert!(!page.contains("<b>") && !page.contains("<t>") && !page.contains("<m>"));
         assert!(page.contains("/l.svg&quot;x"));
     }
+}
+
+/// The event catalog: what each event type means and looks like, version by version.
+pub(super) fn catalog(theme: &Theme, session: &Session, types: &[CatalogType]) -> String {
+    let mut body = String::from(r#"<div class="head"><h1>Event types</h1></div>"#);
+    if types.is_empty() {
+        body.push_str(r#"<p class="empty">No event types are documented yet.</p>"#);
+    }
+    for t in types {
+        let _ = write!(
+            body,
+            r#"<section class="event-type" id="{0}"><h2>{0}"#,
+            esc(&t.name)
+        );
+        if t.deprecated {
+            body.push_str(r#" <span class="tag bad">deprecated</span>"#);
+        }
+        body.push_str("</h2>");
+        if !t.description.is_empty() {
+            let _ = write!(body, "<p>{}</p>", esc(&t.description));
+        }
+        if t.deprecated && !t.deprecation_note.is_empty() {
+            let _ = write!(
+                body,
+                r#"<p class="notice">{}</p>"#,
+                esc(&t.deprecation_note)
+            );
+        }
+        for v in &t.versions {
+            let _ = write!(body, "<h3>Version {}", v.version);
+            if Some(v.version) == t.current {
+                body.push_str(r#" <span class="tag good">current</span>"#);
+            }
+            if v.deprecated {
+                body.push_str(r#" <span class="tag bad">deprecated</span>"#);
+            }
+            body.push_str("</h3>");
+            if !v.description.is_empty() {
+                let _ = write!(body, "<p>{}</p>", esc(&v.description));
+            }
+            if let Some(example) = &v.example {
+                let _ = write!(body, "<h4>Example</h4><pre>{}</pre>", esc(example));
+            }
+            let _ = write!(
+                body,
+                "<details><summary>JSON Schema</summary><pre>{}</pre></details>",
+                esc(&v.schema)
+            );
+        }
+        body.push_str("</section>");
+    }
+    layout(theme, Some(session), "Event types", &body)
 }

@@ -166,7 +166,9 @@ pub(super) async fn recent_event_types(
                 where d.tenant = walhook.current_tenant()
                 order by d.id desc limit 200) recent
               where t is not null and t not like 'walhook.%'
-              order by t limit 100",
+             union
+             select name from walhook.event_types where not deprecated
+              order by 1 limit 100",
             &[],
         )
         .await?;
@@ -579,4 +581,71 @@ pub(super) async fn slots(
             confirmed_at: r.get(3),
         })
         .collect())
+}
+
+/// One version of a catalog type, as the event types page shows it.
+pub(super) struct CatalogVersion {
+    pub version: i32,
+    pub description: String,
+    pub deprecated: bool,
+    /// Indented JSON.
+    pub schema: String,
+    pub example: Option<String>,
+}
+
+/// A type of the event catalog with its versions, newest first.
+pub(super) struct CatalogType {
+    pub name: String,
+    pub description: String,
+    pub deprecated: bool,
+    pub deprecation_note: String,
+    /// The version of events that name none (the newest when the row leaves it NULL).
+    pub current: Option<i32>,
+    pub versions: Vec<CatalogVersion>,
+}
+
+/// The event catalog (`walhook.event_types` and their versions): the same for every tenant.
+pub(super) async fn catalog(
+    tx: &Transaction<'_>,
+) -> Result<Vec<CatalogType>, tokio_postgres::Error> {
+    let rows = tx
+        .query(
+            "select t.name, t.description, t.deprecated, t.deprecation_note,
+                    coalesce(t.current_version,
+                             (select max(x.version) from walhook.event_type_versions x where x.event_type = t.name)),
+                    v.version, v.description, v.deprecated, jsonb_pretty(v.schema), jsonb_pretty(v.example)
+               from walhook.event_types t
+               left join walhook.event_type_versions v on v.event_type = t.name
+              order by t.name, v.version desc",
+            &[],
+        )
+        .await?;
+    let mut types: Vec<CatalogType> = Vec::new();
+    for r in rows {
+        let name: String = r.get(0);
+        if types.last().is_none_or(|t| t.name != name) {
+            types.push(CatalogType {
+                name,
+                description: r.get(1),
+                deprecated: r.get(2),
+                deprecation_note: r.get(3),
+                current: r.get(4),
+                versions: Vec::new(),
+            });
+        }
+        if let Some(version) = r.get::<_, Option<i32>>(5) {
+            types
+                .last_mut()
+                .expect("pushed above")
+                .versions
+                .push(CatalogVersion {
+                    version,
+                    description: r.get(6),
+                    deprecated: r.get(7),
+                    schema: r.get(8),
+                    example: r.get(9),
+                });
+        }
+    }
+    Ok(types)
 }

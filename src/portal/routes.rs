@@ -51,6 +51,10 @@ pub(super) async fn page(c: &Call<'_>, post: bool, path: &[&str]) -> Result<Page
     // pages of the operator and the session itself
     match (post, path) {
         (false, ["operator"]) => return operator(c).await,
+        (false, ["event-types"]) => {
+            let types = queries::catalog(c.tx).await?;
+            return Ok(c.ok(pages::catalog(c.theme(), c.session, &types)));
+        }
         (true, ["operator", "view"]) => return view(c).await,
         (true, ["logout"]) => return logout(c).await,
         _ => {}

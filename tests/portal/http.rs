@@ -292,6 +292,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/deliveries"),
     ("GET", "/deliveries/{d}"),
     ("GET", "/operator"),
+    ("GET", "/event-types"),
     ("POST", "/endpoints"),
     ("POST", "/endpoints/{e}/edit"),
     ("POST", "/endpoints/{e}/pause"),
@@ -588,6 +589,36 @@ async fn a_tenants_session_finds_none_of_another_tenants_rows() {
     let before = endpoint_row(&superuser, globex).await;
     let web = Web::start(&portal_config(&pg, false)).await;
     let browser = Browser::open(web.addr, &link(&superuser, Some("acme")).await).await;
+
+    // the event catalog is everyone's: types, descriptions, versions, examples and schemas
+    superuser
+        .batch_execute(
+            "insert into walhook.event_types (name, description) values ('invoice.paid', 'An invoice was <paid>.');
+             insert into walhook.event_type_versions (event_type, version, schema, example)
+             values ('invoice.paid', 1, '{\"required\": [\"invoice_id\"]}', '{\"invoice_id\": 7}');",
+        )
+        .await
+        .unwrap();
+    let catalog = browser.get("/event-types").await;
+    assert_eq!(catalog.status, 200);
+    for text in [
+        "invoice.paid",
+        "An invoice was &lt;paid&gt;.",
+        "Version 1",
+        "current",
+        "invoice_id",
+        "required",
+    ] {
+        assert!(catalog.body.contains(text), "{text}: {}", catalog.body);
+    }
+    assert!(
+        browser
+            .get("/endpoints/new")
+            .await
+            .body
+            .contains("invoice.paid"),
+        "the form offers catalog types"
+    );
 
     // its own rows, yes
     let home = browser.get("/").await;
