@@ -61,6 +61,8 @@ begin
   grant execute on function walhook.check_event_type(text), walhook.check_payload_size(jsonb, integer),
     walhook.check_traceparent(text), walhook.check_tenant(text)
     to walhook_writer;
+  -- publish(): the same events without an outbox row when the daemon streams the slot (SECURITY DEFINER)
+  grant execute on function walhook.publish(text, jsonb, text, text, text) to walhook_writer;
 end $$;
 
 -- walhook_reader: dashboards. Delivery status, attempts without the receivers' response bodies (which may
@@ -172,6 +174,8 @@ begin
   grant insert (kind, since, deliveries) on walhook.recoveries to walhook_daemon;
   -- per-tenant rate limits, for the endpoint cache
   grant select on walhook.tenants to walhook_daemon;
+  -- the prefix of walhook.publish()'s messages, which the replication source streams as events
+  grant select on walhook.publish_settings to walhook_daemon;
   grant execute on function walhook.matches(text, text[]),
     walhook.endpoint_accepts(text, text, jsonb, text[], text, boolean, jsonb),
     -- the checks of the rows it updates: outbox (notify) and endpoints

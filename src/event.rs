@@ -35,6 +35,9 @@ pub struct Event {
     pub traceparent: Option<TraceParent>,
     /// `walhook.outbox.tenant`: only endpoints of this tenant (or the firehose) receive the event.
     pub tenant: Option<String>,
+    /// False for an event `walhook.publish()` wrote as a message: with no outbox row to read it back from,
+    /// its deliveries keep their copy of it even once succeeded.
+    pub in_outbox: bool,
     /// The payload parsed, for endpoints with a filter; parsed once, when the first one needs it.
     parsed: std::sync::OnceLock<Option<serde_json::Value>>,
 }
@@ -68,6 +71,7 @@ impl Event {
             commit_lsn: None,
             traceparent: None,
             tenant: None,
+            in_outbox: true,
             parsed: std::sync::OnceLock::new(),
         }
     }

@@ -50,6 +50,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "portal overview",
         include_str!("../sql/014_portal_overview.sql"),
     ),
+    (16, "publish", include_str!("../sql/016_publish.sql")),
 ];
 
 /// Privileges of walhook's group roles, applied after every migrate: repeatable and idempotent.

@@ -261,10 +261,13 @@ async fn a_single_tenant_install_works_unchanged_after_migrate() {
         )
         .await
         .unwrap();
-    let newest = schema::MIGRATIONS.last().unwrap().0;
     assert_eq!(
         schema::migrate(&mut owner).await.unwrap(),
-        (11..=newest).collect::<Vec<i32>>()
+        schema::MIGRATIONS
+            .iter()
+            .map(|m| m.0)
+            .filter(|v| *v >= 11)
+            .collect::<Vec<i32>>()
     );
     owner
         .batch_execute(

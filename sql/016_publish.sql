@@ -1,0 +1,130 @@
+-- Table-free publish: walhook.publish(event_type, payload, tenant, ordering_key, traceparent) writes an event
+-- as a transactional logical decoding message (pg_logical_emit_message(true, …)) instead of an outbox row:
+-- one WAL record, and no heap tuple, index entry, vacuum or retention work on walhook.outbox. The replication
+-- source asks pgoutput for messages and turns each of walhook's, inside its transaction, into the event the
+-- same row would have been: its id from the outbox's id sequence, a uid, created_at = the publishing
+-- transaction's now(). A message is decoded if and only if its transaction commits, at the transaction's place
+-- in commit order, so it is committed-only, replayed from the slot's confirmed position after a crash like an
+-- insert, and checked against walhook.deliveries by its id like one.
+--
+-- Where the event goes. A message exists only in the WAL: only a logical slot that was already consistent
+-- when the publishing transaction wrote it will ever decode it. So publish() writes a message only when
+-- walhook's own slot exists in this database, is usable (not invalidated) and is recorded in walhook.slots as
+-- backfilled; otherwise it inserts the outbox row, exactly as `INSERT INTO walhook.outbox` would (with its
+-- checks, triggers and defaults). That covers every way the slot can be absent:
+--   - PostgreSQL before 14, whose pgoutput cannot send messages;
+--   - source = "notify", or wal_level below logical: no logical slot can exist, the notify source claims the
+--     row (the notify source refuses to start while walhook's slot exists, since nothing would read it);
+--   - the daemon never started yet: its first start backfills the rows committed before its slot;
+--   - the slot is being created: walhook.slots says backfilled = false from before the slot exists until its
+--     backfill committed. A transaction that sees backfilled = true took its snapshot after that commit, so
+--     after the slot became consistent; it cannot have held a transaction id since before then (the slot's
+--     creation waits for every such transaction to end), so the slot decodes all of it. Rows inserted while
+--     the slot was being created are found by the backfill, or streamed;
+--   - a dropped, invalidated or (PostgreSQL 15, 16) failed-over slot: the rows go to the outbox, where
+--     `walhook recover-slot` and failover recovery find them.
+-- What a message gives up is whatever needs the row: messages written before a slot is lost (dropped,
+-- invalidated, or missing after a failover on PostgreSQL 15 and 16) and not yet streamed cannot be recovered
+-- from the outbox, and walhook.recover() re-creates deliveries from outbox rows only. Every delivery of a
+-- message event keeps its own copy of the event (type, payload, created_at, tenant, traceparent), also once
+-- succeeded, so redeliver(), the portal and the operational events work without the row.
+--
+-- Whose messages are events. pg_logical_emit_message is executable by every role, and pgoutput sends every
+-- message of the database whatever its publication. An event must be something only walhook_writer may
+-- publish, so publish() writes its messages under a prefix holding a random key that only the schema's owner
+-- and the daemon may read; the daemon streams messages with exactly this prefix and ignores (with a warning)
+-- any other that starts with 'walhook'. A role that may read the WAL may read the key too, and may do far more.
+
+-- walhook:step publish: the messages' prefix and the payload limit publish() applies
+create table if not exists walhook.publish_settings (
+  one_row boolean primary key default true,
+  -- 'walhook:' and 32 random hex digits: the prefix of every message publish() writes
+  prefix text not null,
+  -- the outbox's payload limit (kept equal to it by walhook.set_max_payload_bytes)
+  max_payload_bytes integer not null,
+  constraint publish_settings_one_row check (one_row)
+);
+insert into walhook.publish_settings (prefix, max_payload_bytes)
+select 'walhook:' || replace(gen_random_uuid()::text, '-', ''),
+       coalesce((select substring(p.prosrc from 'check_payload_size\(new\.payload, (\d+)\)')::integer
+                   from pg_proc p where p.oid = to_regprocedure('walhook.outbox_payload_limit()')),
+                262144)
+on conflict (one_row) do nothing;
+
+-- walhook:step functions: set_max_payload_bytes keeps publish()'s limit equal to the outbox's
+create or replace function walhook.set_max_payload_bytes(max_bytes integer) returns void
+language plpgsql
+set search_path = pg_catalog, walhook, pg_temp
+as $fn$
+begin
+  if max_bytes is null or max_bytes < 1024 or max_bytes > 67108864 then
+    raise exception 'max_bytes must be between 1024 and 67108864' using errcode = 'invalid_parameter_value';
+  end if;
+  execute format($f$
+    create or replace function walhook.outbox_payload_limit() returns trigger
+    language plpgsql
+    set search_path = pg_catalog, walhook, pg_temp
+    as $body$
+    begin
+      perform walhook.check_payload_size(new.payload, %s);
+      return new;
+    end $body$
+  $f$, max_bytes);
+  update walhook.publish_settings set max_payload_bytes = max_bytes;
+end $fn$;
+
+-- walhook:step functions: publish()
+-- SECURITY DEFINER: the writer may neither read walhook.slots nor the prefix's key, nor draw ids from the
+-- outbox's sequence; what it may do is exactly what this function does. Returns the event's id (the outbox
+-- row's, or the one its message carries): walhook.deliveries.event_id.
+create or replace function walhook.publish(event_type text, payload jsonb, tenant text default null,
+                                           ordering_key text default null, traceparent text default null)
+returns bigint
+language plpgsql volatile security definer
+set search_path = pg_catalog, walhook, pg_temp
+as $$
+declare
+  settings walhook.publish_settings;
+  id_ bigint;
+begin
+  if left(publish.event_type, 8) = 'walhook.' then
+    raise exception 'event_type % is reserved: types starting with ''walhook.'' are walhook''s operational events; use a prefix of your own, like ''order.created''',
+      quote_literal(publish.event_type)
+      using errcode = 'check_violation';
+  end if;
+  if not exists (
+      select 1
+        from walhook.slots w
+        join pg_catalog.pg_replication_slots r on r.slot_name = w.slot_name
+       where w.backfilled and r.database = current_database() and r.slot_type = 'logical'
+         and r.plugin = 'pgoutput' and r.wal_status is distinct from 'lost'
+         -- pgoutput sends messages from PostgreSQL 14 on
+         and current_setting('server_version_num')::integer >= 140000) then
+    insert into walhook.outbox (event_type, payload, tenant, ordering_key, traceparent)
+    values (publish.event_type, publish.payload, publish.tenant, publish.ordering_key, publish.traceparent)
+    returning id into id_;
+    return id_;
+  end if;
+  -- the outbox's checks, with the same messages
+  perform walhook.check_event_type(publish.event_type);
+  if publish.payload is null then
+    raise exception 'payload is null: pass a JSON value, like ''{}''' using errcode = 'not_null_violation';
+  end if;
+  select * into strict settings from walhook.publish_settings;
+  perform walhook.check_payload_size(publish.payload, settings.max_payload_bytes),
+          walhook.check_tenant(publish.tenant), walhook.check_traceparent(publish.traceparent);
+  id_ := nextval('walhook.outbox_id_seq');
+  -- one header line of the outbox's columns, then the payload as jsonb prints it (as pgoutput sends the
+  -- column); created_at as an ISO timestamp in UTC, as the daemon's sessions print it
+  perform pg_logical_emit_message(true, settings.prefix,
+    json_strip_nulls(json_build_object(
+      'id', id_,
+      'uid', gen_random_uuid(),
+      'created_at', rtrim(rtrim(to_char(now() at time zone 'UTC', 'YYYY-MM-DD HH24:MI:SS.US'), '0'), '.') || '+00',
+      'event_type', publish.event_type,
+      'tenant', publish.tenant,
+      'ordering_key', publish.ordering_key,
+      'traceparent', publish.traceparent))::text
+    || E'\n' || publish.payload::text);
+  return id_;
+end $$;
