@@ -38,14 +38,15 @@
 -- walhook:step publish: the messages' prefix and the payload limit publish() applies
 create table if not exists walhook.publish_settings (
   one_row boolean primary key default true,
-  -- 'walhook:' and 32 random hex digits: the prefix of every message publish() writes
+  -- 'walhook:' and 16 random hex digits (64 bits, which no one tries out unseen: every guess is a message in
+  -- the WAL and a warning in the daemon's log): the prefix of every message publish() writes
   prefix text not null,
   -- the outbox's payload limit (kept equal to it by walhook.set_max_payload_bytes)
   max_payload_bytes integer not null,
   constraint publish_settings_one_row check (one_row)
 );
 insert into walhook.publish_settings (prefix, max_payload_bytes)
-select 'walhook:' || replace(gen_random_uuid()::text, '-', ''),
+select 'walhook:' || left(md5(gen_random_uuid()::text), 16),
        coalesce((select substring(p.prosrc from 'check_payload_size\(new\.payload, (\d+)\)')::integer
                    from pg_proc p where p.oid = to_regprocedure('walhook.outbox_payload_limit()')),
                 262144)
@@ -76,7 +77,8 @@ end $fn$;
 -- walhook:step functions: publish()
 -- SECURITY DEFINER: the writer may neither read walhook.slots nor the prefix's key, nor draw ids from the
 -- outbox's sequence; what it may do is exactly what this function does. Returns the event's id (the outbox
--- row's, or the one its message carries): walhook.deliveries.event_id.
+-- row's, or the one its message carries): walhook.deliveries.event_id. It runs for every event, so it runs
+-- three statements: the slot check with the settings, nextval, the message.
 create or replace function walhook.publish(event_type text, payload jsonb, tenant text default null,
                                            ordering_key text default null, traceparent text default null)
 returns bigint
@@ -92,14 +94,19 @@ begin
       quote_literal(publish.event_type)
       using errcode = 'check_violation';
   end if;
-  if not exists (
-      select 1
-        from walhook.slots w
-        join pg_catalog.pg_replication_slots r on r.slot_name = w.slot_name
-       where w.backfilled and r.database = current_database() and r.slot_type = 'logical'
-         and r.plugin = 'pgoutput' and r.wal_status is distinct from 'lost'
-         -- pgoutput sends messages from PostgreSQL 14 on
-         and current_setting('server_version_num')::integer >= 140000) then
+  -- walhook's slot of this database, usable, backfilled (see above); pgoutput sends messages from 14 on.
+  -- pg_get_replication_slots() rather than its view, which joins pg_database for names it does not need.
+  select s.* into settings
+    from walhook.publish_settings s
+   where exists (
+           select 1
+             from pg_catalog.pg_get_replication_slots() r
+             join walhook.slots w on w.slot_name = r.slot_name
+            where w.backfilled and r.slot_type = 'logical' and r.plugin = 'pgoutput'
+              and r.wal_status is distinct from 'lost'
+              and r.datoid = (select d.oid from pg_catalog.pg_database d where d.datname = current_database()))
+     and current_setting('server_version_num')::integer >= 140000;
+  if not found then
     insert into walhook.outbox (event_type, payload, tenant, ordering_key, traceparent)
     values (publish.event_type, publish.payload, publish.tenant, publish.ordering_key, publish.traceparent)
     returning id into id_;
@@ -110,21 +117,19 @@ begin
   if publish.payload is null then
     raise exception 'payload is null: pass a JSON value, like ''{}''' using errcode = 'not_null_violation';
   end if;
-  select * into strict settings from walhook.publish_settings;
-  perform walhook.check_payload_size(publish.payload, settings.max_payload_bytes),
-          walhook.check_tenant(publish.tenant), walhook.check_traceparent(publish.traceparent);
+  perform walhook.check_payload_size(publish.payload, settings.max_payload_bytes);
+  if publish.tenant is not null or publish.traceparent is not null then
+    perform walhook.check_tenant(publish.tenant), walhook.check_traceparent(publish.traceparent);
+  end if;
   id_ := nextval('walhook.outbox_id_seq');
-  -- one header line of the outbox's columns, then the payload as jsonb prints it (as pgoutput sends the
-  -- column); created_at as an ISO timestamp in UTC, as the daemon's sessions print it
+  -- a header line, [id, uid, created_at, event_type] and, when any is set, tenant, ordering_key and
+  -- traceparent (created_at as JSON prints a timestamp: in UTC whatever the session's settings), then the
+  -- payload as jsonb prints it, as pgoutput sends the outbox's column
   perform pg_logical_emit_message(true, settings.prefix,
-    json_strip_nulls(json_build_object(
-      'id', id_,
-      'uid', gen_random_uuid(),
-      'created_at', rtrim(rtrim(to_char(now() at time zone 'UTC', 'YYYY-MM-DD HH24:MI:SS.US'), '0'), '.') || '+00',
-      'event_type', publish.event_type,
-      'tenant', publish.tenant,
-      'ordering_key', publish.ordering_key,
-      'traceparent', publish.traceparent))::text
-    || E'\n' || publish.payload::text);
+    case when publish.tenant is null and publish.ordering_key is null and publish.traceparent is null
+         then json_build_array(id_, gen_random_uuid(), now() at time zone 'UTC', publish.event_type)
+         else json_build_array(id_, gen_random_uuid(), now() at time zone 'UTC', publish.event_type,
+                               publish.tenant, publish.ordering_key, publish.traceparent)
+    end::text || E'\n' || publish.payload::text);
   return id_;
 end $$;

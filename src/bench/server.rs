@@ -438,6 +438,21 @@ pub fn scratch_name(scenario: Scenario) -> String {
     format!("walhook_bench_{}_{}", scenario.name(), std::process::id())
 }
 
+/// What the application's writes cost the server between two snapshots with no relay running: WAL bytes and
+/// PostgreSQL CPU microseconds (throwaway cluster only) per event.
+pub fn write_cost(before: &Snapshot, after: &Snapshot, events: u64) -> (Option<f64>, Option<f64>) {
+    if events == 0 {
+        return (None, None);
+    }
+    let e = events as f64;
+    let wal = after.wal.0.checked_sub(before.wal.0).map(|b| b as f64 / e);
+    let cpu = after
+        .postgres_cpu
+        .zip(before.postgres_cpu)
+        .map(|(a, b)| (a - b).max(0.0) * 1e6 / e);
+    (wal, cpu)
+}
+
 /// What the relays cost between two snapshots, per delivery: CPU and memory summed over the instances, and
 /// each instance's share.
 pub fn cost(before: &Snapshot, after: &Snapshot, relays: &Relays, deliveries: u64) -> Cost {

@@ -375,6 +375,10 @@ async fn a_message_event_is_delivered_like_its_row() {
     let daemon = Daemon::start(pg.config());
     wait_streaming(&client).await;
 
+    // the session's own time zone and date style change nothing in what is sent
+    app.batch_execute("set timezone = 'Asia/Kolkata'; set datestyle = 'SQL, DMY'")
+        .await
+        .unwrap();
     let payload = r#"{"id": 42, "note": "é\n\"x\"", "n": 1.50}"#;
     let by_message = publish_fn(&app, "order.created", payload).await;
     let by_row = publish(&app, "order.created", payload).await;
@@ -435,7 +439,13 @@ async fn a_message_event_is_delivered_like_its_row() {
     assert_eq!(m["type"], r["type"]);
     assert_eq!(m["data"], r["data"]);
     let timestamp = |v: &serde_json::Value| v["timestamp"].as_str().unwrap().to_string();
-    // the same format: RFC 3339 in UTC, fractional digits without trailing zeros
+    // the same format: RFC 3339 in UTC, fractional digits without trailing zeros; the same moment, give or
+    // take the time between the two commits
+    let parse = |t: String| humantime::parse_rfc3339(&t).unwrap();
+    let apart = parse(timestamp(r))
+        .duration_since(parse(timestamp(m)))
+        .expect("the row was published after the message");
+    assert!(apart < Duration::from_secs(30), "{apart:?}");
     for t in [timestamp(m), timestamp(r)] {
         assert!(
             t.ends_with('Z') && t.len() >= 20 && !t.contains(".0Z"),
