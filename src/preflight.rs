@@ -93,6 +93,8 @@ fn needed(config: &Config) -> Vec<(&'static str, &'static str)> {
             ("walhook.slots", "SELECT"),
             ("walhook.slots", "INSERT"),
             ("walhook.slots", "UPDATE"),
+            // the prefix of walhook.publish()'s messages
+            ("walhook.publish_settings", "SELECT"),
         ]),
         SourceKind::Notify => needed.push(("walhook.outbox", "UPDATE")),
     }
