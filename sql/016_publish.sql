@@ -16,11 +16,14 @@
 --   - source = "notify", or wal_level below logical: no logical slot can exist, the notify source claims the
 --     row (the notify source refuses to start while walhook's slot exists, since nothing would read it);
 --   - the daemon never started yet: its first start backfills the rows committed before its slot;
---   - the slot is being created: walhook.slots says backfilled = false from before the slot exists until its
---     backfill committed. A transaction that sees backfilled = true took its snapshot after that commit, so
---     after the slot became consistent; it cannot have held a transaction id since before then (the slot's
---     creation waits for every such transaction to end), so the slot decodes all of it. Rows inserted while
---     the slot was being created are found by the backfill, or streamed;
+--   - the slot is being created: its confirmed_flush_lsn is null until it is consistent, which it becomes
+--     only once every transaction that held a transaction id before a point after its creation began has
+--     ended; every transaction that gets its id after that point is decoded whole. So a transaction that,
+--     while it runs, finds the slot consistent is decoded whole, message included. (This holds whatever the
+--     transaction's snapshot says of walhook.slots: a REPEATABLE READ snapshot may predate a re-creation.)
+--     walhook.slots.backfilled, false from before walhook creates the slot until the rows committed before it
+--     are queued, is required too, so that publish() writes messages only once walhook counts on the slot.
+--     Rows inserted meanwhile are found by the backfill, or streamed;
 --   - a dropped, invalidated or (PostgreSQL 15, 16) failed-over slot: the rows go to the outbox, where
 --     `walhook recover-slot` and failover recovery find them.
 -- What a message gives up is whatever needs the row: messages written before a slot is lost (dropped,
@@ -94,7 +97,8 @@ begin
       quote_literal(publish.event_type)
       using errcode = 'check_violation';
   end if;
-  -- walhook's slot of this database, usable, backfilled (see above); pgoutput sends messages from 14 on.
+  -- walhook's slot of this database, consistent, usable, backfilled (see above); pgoutput sends messages
+  -- from 14 on.
   -- pg_get_replication_slots() rather than its view, which joins pg_database for names it does not need.
   select s.* into settings
     from walhook.publish_settings s
@@ -103,7 +107,7 @@ begin
              from pg_catalog.pg_get_replication_slots() r
              join walhook.slots w on w.slot_name = r.slot_name
             where w.backfilled and r.slot_type = 'logical' and r.plugin = 'pgoutput'
-              and r.wal_status is distinct from 'lost'
+              and r.confirmed_flush_lsn is not null and r.wal_status is distinct from 'lost'
               and r.datoid = (select d.oid from pg_catalog.pg_database d where d.datname = current_database()))
      and current_setting('server_version_num')::integer >= 140000;
   if not found then

@@ -1126,7 +1126,7 @@ pub async fn publish_prefix(client: &Client) -> Result<String, StoreError> {
 }
 
 /// The slot whose existence makes `walhook.publish()` write messages rather than outbox rows (the same
-/// condition as the function's): walhook's slot of this database, usable and backfilled.
+/// condition as the function's): walhook's slot of this database, consistent, usable and backfilled.
 pub async fn publishing_slot(client: &Client) -> Result<Option<String>, StoreError> {
     Ok(client
         .query_opt(
@@ -1134,7 +1134,8 @@ pub async fn publishing_slot(client: &Client) -> Result<Option<String>, StoreErr
                from walhook.slots w
                join pg_catalog.pg_replication_slots r on r.slot_name = w.slot_name
               where w.backfilled and r.database = current_database() and r.slot_type = 'logical'
-                and r.plugin = 'pgoutput' and r.wal_status is distinct from 'lost'
+                and r.plugin = 'pgoutput' and r.confirmed_flush_lsn is not null
+                and r.wal_status is distinct from 'lost'
                 and current_setting('server_version_num')::integer >= 140000
               limit 1",
             &[],

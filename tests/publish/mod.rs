@@ -48,6 +48,32 @@ async fn in_outbox(client: &Client, id: i64) -> bool {
         == 1
 }
 
+/// Waits until publish() writes messages: walhook's slot is created and its backfill done. (The slot is
+/// `active` earlier, held by the connection that creates it, while publish() still inserts rows.)
+async fn wait_publishing(client: &Client) {
+    eventually("walhook.publish() writes messages", || async {
+        walhook::store::publishing_slot(client)
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+}
+
+/// What publish() looks at, for assertion messages.
+async fn slots(client: &Client) -> String {
+    client
+        .query_one(
+            "select format('slots %s; walhook.slots %s',
+                    (select json_agg(r) from pg_get_replication_slots() r),
+                    (select json_agg(w) from walhook.slots w))",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// Requests answered 2xx per (path, webhook-id).
 fn successes(rx: &Receiver) -> HashMap<(String, String), usize> {
     let mut n = HashMap::new();
@@ -92,11 +118,12 @@ async fn both_paths_lose_nothing_across_kill_9_and_deliver_only_what_committed()
 
     let env = pg.env();
     let child = KillOnDrop(spawn_binary(&["run"], &env));
-    wait_streaming(&client).await;
+    wait_publishing(&client).await;
     let streamed = publish_fn(&app, "user.created", r#"{"streamed": true}"#).await;
     assert!(
         !in_outbox(&client, streamed).await,
-        "the slot exists: a message, no row"
+        "the slot exists: a message, no row; {}",
+        slots(&client).await
     );
     drop(child);
 
@@ -282,7 +309,7 @@ async fn both_paths_are_not_sent_again_after_a_restart() {
     add_endpoint(&client, &rx.url("/a"), &["*"]).await;
     let env = pg.env();
     let child = KillOnDrop(spawn_binary(&["run"], &env));
-    wait_streaming(&client).await;
+    wait_publishing(&client).await;
     for round in 0..3 {
         for i in 0..50 {
             let payload = format!("{{\"round\": {round}, \"i\": {i}}}");
@@ -298,7 +325,7 @@ async fn both_paths_are_not_sent_again_after_a_restart() {
     drop(child); // kill -9 as soon as all is recorded
     let before = rx.count();
     let child = KillOnDrop(spawn_binary(&["run"], &env));
-    wait_streaming(&client).await;
+    wait_publishing(&client).await;
     // one more of each, then a graceful stop and start, and one more of each
     publish_fn(
         &app,
@@ -319,7 +346,7 @@ async fn both_paths_are_not_sent_again_after_a_restart() {
     let status = tokio::task::block_in_place(|| child.0.wait()).unwrap();
     assert!(status.success(), "exit status {status:?}");
     let _child = KillOnDrop(spawn_binary(&["run"], &env));
-    wait_streaming(&client).await;
+    wait_publishing(&client).await;
     publish_fn(
         &app,
         "order.created",
@@ -373,7 +400,7 @@ async fn a_message_event_is_delivered_like_its_row() {
         .await
         .unwrap();
     let daemon = Daemon::start(pg.config());
-    wait_streaming(&client).await;
+    wait_publishing(&client).await;
 
     // the session's own time zone and date style change nothing in what is sent
     app.batch_execute("set timezone = 'Asia/Kolkata'; set datestyle = 'SQL, DMY'")
@@ -382,7 +409,11 @@ async fn a_message_event_is_delivered_like_its_row() {
     let payload = r#"{"id": 42, "note": "é\n\"x\"", "n": 1.50}"#;
     let by_message = publish_fn(&app, "order.created", payload).await;
     let by_row = publish(&app, "order.created", payload).await;
-    assert!(!in_outbox(&client, by_message).await);
+    assert!(
+        !in_outbox(&client, by_message).await,
+        "{}",
+        slots(&client).await
+    );
     let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     for i in 0..5 {
         app.query_one(
@@ -602,9 +633,13 @@ async fn the_notify_source_refuses_to_start_while_publish_writes_messages() {
     let rx = Receiver::start().await.unwrap();
     add_endpoint(&client, &rx.url("/a"), &["*"]).await;
     let daemon = Daemon::start(pg.config());
-    wait_streaming(&client).await;
+    wait_publishing(&client).await;
     let message = publish_fn(&app, "order.created", r#"{"by": "message"}"#).await;
-    assert!(!in_outbox(&client, message).await);
+    assert!(
+        !in_outbox(&client, message).await,
+        "{}",
+        slots(&client).await
+    );
     wait_succeeded(&client, 1).await;
     daemon.stop().await;
 
@@ -642,7 +677,7 @@ async fn only_the_writer_publishes_and_messages_publish_did_not_write_are_not_ev
     readme_endpoints(&client, &rx).await;
     add_endpoint(&client, &rx.url("/all"), &["*"]).await;
     let daemon = Daemon::start(pg.config());
-    wait_streaming(&client).await;
+    wait_publishing(&client).await;
 
     let denied = |sql: &'static str, who: &'static Client| async move {
         let err = who.batch_execute(sql).await.expect_err(sql);
@@ -764,5 +799,62 @@ async fn only_the_writer_publishes_and_messages_publish_did_not_write_are_not_ev
     assert!(payloads(&rx, "/all")
         .iter()
         .all(|p| p.get("forged").is_none()));
+    daemon.stop().await;
+}
+
+/// A slot that is still being created decodes no transaction that held an id when its creation began, whatever
+/// walhook.slots says (a REPEATABLE READ snapshot taken before a re-creation still lists it as ready):
+/// publish() in such a transaction inserts the row. Once the slot is consistent, publish() writes a message,
+/// and the slot streams it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_being_created_gets_no_message_it_could_miss() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let mut app = writer(&pg).await;
+    let rx = Receiver::start().await.unwrap();
+    add_endpoint(&client, &rx.url("/a"), &["*"]).await;
+    client
+        .batch_execute("insert into walhook.slots (slot_name) values ('walhook')")
+        .await
+        .unwrap();
+    // a transaction that holds an id before the slot's creation begins: the creation waits for it
+    let tx = app.transaction().await.unwrap();
+    tx.batch_execute("select pg_current_xact_id()")
+        .await
+        .unwrap();
+    let creating = {
+        let superuser = pg.client().await;
+        tokio::spawn(async move {
+            superuser
+                .batch_execute("select pg_create_logical_replication_slot('walhook', 'pgoutput')")
+                .await
+        })
+    };
+    eventually("the slot exists and is not consistent yet", || async {
+        count(
+            &client,
+            "select count(*) from pg_replication_slots
+              where slot_name = 'walhook' and confirmed_flush_lsn is null",
+        )
+        .await
+            == 1
+    })
+    .await;
+    let during: i64 = tx
+        .query_one("select walhook.publish('order.created', '{\"n\": 1}')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    tx.commit().await.unwrap();
+    creating.await.unwrap().expect("the slot is created");
+    assert!(in_outbox(&client, during).await, "not consistent: a row");
+
+    let after = publish_fn(&app, "order.created", r#"{"n": 2}"#).await;
+    assert!(!in_outbox(&client, after).await, "consistent: a message");
+    let daemon = Daemon::start(pg.config());
+    eventually("the message is delivered", || async {
+        payloads(&rx, "/a").contains(&serde_json::json!({ "n": 2 }))
+    })
+    .await;
     daemon.stop().await;
 }
