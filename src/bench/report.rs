@@ -303,6 +303,10 @@ pub struct Publish {
     pub table_inserts_per_sec: f64,
     pub table_wal_bytes_per_event: Option<f64>,
     pub table_postgres_cpu_us_per_event: Option<f64>,
+    /// CPU of decoding the window's WAL with pgoutput as the walsender would, per event (throwaway cluster
+    /// only): what streaming each event to the relay costs PostgreSQL.
+    pub decode_cpu_us_per_event: Option<f64>,
+    pub table_decode_cpu_us_per_event: Option<f64>,
     /// publish() ÷ the insert.
     pub inserts_ratio: Option<f64>,
     pub wal_ratio: Option<f64>,
@@ -478,14 +482,17 @@ impl Report {
             let _ = writeln!(
                 out,
                 "publish, {} writers, no relay: walhook.publish() {} events/s, {} WAL B, {} µs PostgreSQL CPU \
-                 per event; INSERT INTO walhook.outbox {} events/s, {} WAL B, {} µs ({}× the rate, {}× the WAL)",
+                 per event (decoding it {} µs); INSERT INTO walhook.outbox {} events/s, {} WAL B, {} µs \
+                 (decoding {} µs); {}× the rate, {}× the WAL",
                 p.writers,
                 thousands(p.inserts_per_sec),
                 opt(p.wal_bytes_per_event, 0),
                 opt(p.postgres_cpu_us_per_event, 1),
+                opt(p.decode_cpu_us_per_event, 1),
                 thousands(p.table_inserts_per_sec),
                 opt(p.table_wal_bytes_per_event, 0),
                 opt(p.table_postgres_cpu_us_per_event, 1),
+                opt(p.table_decode_cpu_us_per_event, 1),
                 opt(p.inserts_ratio, 2),
                 opt(p.wal_ratio, 2),
             );
@@ -827,6 +834,8 @@ mod tests {
                 table_inserts_per_sec: 20_000.0,
                 table_wal_bytes_per_event: Some(824.6),
                 table_postgres_cpu_us_per_event: None,
+                decode_cpu_us_per_event: Some(3.04),
+                table_decode_cpu_us_per_event: Some(9.96),
                 inserts_ratio: Some(1.5),
                 wal_ratio: Some(0.5),
             }),
@@ -843,7 +852,8 @@ mod tests {
             "duplicates (a webhook-id received again at an endpoint that had answered it 2xx): drain 0",
             "  drain               0.004 statements   1009 WAL B  (all of the relay's: 0.007 statements, 1583 WAL B)",
             "publish, 4 writers, no relay: walhook.publish() 30,000 events/s, 412 WAL B, 40.2 µs PostgreSQL CPU \
-             per event; INSERT INTO walhook.outbox 20,000 events/s, 825 WAL B, - µs (1.50× the rate, 0.50× the WAL)",
+             per event (decoding it 3.0 µs); INSERT INTO walhook.outbox 20,000 events/s, 825 WAL B, - µs \
+             (decoding 10.0 µs); 1.50× the rate, 0.50× the WAL",
         ] {
             assert!(table.contains(expected), "{expected:?} not in\n{table}");
         }

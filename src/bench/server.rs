@@ -354,6 +354,11 @@ impl Server {
         })
     }
 
+    /// CPU seconds the whole server has used so far (throwaway cluster only).
+    pub fn postgres_cpu(&self) -> Option<f64> {
+        self.postmaster.and_then(procfs::tree_cpu_seconds)
+    }
+
     pub async fn machine(&self) -> Result<Machine, BenchError> {
         let setting = |name: &'static str| async move {
             self.admin
