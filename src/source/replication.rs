@@ -1,8 +1,9 @@
 //! The replication source: a pgoutput slot on a publication of `walhook.outbox`, streamed in commit order.
 //!
 //! Each session: make sure the publication and the slot exist, start streaming from the slot's confirmed
-//! position, decode Begin/Relation/Insert/Commit, fan each outbox row out to dispatch, and confirm positions
-//! as the tracker releases them. Reading pauses when `delivery.max_in_flight_events` events are held
+//! position, decode Begin/Relation/Insert/Commit and the messages `walhook.publish()` writes (pgoutput sends
+//! messages when asked; only those under the database's key are events, see [`super::message`]), fan each
+//! event out to dispatch, and confirm positions as the tracker releases them. Reading pauses when `delivery.max_in_flight_events` events are held
 //! (backpressure reaches the server through TCP), while status updates keep flowing so the walsender does not
 //! time us out. After a restart the slot replays what was not confirmed; events at or below the highest event
 //! id already recorded are checked against `walhook.deliveries` in batches and their recorded deliveries are

@@ -650,6 +650,14 @@ async fn the_notify_source_refuses_to_start_while_publish_writes_messages() {
             && err.contains("SELECT pg_drop_replication_slot('walhook')"),
         "{err}"
     );
+    // check-config --connect finds it too
+    let output = check_config(&pg);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("SELECT pg_drop_replication_slot('walhook')"),
+        "{stderr}"
+    );
 
     client
         .batch_execute("SELECT pg_drop_replication_slot('walhook')")
@@ -657,10 +665,27 @@ async fn the_notify_source_refuses_to_start_while_publish_writes_messages() {
         .unwrap();
     let row = publish_fn(&app, "order.created", r#"{"by": "row"}"#).await;
     assert!(in_outbox(&client, row).await, "no slot: an outbox row");
+    let output = check_config(&pg);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let notify = Daemon::start(pg.config_for(Source::Notify));
     wait_succeeded(&client, 2).await;
     assert_eq!(rx.distinct_ids("/a").len(), 2);
     notify.stop().await;
+}
+
+/// `walhook check-config --connect` with the notify source.
+fn check_config(pg: &Pg) -> std::process::Output {
+    tokio::task::block_in_place(|| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_walhook"))
+            .args(["check-config", "--connect"])
+            .envs(pg.env_for(Source::Notify))
+            .output()
+            .unwrap()
+    })
 }
 
 /// `walhook_writer` may publish and no more: not read the messages' key, not draw ids; a role without it may
