@@ -43,8 +43,8 @@ begin
   end loop;
 end $$;
 
--- walhook_writer: the application. Inserts events and reads back their identity, nothing else. Not
--- created_at: retention and recovery trust it to be the time of the insert.
+-- walhook_writer: the application. Inserts events (or publishes them with walhook.publish()) and reads back
+-- their identity, nothing else. Not created_at: retention and recovery trust it to be the time of the insert.
 do $$
 begin
   if not exists (select from pg_roles where rolname = 'walhook_writer') then
