@@ -3,11 +3,11 @@
 //! Each session: make sure the publication and the slot exist, start streaming from the slot's confirmed
 //! position, decode Begin/Relation/Insert/Commit and the messages `walhook.publish()` writes (pgoutput sends
 //! messages when asked; only those under the database's key are events, see [`super::message`]), fan each
-//! event out to dispatch, and confirm positions as the tracker releases them. Reading pauses when `delivery.max_in_flight_events` events are held
-//! (backpressure reaches the server through TCP), while status updates keep flowing so the walsender does not
-//! time us out. After a restart the slot replays what was not confirmed; events at or below the highest event
-//! id already recorded are checked against `walhook.deliveries` in batches and their recorded deliveries are
-//! not sent again.
+//! event out to dispatch, and confirm positions as the tracker releases them. Reading pauses when
+//! `delivery.max_in_flight_events` events are held (backpressure reaches the server through TCP), while status
+//! updates keep flowing so the walsender does not time us out. After a restart the slot replays what was not
+//! confirmed; events at or below the highest event id already recorded are checked against
+//! `walhook.deliveries` in batches and their recorded deliveries are not sent again.
 //!
 //! Several instances may run on one database; exactly one streams the slot. Leadership is a session-level
 //! advisory lock keyed by the slot's name, held on a plain SQL session for as long as the instance prepares
