@@ -883,3 +883,80 @@ async fn a_slot_being_created_gets_no_message_it_could_miss() {
     .await;
     daemon.stop().await;
 }
+
+/// After a failover (PostgreSQL 15: the promoted standby has no logical slot), publish() inserts rows until
+/// walhook has re-created its slot, so the recovery finds them, then writes messages again; every event is
+/// delivered. (What the old primary's slot had not streamed of its messages is what a message gives up.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_publish_inserts_rows_until_the_slot_is_back() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let app = writer(&pg).await;
+    let rx = Receiver::start().await.unwrap();
+    add_endpoint(&client, &rx.url("/f"), &["*"]).await;
+    let standby: walhook::cluster::Cluster =
+        tokio::task::block_in_place(|| pg.cluster.start_standby()).expect("standby");
+    // the standby first: every connection passes over it while it is one
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/app?target_session_attrs=read-write",
+        standby.port(),
+        pg.cluster.port()
+    );
+    let config = || {
+        pg.config_with(|f| {
+            f.merge(("database_url", url.as_str()))
+                .merge(("replication.status_interval", "1s"))
+        })
+    };
+    let daemon = Daemon::start(config());
+    wait_publishing(&client).await;
+    for i in 0..5 {
+        let id = publish_fn(&app, "order.created", &format!("{{\"before\": {i}}}")).await;
+        assert!(!in_outbox(&client, id).await);
+    }
+    wait_succeeded(&client, 5).await;
+    eventually("the slot's timeline and progress are recorded", || async {
+        count(
+            &client,
+            "select count(*) from walhook.slots where timeline = 1 and confirmed_at is not null",
+        )
+        .await
+            == 1
+    })
+    .await;
+    daemon.stop().await;
+    let on_standby = walhook::store::connect_client(&standby.url("app").parse().unwrap())
+        .await
+        .unwrap();
+    eventually("the standby has replayed the deliveries", || async {
+        count(&on_standby, "select count(*) from walhook.deliveries").await == 5
+    })
+    .await;
+    drop((client, app));
+    tokio::task::block_in_place(|| pg.cluster.crash()).unwrap();
+    tokio::task::block_in_place(|| standby.promote()).unwrap();
+
+    // the slot did not come over: rows, which walhook's recovery queues when it starts
+    let promoted = walhook::store::connect_client(&standby.url("app").parse().unwrap())
+        .await
+        .unwrap();
+    let app_url = standby.url("app").replacen("postgres@", "app@", 1);
+    let app = walhook::store::connect_client(&app_url.parse().unwrap())
+        .await
+        .unwrap();
+    for i in 0..5 {
+        let id = publish_fn(&app, "order.created", &format!("{{\"after\": {i}}}")).await;
+        assert!(in_outbox(&promoted, id).await, "{}", slots(&promoted).await);
+    }
+    let daemon = Daemon::start(config());
+    wait_succeeded(&promoted, 10).await;
+    wait_publishing(&promoted).await;
+    let id = publish_fn(&app, "order.created", r#"{"again": "message"}"#).await;
+    assert!(
+        !in_outbox(&promoted, id).await,
+        "the slot is back: a message"
+    );
+    wait_succeeded(&promoted, 11).await;
+    assert_eq!(rx.distinct_ids("/f").len(), 11);
+    daemon.stop().await;
+}
