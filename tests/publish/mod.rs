@@ -960,3 +960,30 @@ async fn after_a_failover_publish_inserts_rows_until_the_slot_is_back() {
     assert_eq!(rx.distinct_ids("/f").len(), 11);
     daemon.stop().await;
 }
+
+/// Upgrading keeps the payload limit an operator set before: publish() applies the outbox's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_takes_over_the_payload_limit_set_before() {
+    let pg = Pg::start_unmigrated(ClusterOptions::default()).await;
+    let mut client = pg.client().await;
+    let before = walhook::schema::MigrateOptions {
+        target: Some(14),
+        ..Default::default()
+    };
+    walhook::schema::migrate_with(&mut client, &before)
+        .await
+        .unwrap();
+    client
+        .batch_execute("select walhook.set_max_payload_bytes(2048)")
+        .await
+        .unwrap();
+    walhook::schema::migrate(&mut client).await.unwrap();
+    assert_eq!(
+        count(
+            &client,
+            "select max_payload_bytes::int8 from walhook.publish_settings"
+        )
+        .await,
+        2048
+    );
+}
