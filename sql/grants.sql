@@ -43,8 +43,8 @@ begin
   end loop;
 end $$;
 
--- walhook_writer: the application. Inserts events and reads back their identity, nothing else. Not
--- created_at: retention and recovery trust it to be the time of the insert.
+-- walhook_writer: the application. Inserts events (or publishes them with walhook.publish()) and reads back
+-- their identity, nothing else. Not created_at: retention and recovery trust it to be the time of the insert.
 do $$
 begin
   if not exists (select from pg_roles where rolname = 'walhook_writer') then
@@ -64,6 +64,8 @@ begin
   grant execute on function walhook.check_event_type(text), walhook.check_payload_size(jsonb, integer),
     walhook.check_traceparent(text), walhook.check_tenant(text)
     to walhook_writer;
+  -- publish(): the same events without an outbox row when the daemon streams the slot (SECURITY DEFINER)
+  grant execute on function walhook.publish(text, jsonb, text, text, text, integer) to walhook_writer;
 end $$;
 
 -- walhook_reader: dashboards. Delivery status, attempts without the receivers' response bodies (which may
@@ -185,6 +187,8 @@ begin
   grant select on walhook.tenants to walhook_daemon;
   -- the event catalog: schemas to check payloads against, downgrades for pinned endpoints
   grant select on walhook.event_types, walhook.event_type_versions to walhook_daemon;
+  -- the prefix of walhook.publish()'s messages, which the replication source streams as events
+  grant select on walhook.publish_settings to walhook_daemon;
   grant execute on function walhook.matches(text, text[]),
     walhook.render_payload(text, integer, integer, jsonb), walhook.check_event_versions(jsonb),
     walhook.endpoint_accepts(text, text, jsonb, text[], text, boolean, jsonb),

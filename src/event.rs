@@ -39,6 +39,9 @@ pub struct Event {
     pub traceparent: Option<TraceParent>,
     /// `walhook.outbox.tenant`: only endpoints of this tenant (or the firehose) receive the event.
     pub tenant: Option<String>,
+    /// False for an event `walhook.publish()` wrote as a message: with no outbox row to read it back from,
+    /// its deliveries keep their copy of it even once succeeded.
+    pub in_outbox: bool,
     /// The payload parsed, for endpoints with a filter; parsed once, when the first one needs it.
     parsed: std::sync::OnceLock<Option<serde_json::Value>>,
     /// `walhook.outbox.event_version` (or the delivery copy's): the catalog version of the payload, `None`
@@ -131,6 +134,7 @@ impl Event {
             commit_lsn: None,
             traceparent: None,
             tenant: None,
+            in_outbox: true,
             parsed: std::sync::OnceLock::new(),
             version: None,
             cloudevent: std::sync::OnceLock::new(),
@@ -181,6 +185,7 @@ impl Event {
             traceparent: self.traceparent,
             tenant: self.tenant.clone(),
             parsed: std::sync::OnceLock::new(),
+            in_outbox: self.in_outbox,
             version,
             cloudevent: std::sync::OnceLock::new(),
             checked: std::sync::OnceLock::new(),

@@ -93,6 +93,8 @@ fn needed(config: &Config) -> Vec<(&'static str, &'static str)> {
             ("walhook.slots", "SELECT"),
             ("walhook.slots", "INSERT"),
             ("walhook.slots", "UPDATE"),
+            // the prefix of walhook.publish()'s messages
+            ("walhook.publish_settings", "SELECT"),
         ]),
         SourceKind::Notify => needed.push(("walhook.outbox", "UPDATE")),
     }
@@ -207,8 +209,20 @@ async fn replication(
     problems
 }
 
-/// `source = "notify"`: its index and trigger exist as configured, or this role may create them.
+/// `source = "notify"`: no slot of walhook's makes `walhook.publish()` write messages it cannot read, and its
+/// index and trigger exist as configured, or this role may create them.
 async fn notify(client: &Client, config: &Config) -> Vec<Finding> {
+    match store::publishing_slot(client).await {
+        Ok(Some(slot)) => {
+            return vec![Ok(format!(
+                "replication slot {slot:?} still exists, so walhook.publish() writes events as messages that \
+                 only source = \"replication\" reads; drop it once its events are delivered: SELECT \
+                 pg_drop_replication_slot('{slot}')"
+            ))]
+        }
+        Ok(None) => {}
+        Err(e) => return vec![Err(e)],
+    }
     let wake_trigger = config.notify.wake_trigger;
     let owner = client
         .query_one(

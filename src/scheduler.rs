@@ -230,11 +230,12 @@ impl Scheduler {
                     .clone()
                     .try_acquire_owned()
                     .expect("claimed no more than the free permits");
-                let event = Event::new(c.event_id, &c.uid, &event_type, &created_at, &payload)
+                let mut event = Event::new(c.event_id, &c.uid, &event_type, &created_at, &payload)
                     .with_ordering(c.ordering_key, c.commit_lsn)
                     .with_traceparent(c.traceparent.as_deref())
                     .with_tenant(c.tenant)
                     .with_version(c.version);
+                event.in_outbox = c.in_outbox;
                 let attempt = endpoint
                     .policy
                     .timeout

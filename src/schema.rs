@@ -51,6 +51,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../sql/014_portal_overview.sql"),
     ),
     (15, "catalog", include_str!("../sql/015_catalog.sql")),
+    (16, "publish", include_str!("../sql/016_publish.sql")),
 ];
 
 /// Privileges of walhook's group roles, applied after every migrate: repeatable and idempotent.

@@ -166,6 +166,8 @@ pub struct Claimed {
     pub tenant: Option<String>,
     /// The catalog version of the copy's payload.
     pub version: Option<i32>,
+    /// The event still has its outbox row (an event `walhook.publish()` wrote as a message never has one).
+    pub in_outbox: bool,
 }
 
 /// Writes a batch of outcomes: deliveries upserted, attempts inserted, and with `processed` (the notify
@@ -214,15 +216,17 @@ with input as (
                             else excluded.last_status_code end,
     last_error = case when excluded.last_attempt_at is null then d.last_error else excluded.last_error end,
     last_attempt_at = coalesce(excluded.last_attempt_at, d.last_attempt_at),
-    event_type = case when excluded.status = 'succeeded' then null
+    -- a success drops the copy unless it comes with one (an event without an outbox row keeps it)
+    event_type = case when excluded.status = 'succeeded' and excluded.event_type is null then null
                       else coalesce(d.event_type, excluded.event_type) end,
-    payload = case when excluded.status = 'succeeded' then null else coalesce(d.payload, excluded.payload) end,
+    payload = case when excluded.status = 'succeeded' and excluded.event_type is null then null
+                   else coalesce(d.payload, excluded.payload) end,
     -- the version of whichever copy is kept
-    event_version = case when excluded.status = 'succeeded' then null
+    event_version = case when excluded.status = 'succeeded' and excluded.event_type is null then null
                          when d.payload is not null then d.event_version else excluded.event_version end,
-    event_created_at = case when excluded.status = 'succeeded' then null
+    event_created_at = case when excluded.status = 'succeeded' and excluded.event_type is null then null
                             else coalesce(d.event_created_at, excluded.event_created_at) end,
-    traceparent = case when excluded.status = 'succeeded' then null
+    traceparent = case when excluded.status = 'succeeded' and excluded.event_type is null then null
                        else coalesce(d.traceparent, excluded.traceparent) end,
     tenant = coalesce(d.tenant, excluded.tenant),
     updated_at = now()
@@ -276,7 +280,7 @@ select c.id, c.event_id, c.endpoint_id, c.attempts, c.schedule_step, c.uid,
        coalesce(c.event_type, o.event_type), coalesce(c.payload, o.payload::text),
        coalesce(c.event_created_at, o.created_at::text), c.ordering_key, c.commit_lsn,
        (select generation from walhook.endpoints_generation),
-       coalesce(c.traceparent, o.traceparent), coalesce(c.tenant, o.tenant),
+       coalesce(c.traceparent, o.traceparent), coalesce(c.tenant, o.tenant), o.id is not null,
        case when c.payload is not null then c.event_version else o.event_version end
   from claimed c left join walhook.outbox o on o.id = c.event_id"
     )
@@ -408,7 +412,8 @@ fn claimed(r: &tokio_postgres::Row) -> Claimed {
         endpoints_generation: r.get(11),
         traceparent: r.get(12),
         tenant: r.get(13),
-        version: r.get(14),
+        in_outbox: r.get(14),
+        version: r.get(15),
     }
 }
 
@@ -1145,6 +1150,34 @@ pub async fn replication_slot_exists(client: &Client, slot: &str) -> Result<bool
         )
         .await?
         .is_some())
+}
+
+/// The prefix of the messages `walhook.publish()` writes (sql/016_publish.sql): the replication source
+/// streams messages with exactly this prefix as events.
+pub async fn publish_prefix(client: &Client) -> Result<String, StoreError> {
+    Ok(client
+        .query_one("select prefix from walhook.publish_settings", &[])
+        .await?
+        .get(0))
+}
+
+/// The slot whose existence makes `walhook.publish()` write messages rather than outbox rows (the same
+/// condition as the function's): walhook's slot of this database, consistent, usable and backfilled.
+pub async fn publishing_slot(client: &Client) -> Result<Option<String>, StoreError> {
+    Ok(client
+        .query_opt(
+            "select w.slot_name
+               from walhook.slots w
+               join pg_catalog.pg_replication_slots r on r.slot_name = w.slot_name
+              where w.backfilled and r.database = current_database() and r.slot_type = 'logical'
+                and r.plugin = 'pgoutput' and r.confirmed_flush_lsn is not null
+                and r.wal_status is distinct from 'lost'
+                and current_setting('server_version_num')::integer >= 140000
+              limit 1",
+            &[],
+        )
+        .await?
+        .map(|r| r.get(0)))
 }
 
 /// How often an idle listener checks that its connection still answers (a silently dropped TCP connection

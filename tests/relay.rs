@@ -51,6 +51,7 @@ macro_rules! both_sources {
 mod connect;
 mod portal;
 mod proxy;
+mod publish;
 mod queries;
 mod tenants;
 mod traces;

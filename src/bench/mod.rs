@@ -18,6 +18,8 @@
 //! - `fairness` and `tenants`: one tenant's backlog beside another's trickle, and 1,000 tenants with a few
 //!   broken endpoints (see `tenants.rs`).
 //! - `portal`: the portal's pages over a million deliveries (see `portal.rs`).
+//! - `publish`: an event through `walhook.publish()` (a logical decoding message) against an outbox insert,
+//!   with the same writers: rate, WAL and PostgreSQL CPU per event (see `publish.rs`).
 //!
 //! `--source` picks the relays' source (the scratch database then gets a slot, or the notify source's index
 //! and trigger, before any event is written); `--instances N` runs N relays on the same database, as several
@@ -30,6 +32,7 @@
 
 mod portal;
 mod procfs;
+mod publish;
 mod relay;
 mod report;
 mod server;
@@ -49,7 +52,7 @@ use crate::receiver::{Receiver, Reply};
 use relay::Relays;
 pub use report::{
     Baseline, Cost, Drain, Fairness, Fanout, InstanceCost, Live, LivePhase, Machine, Portal,
-    PortalPage, Report, Retries, Settings, StatementUse, Tenants, TenantsPhase,
+    PortalPage, Publish, Report, Retries, Settings, StatementUse, Tenants, TenantsPhase,
 };
 use server::{cost, Scratch, Server, Setup};
 pub use stats::Latency;
@@ -138,10 +141,11 @@ pub enum Scenario {
     Fairness,
     Tenants,
     Portal,
+    Publish,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::Baseline,
         Scenario::Drain,
         Scenario::Live,
@@ -150,6 +154,7 @@ impl Scenario {
         Scenario::Fairness,
         Scenario::Tenants,
         Scenario::Portal,
+        Scenario::Publish,
     ];
 
     pub fn name(self) -> &'static str {
@@ -162,6 +167,7 @@ impl Scenario {
             Scenario::Fairness => "fairness",
             Scenario::Tenants => "tenants",
             Scenario::Portal => "portal",
+            Scenario::Publish => "publish",
         }
     }
 }
@@ -174,7 +180,10 @@ impl FromStr for Scenario {
             .into_iter()
             .find(|c| c.name() == s.trim())
             .ok_or_else(|| {
-                format!("unknown scenario {s:?}; expected baseline, drain, live, fanout or retries")
+                format!(
+                    "unknown scenario {s:?}; expected baseline, drain, live, fanout, retries, fairness, \
+                     tenants, portal or publish"
+                )
             })
     }
 }
@@ -286,6 +295,8 @@ impl Plan {
     fn setup(&self, scenario: Scenario) -> Setup {
         match (scenario, self.source) {
             (Scenario::Baseline | Scenario::Portal, _) => Setup::Plain,
+            // publish() writes messages only while walhook's slot exists, whatever the relays' source
+            (Scenario::Publish, _) => Setup::Slot,
             (_, SourceKind::Replication) => Setup::Slot,
             (_, SourceKind::Notify) => Setup::Notify,
         }
@@ -345,6 +356,7 @@ pub async fn run(options: BenchOptions) -> Result<Report, BenchError> {
         fairness,
         tenants,
         portal,
+        publish,
     } = result?;
     Ok(Report {
         source: source_name(plan.source).to_string(),
@@ -370,6 +382,7 @@ pub async fn run(options: BenchOptions) -> Result<Report, BenchError> {
         fairness,
         tenants,
         portal,
+        publish,
         elapsed_s: started.elapsed().as_secs_f64(),
     })
 }
@@ -385,6 +398,7 @@ struct Results {
     fairness: Option<Fairness>,
     tenants: Option<Tenants>,
     portal: Option<Portal>,
+    publish: Option<Publish>,
 }
 
 /// The relay configuration every scenario uses, beyond what ties it to its scratch database: loopback
@@ -430,6 +444,7 @@ impl Bench {
                 Scenario::Fairness => self.fairness(&scratch).await.map(|x| r.fairness = Some(x)),
                 Scenario::Tenants => self.tenants(&scratch).await.map(|x| r.tenants = Some(x)),
                 Scenario::Portal => self.portal(&scratch).await.map(|x| r.portal = Some(x)),
+                Scenario::Publish => self.publish(&scratch).await.map(|x| r.publish = Some(x)),
             };
             let removed = self.server.remove(scratch).await;
             outcome?;
@@ -1204,6 +1219,8 @@ mod tests {
         ] {
             assert_eq!(notify.setup(s), Setup::Notify, "{s:?}");
         }
+        // walhook.publish() writes messages only while a slot exists, whatever the relays read
+        assert_eq!(notify.setup(Scenario::Publish), Setup::Slot);
         let settings = notify.relay_settings("postgres://h/scratch", "scratch");
         let value = |key: &str| {
             settings

@@ -28,6 +28,7 @@ pub struct Report {
     pub fairness: Option<Fairness>,
     pub tenants: Option<Tenants>,
     pub portal: Option<Portal>,
+    pub publish: Option<Publish>,
     pub elapsed_s: f64,
 }
 
@@ -289,6 +290,28 @@ pub struct TenantsPhase {
     pub cost: Cost,
 }
 
+/// `walhook.publish()` (a logical decoding message) against `INSERT INTO walhook.outbox`: the same writers at
+/// full speed, one event per transaction, no relay. The unprefixed figures are publish()'s.
+#[derive(Debug, Serialize)]
+pub struct Publish {
+    pub writers: usize,
+    pub inserts_per_sec: f64,
+    /// All WAL the server wrote in the window, per event.
+    pub wal_bytes_per_event: Option<f64>,
+    /// CPU of the whole PostgreSQL server in the window, per event (throwaway cluster only).
+    pub postgres_cpu_us_per_event: Option<f64>,
+    pub table_inserts_per_sec: f64,
+    pub table_wal_bytes_per_event: Option<f64>,
+    pub table_postgres_cpu_us_per_event: Option<f64>,
+    /// CPU of decoding the window's WAL with pgoutput as the walsender would, per event (throwaway cluster
+    /// only): what streaming each event to the relay costs PostgreSQL.
+    pub decode_cpu_us_per_event: Option<f64>,
+    pub table_decode_cpu_us_per_event: Option<f64>,
+    /// publish() ÷ the insert.
+    pub inserts_ratio: Option<f64>,
+    pub wal_ratio: Option<f64>,
+}
+
 /// The portal's pages over a large delivery log.
 #[derive(Debug, Serialize)]
 pub struct Portal {
@@ -453,6 +476,25 @@ impl Report {
                 thousands(f.backlog_events as f64),
                 latency(f.b_during_burst.as_ref()),
                 f.burst_p99_ratio.map_or("-".into(), |r| format!("{r:.2}")),
+            );
+        }
+        if let Some(p) = &self.publish {
+            let _ = writeln!(
+                out,
+                "publish, {} writers, no relay: walhook.publish() {} events/s, {} WAL B, {} µs PostgreSQL CPU \
+                 per event (decoding it {} µs); INSERT INTO walhook.outbox {} events/s, {} WAL B, {} µs \
+                 (decoding {} µs); {}× the rate, {}× the WAL",
+                p.writers,
+                thousands(p.inserts_per_sec),
+                opt(p.wal_bytes_per_event, 0),
+                opt(p.postgres_cpu_us_per_event, 1),
+                opt(p.decode_cpu_us_per_event, 1),
+                thousands(p.table_inserts_per_sec),
+                opt(p.table_wal_bytes_per_event, 0),
+                opt(p.table_postgres_cpu_us_per_event, 1),
+                opt(p.table_decode_cpu_us_per_event, 1),
+                opt(p.inserts_ratio, 2),
+                opt(p.wal_ratio, 2),
             );
         }
         if let Some(p) = &self.portal {
@@ -784,6 +826,19 @@ mod tests {
             fairness: None,
             tenants: None,
             portal: None,
+            publish: Some(Publish {
+                writers: 4,
+                inserts_per_sec: 30_000.0,
+                wal_bytes_per_event: Some(412.3),
+                postgres_cpu_us_per_event: Some(40.25),
+                table_inserts_per_sec: 20_000.0,
+                table_wal_bytes_per_event: Some(824.6),
+                table_postgres_cpu_us_per_event: None,
+                decode_cpu_us_per_event: Some(3.04),
+                table_decode_cpu_us_per_event: Some(9.96),
+                inserts_ratio: Some(1.5),
+                wal_ratio: Some(0.5),
+            }),
             elapsed_s: 10.0,
         };
         let table = report.table();
@@ -796,6 +851,9 @@ mod tests {
             "    instance 2: relay  0.05 (0.25), peak RSS 20.0 MiB",
             "duplicates (a webhook-id received again at an endpoint that had answered it 2xx): drain 0",
             "  drain               0.004 statements   1009 WAL B  (all of the relay's: 0.007 statements, 1583 WAL B)",
+            "publish, 4 writers, no relay: walhook.publish() 30,000 events/s, 412 WAL B, 40.2 µs PostgreSQL CPU \
+             per event (decoding it 3.0 µs); INSERT INTO walhook.outbox 20,000 events/s, 825 WAL B, - µs \
+             (decoding 10.0 µs); 1.50× the rate, 0.50× the WAL",
         ] {
             assert!(table.contains(expected), "{expected:?} not in\n{table}");
         }

@@ -354,6 +354,11 @@ impl Server {
         })
     }
 
+    /// CPU seconds the whole server has used so far (throwaway cluster only).
+    pub fn postgres_cpu(&self) -> Option<f64> {
+        self.postmaster.and_then(procfs::tree_cpu_seconds)
+    }
+
     pub async fn machine(&self) -> Result<Machine, BenchError> {
         let setting = |name: &'static str| async move {
             self.admin
@@ -436,6 +441,21 @@ fn with_dbname(url: &str, name: &str) -> String {
 /// The scratch database (and slot) of a scenario: unique per benchmark process.
 pub fn scratch_name(scenario: Scenario) -> String {
     format!("walhook_bench_{}_{}", scenario.name(), std::process::id())
+}
+
+/// What the application's writes cost the server between two snapshots with no relay running: WAL bytes and
+/// PostgreSQL CPU microseconds (throwaway cluster only) per event.
+pub fn write_cost(before: &Snapshot, after: &Snapshot, events: u64) -> (Option<f64>, Option<f64>) {
+    if events == 0 {
+        return (None, None);
+    }
+    let e = events as f64;
+    let wal = after.wal.0.checked_sub(before.wal.0).map(|b| b as f64 / e);
+    let cpu = after
+        .postgres_cpu
+        .zip(before.postgres_cpu)
+        .map(|(a, b)| (a - b).max(0.0) * 1e6 / e);
+    (wal, cpu)
 }
 
 /// What the relays cost between two snapshots, per delivery: CPU and memory summed over the instances, and

@@ -82,7 +82,7 @@ pub struct Commits {
 }
 
 /// An order-like payload of about 150 bytes.
-fn payload(n: u64) -> String {
+pub(super) fn payload(n: u64) -> String {
     format!(
         r#"{{"order_id":{n},"customer":"cus_{:08x}","total_cents":{},"currency":"EUR","lines":[{{"sku":"SKU-{}","qty":{}}}]}}"#,
         n.wrapping_mul(40503) % 1_048_576,
@@ -106,7 +106,7 @@ pub fn uid_key(text: &str) -> Option<u128> {
     u128::from_str_radix(&hex, 16).ok()
 }
 
-async fn connect(db: &crate::conninfo::ConnInfo) -> Result<Client, BenchError> {
+pub(super) async fn connect(db: &crate::conninfo::ConnInfo) -> Result<Client, BenchError> {
     let mut db = db.clone();
     db.application_name("walhook-bench");
     crate::store::connect_client(&db)

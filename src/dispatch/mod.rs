@@ -785,7 +785,7 @@ impl Dispatcher {
                 error,
                 response_body,
             }),
-            copy: (status != Status::Succeeded).then(|| event.clone()),
+            copy: (status != Status::Succeeded || !event.in_outbox).then(|| event.clone()),
             ordering: if status == Status::Pending {
                 self.ordering(job)
             } else {

@@ -603,31 +603,6 @@ pub(super) fn operator(
     layout(theme, Some(session), "Overview", &body)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn escapes_markup_and_quotes() {
-        assert_eq!(
-            esc(r#"<script>alert("x&'y")</script>"#),
-            "&lt;script&gt;alert(&quot;x&amp;&#39;y&quot;)&lt;/script&gt;"
-        );
-    }
-
-    #[test]
-    fn every_value_is_escaped_in_the_frame() {
-        let theme = Theme {
-            base: String::new(),
-            brand_name: "<b>".into(),
-            logo_url: "/l.svg\"x".into(),
-        };
-        let page = message(&theme, None, "<t>", "<m>");
-        assert!(!page.contains("<b>") && !page.contains("<t>") && !page.contains("<m>"));
-        assert!(page.contains("/l.svg&quot;x"));
-    }
-}
-
 /// The event catalog: what each event type means and looks like, version by version.
 pub(super) fn catalog(theme: &Theme, session: &Session, types: &[CatalogType]) -> String {
     let mut body = String::from(r#"<div class="head"><h1>Event types</h1></div>"#);
@@ -678,4 +653,29 @@ pub(super) fn catalog(theme: &Theme, session: &Session, types: &[CatalogType]) -
         body.push_str("</section>");
     }
     layout(theme, Some(session), "Event types", &body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_markup_and_quotes() {
+        assert_eq!(
+            esc(r#"<script>alert("x&'y")</script>"#),
+            "&lt;script&gt;alert(&quot;x&amp;&#39;y&quot;)&lt;/script&gt;"
+        );
+    }
+
+    #[test]
+    fn every_value_is_escaped_in_the_frame() {
+        let theme = Theme {
+            base: String::new(),
+            brand_name: "<b>".into(),
+            logo_url: "/l.svg\"x".into(),
+        };
+        let page = message(&theme, None, "<t>", "<m>");
+        assert!(!page.contains("<b>") && !page.contains("<t>") && !page.contains("<m>"));
+        assert!(page.contains("/l.svg&quot;x"));
+    }
 }

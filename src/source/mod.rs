@@ -2,10 +2,12 @@
 //!
 //! `replication` (the default) streams a pgoutput slot in commit order; the ack tracker decides which
 //! position is safe to confirm. `notify` claims unprocessed outbox rows under a lease and marks them processed.
+//! `walhook.publish()`'s events arrive through the slot too, as logical decoding messages ([`message`]).
 //! Acknowledgement is the whole crash-safety story: nothing is confirmed or marked before it is recorded. Both
 //! sources hand their events to the same [`Pipeline`], so fan-out and the in-flight budget behave alike.
 
 pub mod ack;
+pub mod message;
 pub mod notify;
 pub mod replication;
 pub mod walconn;

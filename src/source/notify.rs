@@ -52,6 +52,16 @@ impl NotifySource {
             .await
             .map_err(|e| SourceError::Transient(e.to_string()))?;
         store::check_schema(&client).await?;
+        if let Some(slot) = store::publishing_slot(&client).await? {
+            // walhook.publish() writes messages while this slot exists, and only the slot can read them
+            return Err(SourceError::Fatal(format!(
+                "replication slot {slot:?}, which source = \"replication\" created, still exists: while it \
+                 does, walhook.publish() writes events as logical decoding messages that only the replication \
+                 source streams, so this source would never deliver them. Run source = \"replication\" again, \
+                 or, to stay with source = \"notify\", drop the slot once its events are delivered: SELECT \
+                 pg_drop_replication_slot('{slot}')"
+            )));
+        }
         if store::replication_slot_exists(&client, &self.replication_slot).await? {
             tracing::warn!(
                 slot = %self.replication_slot,

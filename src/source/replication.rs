@@ -1,12 +1,13 @@
 //! The replication source: a pgoutput slot on a publication of `walhook.outbox`, streamed in commit order.
 //!
 //! Each session: make sure the publication and the slot exist, start streaming from the slot's confirmed
-//! position, decode Begin/Relation/Insert/Commit, fan each outbox row out to dispatch, and confirm positions
-//! as the tracker releases them. Reading pauses when `delivery.max_in_flight_events` events are held
-//! (backpressure reaches the server through TCP), while status updates keep flowing so the walsender does not
-//! time us out. After a restart the slot replays what was not confirmed; events at or below the highest event
-//! id already recorded are checked against `walhook.deliveries` in batches and their recorded deliveries are
-//! not sent again.
+//! position, decode Begin/Relation/Insert/Commit and the messages `walhook.publish()` writes (pgoutput sends
+//! messages when asked; only those under the database's key are events, see [`super::message`]), fan each
+//! event out to dispatch, and confirm positions as the tracker releases them. Reading pauses when
+//! `delivery.max_in_flight_events` events are held (backpressure reaches the server through TCP), while status
+//! updates keep flowing so the walsender does not time us out. After a restart the slot replays what was not
+//! confirmed; events at or below the highest event id already recorded are checked against
+//! `walhook.deliveries` in batches and their recorded deliveries are not sent again.
 //!
 //! Several instances may run on one database; exactly one streams the slot. Leadership is a session-level
 //! advisory lock keyed by the slot's name, held on a plain SQL session for as long as the instance prepares
@@ -685,7 +686,22 @@ impl ReplicationSource {
         // slot was lost with the old primary, not dropped by hand
         let timeline = conn.identify_system().await?.timeline;
         store::record_slot_timeline(store.client(), &self.slot, timeline as i32).await?;
-        let options = [("proto_version", "1")];
+        // walhook.publish()'s events are messages, which pgoutput sends only when asked; servers before
+        // PostgreSQL 14 refuse the option (and there publish() inserts outbox rows: sql/016_publish.sql)
+        let message_prefix = store::publish_prefix(store.client()).await?;
+        let messages: bool = store
+            .client()
+            .query_one(
+                "select current_setting('server_version_num')::int >= 140000",
+                &[],
+            )
+            .await
+            .map_err(StoreError::from)?
+            .get(0);
+        let mut options = vec![("proto_version", "1")];
+        if messages {
+            options.push(("messages", "true"));
+        }
         let stream = conn
             .start_replication(&self.slot, &self.publication, Lsn::INVALID, &options)
             .await?;
@@ -711,6 +727,7 @@ impl ReplicationSource {
             publication: self.publication.clone(),
             publication_ok_at: SystemTime::now(),
             checked_at: tokio::time::Instant::now(),
+            message_prefix,
         };
         let result = session.run(stop).await;
         self.health.set_streaming(false);
@@ -746,6 +763,8 @@ struct Session {
     publication_ok_at: SystemTime,
     /// When the leadership session last checked the publication (and recorded the slot's progress).
     checked_at: tokio::time::Instant,
+    /// The prefix of `walhook.publish()`'s messages (it holds a key: never logged).
+    message_prefix: String,
 }
 
 impl Session {
@@ -902,7 +921,7 @@ impl Session {
                     ));
                 };
                 let ordering_key = text(cols.ordering_key).map(str::to_string);
-                let mut event = Event::new(id, uid, event_type, created_at, payload)
+                let event = Event::new(id, uid, event_type, created_at, payload)
                     .with_ordering(ordering_key, Some(self.commit_lsn))
                     .with_traceparent(cols.traceparent.and_then(text))
                     .with_tenant(cols.tenant.and_then(text).map(str::to_string))
@@ -911,24 +930,45 @@ impl Session {
                             .and_then(text)
                             .and_then(|v| v.parse().ok()),
                     );
-                event.committed_at = self.committed_at;
-                metrics::counter!(crate::metrics::EVENTS_RECEIVED).increment(1);
-                let Some(txn) = self.txn else {
-                    return Err(SourceError::Transient("insert outside a transaction".into()));
-                };
-                let deliveries = self.pipeline.endpoints.count_matching(&event);
-                let permit = self.acquire(deliveries.clamp(1, self.pipeline.budget_size)).await?;
-                // Once one event waits for the duplicate check, every later one waits behind it, so events
-                // reach dispatch in stream order (an ordered key's older event is never parked after a
-                // newer one); those above `replay_max` are not in the table, the check finds nothing.
-                if id <= self.replay_max || !self.replay.is_empty() {
-                    self.tracker.add(txn, 1); // holds the transaction until the check is done
-                    self.replay.push((event, txn, permit));
-                    if self.replay.len() >= REPLAY_CHECK_BATCH {
-                        self.check_replay().await?;
+                self.submit(event).await?;
+            }
+            Message::LogicalMessage {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            } => {
+                if prefix != self.message_prefix {
+                    // other applications' messages; one that looks like walhook's but lacks its key was not
+                    // written by walhook.publish() (any role may emit messages), so it is no event
+                    if prefix.starts_with("walhook") {
+                        tracing::warn!(
+                            %lsn,
+                            "ignored a logical decoding message with a \"walhook\" prefix that is not the one \
+                             walhook.publish() writes: it was emitted by other means (pg_logical_emit_message \
+                             is open to every role), so it is not an event; publish events with \
+                             walhook.publish(event_type, payload)"
+                        );
                     }
-                } else {
-                    self.fan_out(event, txn, permit, &HashSet::new());
+                    return Ok(());
+                }
+                if !transactional {
+                    tracing::warn!(
+                        %lsn,
+                        "ignored a non-transactional message with walhook.publish()'s prefix: only \
+                         walhook.publish() writes events, inside the caller's transaction"
+                    );
+                    return Ok(());
+                }
+                match super::message::event(content, self.commit_lsn) {
+                    Ok(event) => self.submit(event).await?,
+                    // not one of publish()'s messages, though it has the key: nothing to deliver, no id to
+                    // record it under; said loudly, and the stream goes on
+                    Err(e) => tracing::error!(
+                        %lsn,
+                        "ignored a message with walhook.publish()'s prefix that is no event ({e}); was it \
+                         emitted by hand? Publish events with walhook.publish(event_type, payload)"
+                    ),
                 }
             }
             Message::Other { tag } => {
@@ -938,6 +978,35 @@ impl Session {
                 )))
             }
             _ => {}
+        }
+        Ok(())
+    }
+
+    /// Hands a committed event (an outbox row's insert, or a `walhook.publish()` message) to fan-out within
+    /// its transaction, through the duplicate check when it may have been recorded before a restart.
+    async fn submit(&mut self, mut event: Event) -> Result<(), SourceError> {
+        event.committed_at = self.committed_at;
+        metrics::counter!(crate::metrics::EVENTS_RECEIVED).increment(1);
+        let Some(txn) = self.txn else {
+            return Err(SourceError::Transient(
+                "an event outside a transaction".into(),
+            ));
+        };
+        let deliveries = self.pipeline.endpoints.count_matching(&event);
+        let permit = self
+            .acquire(deliveries.clamp(1, self.pipeline.budget_size))
+            .await?;
+        // Once one event waits for the duplicate check, every later one waits behind it, so events reach
+        // dispatch in stream order (an ordered key's older event is never parked after a newer one); those
+        // above `replay_max` are not in the table, the check finds nothing.
+        if event.id <= self.replay_max || !self.replay.is_empty() {
+            self.tracker.add(txn, 1); // holds the transaction until the check is done
+            self.replay.push((event, txn, permit));
+            if self.replay.len() >= REPLAY_CHECK_BATCH {
+                self.check_replay().await?;
+            }
+        } else {
+            self.fan_out(event, txn, permit, &HashSet::new());
         }
         Ok(())
     }

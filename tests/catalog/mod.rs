@@ -635,3 +635,65 @@ async fn a_crash_while_the_catalog_checks_and_renders_loses_nothing() {
         }
     }
 }
+
+/// `walhook.publish(…, event_version => n)` carries the version in its message as the row's column does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_published_message_carries_its_version() {
+    let pg = Pg::start().await;
+    let owner = pg.client().await;
+    owner
+        .batch_execute(
+            "insert into walhook.event_types (name) values ('order.shipped');
+             insert into walhook.event_type_versions (event_type, version, schema)
+             values ('order.shipped', 1, '{\"required\": [\"id\"]}');",
+        )
+        .await
+        .unwrap();
+    let rx = Receiver::start().await.unwrap();
+    let (_, secret) = add_endpoint(&owner, &rx.url("/a"), &["order.*"]).await;
+    rx.set_secret("/a", &secret);
+    let daemon = Daemon::start(pg.config());
+    wait_streaming(&owner).await;
+    eventually("walhook.publish() writes messages", || async {
+        walhook::store::publishing_slot(&owner)
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    owner
+        .batch_execute(
+            "select walhook.publish('order.shipped', '{\"id\": 1}', event_version => 1);
+             select walhook.publish('order.shipped', '{\"no_id\": 2}', event_version => 1);",
+        )
+        .await
+        .unwrap();
+    eventually("one sent, one dead", || async {
+        count(
+            &owner,
+            "select count(*) from walhook.deliveries where status = 'succeeded'",
+        )
+        .await
+            == 1
+            && count(
+                &owner,
+                "select count(*) from walhook.deliveries where status = 'dead'",
+            )
+            .await
+                == 1
+    })
+    .await;
+    assert_eq!(
+        count(
+            &owner,
+            "select count(*) from walhook.outbox where event_type = 'order.shipped'"
+        )
+        .await,
+        0,
+        "both were messages"
+    );
+    let body = json(&rx.received()[0].body);
+    assert_eq!(body["version"], 1);
+    assert_eq!(body["data"]["id"], 1);
+    daemon.stop().await;
+}
