@@ -375,9 +375,9 @@ pub async fn backfill_before_slot(client: &mut Client, snapshot: &str) -> Result
             // with their own copy of the event: retention (of another instance) may delete the outbox row
             "insert into walhook.deliveries (event_id, endpoint_id, webhook_id, status, next_attempt_at,
                                              event_type, payload, event_created_at, ordering_key, traceparent,
-                                             tenant)
+                                             tenant, event_version)
              select o.id, e.id, o.uid, 'pending', now(), o.event_type, o.payload, o.created_at,
-                    case when e.ordered then o.ordering_key end, o.traceparent, o.tenant
+                    case when e.ordered then o.ordering_key end, o.traceparent, o.tenant, o.event_version
                from walhook.outbox o
                join walhook.endpoints e
                  on e.enabled and walhook.endpoint_accepts(o.event_type, o.tenant, o.payload, e.event_types,
@@ -1584,9 +1584,9 @@ pub async fn backfill_recovery(
         .execute(
             "insert into walhook.deliveries (event_id, endpoint_id, webhook_id, status, next_attempt_at,
                                              event_type, payload, event_created_at, ordering_key, traceparent,
-                                             tenant)
+                                             tenant, event_version)
              select o.id, e.id, o.uid, 'pending', now(), o.event_type, o.payload, o.created_at,
-                    case when e.ordered then o.ordering_key end, o.traceparent, o.tenant
+                    case when e.ordered then o.ordering_key end, o.traceparent, o.tenant, o.event_version
                from walhook.outbox o
                join walhook.endpoints e
                  on e.enabled and e.created_at <= o.created_at
