@@ -188,7 +188,19 @@ pub(super) struct EndpointValues {
     pub event_types: Vec<String>,
     pub description: String,
     pub rate_limit: String,
+    /// `standard`, `cloudevents` or `cloudevents-binary` (empty: standard).
+    pub format: String,
 }
+
+/// The request formats a customer may pick, with their labels.
+const FORMATS: [(&str, &str); 3] = [
+    ("standard", "Standard Webhooks (JSON envelope)"),
+    ("cloudevents", "CloudEvents 1.0, structured (JSON)"),
+    (
+        "cloudevents-binary",
+        "CloudEvents 1.0, binary (ce-* headers)",
+    ),
+];
 
 /// The form that adds (`id` None) or edits an endpoint; `known` are the event types offered as checkboxes.
 pub(super) fn endpoint_form(
@@ -241,11 +253,23 @@ pub(super) fn endpoint_form(
 <p class="muted">A pattern is an event type (<code>order.created</code>), a prefix (<code>order.*</code>) or <code>*</code>.</p></fieldset>
 <label>Description <input type="text" name="description" maxlength="2048" value="{}"></label>
 <label>Rate limit (requests per second, optional) <input type="number" name="rate_limit" min="0" step="any" value="{}"></label>
+<label>Format <select name="format">{}</select></label>
 <button>{}</button></form>"#,
         csrf(session),
         esc(&values.url),
         esc(&values.description),
         esc(&values.rate_limit),
+        FORMATS
+            .iter()
+            .map(|(value, label)| {
+                let chosen =
+                    *value == values.format || (values.format.is_empty() && *value == "standard");
+                format!(
+                    r#"<option value="{value}"{}>{label}</option>"#,
+                    if chosen { " selected" } else { "" }
+                )
+            })
+            .collect::<String>(),
         if id.is_some() { "Save" } else { "Add endpoint" },
     );
     layout(theme, Some(session), &title, &body)
@@ -290,6 +314,13 @@ pub(super) fn endpoint(
         ("Description", esc(&e.description)),
         ("Event types", esc(&e.event_types.join(", "))),
         ("Filter", opt(&e.filter)),
+        (
+            "Format",
+            esc(FORMATS
+                .iter()
+                .find(|(value, _)| *value == e.format)
+                .map_or(e.format.as_str(), |(_, label)| label)),
+        ),
         (
             "Rate limit",
             e.rate_limit.map_or("—".into(), |r| format!("{r} / s")),

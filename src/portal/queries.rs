@@ -109,6 +109,7 @@ pub(super) struct Endpoint {
     pub last_failure_at: Option<String>,
     pub last_status_code: Option<i32>,
     pub last_error: Option<String>,
+    pub format: String,
 }
 
 pub(super) async fn endpoint(
@@ -124,7 +125,7 @@ pub(super) async fn endpoint(
                     h.success_rate_1h::float8 as rate,
                     to_char(h.last_success_at, 'YYYY-MM-DD HH24:MI:SS') as last_success_at,
                     to_char(h.last_failure_at, 'YYYY-MM-DD HH24:MI:SS') as last_failure_at,
-                    h.last_status_code, h.last_error
+                    h.last_status_code, h.last_error, e.format
                from walhook.endpoints e
                left join walhook.endpoint_health h on h.endpoint_id = e.id
               where e.id = $1",
@@ -141,6 +142,7 @@ pub(super) async fn endpoint(
         enabled: r.get("enabled"),
         paused: r.get("paused"),
         disabled_reason: r.get("disabled_reason"),
+        format: r.get("format"),
         created_at: time(&r, "created_at"),
         breaker: r.get("breaker"),
         consecutive_failures: r.get("failures"),
@@ -181,6 +183,8 @@ pub(super) struct EndpointInput {
     pub event_types: Vec<String>,
     pub description: String,
     pub rate_limit: Option<f64>,
+    /// `walhook.endpoints.format` (its check refuses anything else).
+    pub format: String,
 }
 
 pub(super) async fn create_endpoint(
@@ -190,13 +194,14 @@ pub(super) async fn create_endpoint(
     // the tenant column defaults to the transaction's walhook.tenant
     let row = tx
         .query_one(
-            "insert into walhook.endpoints (url, event_types, description, rate_limit)
-             values ($1, $2, $3, $4) returning id",
+            "insert into walhook.endpoints (url, event_types, description, rate_limit, format)
+             values ($1, $2, $3, $4, $5) returning id",
             &[
                 &input.url,
                 &input.event_types,
                 &input.description,
                 &input.rate_limit,
+                &input.format,
             ],
         )
         .await?;
@@ -211,7 +216,8 @@ pub(super) async fn update_endpoint(
 ) -> Result<bool, tokio_postgres::Error> {
     let n = tx
         .execute(
-            "update walhook.endpoints set url = $2, event_types = $3, description = $4, rate_limit = $5
+            "update walhook.endpoints set url = $2, event_types = $3, description = $4, rate_limit = $5,
+                    format = $6
               where id = $1",
             &[
                 &id,
@@ -219,6 +225,7 @@ pub(super) async fn update_endpoint(
                 &input.event_types,
                 &input.description,
                 &input.rate_limit,
+                &input.format,
             ],
         )
         .await?;

@@ -98,6 +98,7 @@ pub(super) async fn page(c: &Call<'_>, post: bool, path: &[&str]) -> Result<Page
                 event_types: e.event_types,
                 description: e.description,
                 rate_limit: e.rate_limit.map(|r| r.to_string()).unwrap_or_default(),
+                format: e.format,
             };
             Ok(c.ok(pages::endpoint_form(
                 c.theme(),
@@ -180,6 +181,7 @@ fn endpoint_input(form: &Form) -> (EndpointValues, Result<EndpointInput, String>
         event_types: patterns.clone(),
         description: form.get("description").unwrap_or("").to_string(),
         rate_limit: form.get("rate_limit").unwrap_or("").to_string(),
+        format: form.get("format").unwrap_or("standard").to_string(),
     };
     let input = (|| {
         if values.url.is_empty() {
@@ -202,6 +204,7 @@ fn endpoint_input(form: &Form) -> (EndpointValues, Result<EndpointInput, String>
             event_types: patterns.clone(),
             description: values.description.clone(),
             rate_limit,
+            format: values.format.clone(),
         })
     })();
     (values, input)

@@ -748,6 +748,48 @@ async fn a_customer_adds_an_endpoint_gets_a_test_event_and_resends_a_failed_deli
         .unwrap()
         .parse()
         .unwrap();
+    // the request format: Standard Webhooks by default, CloudEvents on request, nothing else
+    assert!(browser
+        .get("/endpoints/new")
+        .await
+        .body
+        .contains(r#"<option value="cloudevents">"#));
+    let edit = format!("/endpoints/{id}/edit");
+    let fields = |format: &'static str| {
+        vec![
+            ("url", url.clone()),
+            ("event_types", "order.created".to_string()),
+            ("event_types_other", "invoice.*".to_string()),
+            ("description", "<b>billing</b>".to_string()),
+            ("format", format.to_string()),
+        ]
+    };
+    let post = |fields: Vec<(&'static str, String)>| {
+        let browser = &browser;
+        let edit = edit.clone();
+        async move {
+            let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            browser.post(&edit, &fields).await
+        }
+    };
+    assert_eq!(post(fields("xml")).await.status, 422);
+    assert_eq!(post(fields("cloudevents")).await.status, 303);
+    assert!(browser
+        .get(&format!("/endpoints/{id}"))
+        .await
+        .body
+        .contains("CloudEvents 1.0, structured"));
+    assert_eq!(post(fields("standard")).await.status, 303);
+    assert_eq!(
+        count(
+            &superuser,
+            &format!(
+                "select count(*) from walhook.endpoints where id = {id} and format = 'standard'"
+            )
+        )
+        .await,
+        1
+    );
     let (tenant, patterns, secret): (String, Vec<String>, String) = {
         let r = superuser
             .query_one(
