@@ -33,6 +33,7 @@ mod procfs;
 mod relay;
 mod report;
 mod server;
+mod slow;
 mod stats;
 mod tenants;
 mod workload;
@@ -49,7 +50,7 @@ use crate::receiver::{Receiver, Reply};
 use relay::Relays;
 pub use report::{
     Baseline, Cost, Drain, Fairness, Fanout, InstanceCost, Live, LivePhase, Machine, Portal,
-    PortalPage, Report, Retries, Settings, StatementUse, Tenants, TenantsPhase,
+    PortalPage, Report, Retries, Settings, Slow, StatementUse, Tenants, TenantsPhase,
 };
 use server::{cost, Scratch, Server, Setup};
 pub use stats::Latency;
@@ -137,11 +138,12 @@ pub enum Scenario {
     Retries,
     Fairness,
     Tenants,
+    Slow,
     Portal,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::Baseline,
         Scenario::Drain,
         Scenario::Live,
@@ -149,6 +151,7 @@ impl Scenario {
         Scenario::Retries,
         Scenario::Fairness,
         Scenario::Tenants,
+        Scenario::Slow,
         Scenario::Portal,
     ];
 
@@ -161,6 +164,7 @@ impl Scenario {
             Scenario::Retries => "retries",
             Scenario::Fairness => "fairness",
             Scenario::Tenants => "tenants",
+            Scenario::Slow => "slow",
             Scenario::Portal => "portal",
         }
     }
@@ -174,7 +178,11 @@ impl FromStr for Scenario {
             .into_iter()
             .find(|c| c.name() == s.trim())
             .ok_or_else(|| {
-                format!("unknown scenario {s:?}; expected baseline, drain, live, fanout or retries")
+                let names: Vec<&str> = Scenario::ALL.iter().map(|c| c.name()).collect();
+                format!(
+                    "unknown scenario {s:?}; expected one of {}",
+                    names.join(", ")
+                )
             })
     }
 }
@@ -344,6 +352,7 @@ pub async fn run(options: BenchOptions) -> Result<Report, BenchError> {
         retries,
         fairness,
         tenants,
+        slow,
         portal,
     } = result?;
     Ok(Report {
@@ -369,6 +378,7 @@ pub async fn run(options: BenchOptions) -> Result<Report, BenchError> {
         retries,
         fairness,
         tenants,
+        slow,
         portal,
         elapsed_s: started.elapsed().as_secs_f64(),
     })
@@ -384,6 +394,7 @@ struct Results {
     retries: Option<Retries>,
     fairness: Option<Fairness>,
     tenants: Option<Tenants>,
+    slow: Option<Slow>,
     portal: Option<Portal>,
 }
 
@@ -429,6 +440,10 @@ impl Bench {
                 Scenario::Retries => self.retries(&scratch).await.map(|x| r.retries = Some(x)),
                 Scenario::Fairness => self.fairness(&scratch).await.map(|x| r.fairness = Some(x)),
                 Scenario::Tenants => self.tenants(&scratch).await.map(|x| r.tenants = Some(x)),
+                Scenario::Slow => {
+                    let slow = self.slow(&scratch, r.drain.as_ref()).await;
+                    slow.map(|x| r.slow = Some(x))
+                }
                 Scenario::Portal => self.portal(&scratch).await.map(|x| r.portal = Some(x)),
             };
             let removed = self.server.remove(scratch).await;
