@@ -17,6 +17,8 @@
 //! - `retries`: full-speed writers while 10 % of first attempts are answered 500.
 //! - `fairness` and `tenants`: one tenant's backlog beside another's trickle, and 1,000 tenants with a few
 //!   broken endpoints (see `tenants.rs`).
+//! - `slow`: a backlog over 1,000 endpoints answering in 50–300 ms, 2 % of them hanging: deliveries per second
+//!   against what the in-flight limit allows (see `slow.rs`).
 //! - `portal`: the portal's pages over a million deliveries (see `portal.rs`).
 //!
 //! `--source` picks the relays' source (the scratch database then gets a slot, or the notify source's index
