@@ -207,6 +207,10 @@ pub struct Runtime {
     pub progress: Mutex<Progress>,
 }
 
+/// The requests an endpoint may have in flight before it has answered any (and after it stops answering):
+/// its window starts here and never falls below it.
+pub const FIRST_WINDOW: usize = 4;
+
 /// An endpoint's pace, as dispatch sees it.
 #[derive(Debug)]
 pub struct Progress {
@@ -214,9 +218,38 @@ pub struct Progress {
     pub latency: Option<Duration>,
     /// The last time one of its requests started or completed.
     pub at: Instant,
+    /// How many requests it may have in flight now, within its limit (`max_in_flight`): one more for each
+    /// request it answers (any HTTP status), one fewer for each it does not (a timeout, a failed
+    /// connection), never below `FIRST_WINDOW`. An endpoint that answers reaches its limit within a few
+    /// round trips (the window doubles per round trip, as TCP's slow start does); one that hangs keeps only
+    /// `FIRST_WINDOW` of the global request slots busy instead of its whole limit, for a timeout each; one
+    /// that answers some requests keeps a window between the two, and never less than `FIRST_WINDOW`.
+    pub window: usize,
 }
 
 impl Progress {
+    pub fn new(now: Instant) -> Progress {
+        Progress {
+            latency: None,
+            at: now,
+            window: FIRST_WINDOW,
+        }
+    }
+
+    /// The requests it may have in flight now, with `max_in_flight` its limit.
+    pub fn window(&self, max_in_flight: usize) -> usize {
+        self.window.min(max_in_flight).max(1)
+    }
+
+    /// A request got an answer (`answered`) or ended without one.
+    pub fn answered(&mut self, answered: bool, max_in_flight: usize) {
+        self.window = if answered {
+            (self.window + 1).min(max_in_flight.max(FIRST_WINDOW))
+        } else {
+            self.window.saturating_sub(1).max(FIRST_WINDOW)
+        };
+    }
+
     /// A request started.
     pub fn started(&mut self, now: Instant) {
         self.at = now;
@@ -311,10 +344,7 @@ impl Runtime {
                 bucket: rate_limit.map(|r| TokenBucket::new(r, now)),
             }),
             health: Mutex::new(Health::default()),
-            progress: Mutex::new(Progress {
-                latency: None,
-                at: now,
-            }),
+            progress: Mutex::new(Progress::new(now)),
         }
     }
 }
@@ -394,9 +424,63 @@ impl EndpointRow {
     }
 }
 
+/// The endpoints of one load, with the indexes that keep fan-out from looking at every endpoint for every
+/// event: with 1,000 tenants' endpoints, checking each of them per event was the relay's largest CPU cost.
+#[derive(Default)]
+struct Snapshot {
+    endpoints: Arc<Vec<Arc<Endpoint>>>,
+    /// Positions in `endpoints` of the endpoints of each tenant (`None`: endpoints without a tenant), the
+    /// firehose left out; ascending.
+    by_tenant: std::collections::HashMap<Option<String>, Vec<usize>>,
+    /// Positions of the endpoints that receive every tenant's events; ascending.
+    firehose: Vec<usize>,
+    /// Position of each endpoint id.
+    by_id: std::collections::HashMap<i64, usize>,
+}
+
+impl Snapshot {
+    fn new(endpoints: Vec<Arc<Endpoint>>) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        for (i, e) in endpoints.iter().enumerate() {
+            snapshot.by_id.insert(e.id, i);
+            if e.all_tenants {
+                snapshot.firehose.push(i);
+            } else {
+                snapshot
+                    .by_tenant
+                    .entry(e.tenant.clone())
+                    .or_default()
+                    .push(i);
+            }
+        }
+        snapshot.endpoints = Arc::new(endpoints);
+        snapshot
+    }
+
+    /// The endpoints that may receive `event` by its tenant, in snapshot order: its tenant's and the
+    /// firehose. [`Endpoint::accepts`] still decides.
+    fn candidates<'a>(&'a self, event: &Event) -> impl Iterator<Item = &'a Arc<Endpoint>> + 'a {
+        let own = self
+            .by_tenant
+            .get(&event.tenant)
+            .map_or(&[][..], Vec::as_slice);
+        let (mut a, mut b) = (own.iter().peekable(), self.firehose.iter().peekable());
+        // both lists ascend: merge them, so that the order is the snapshot's
+        std::iter::from_fn(move || {
+            let next = match (a.peek(), b.peek()) {
+                (Some(x), Some(y)) if x < y => a.next(),
+                (Some(_), Some(_)) | (None, Some(_)) => b.next(),
+                (Some(_), None) => a.next(),
+                (None, None) => None,
+            }?;
+            Some(&self.endpoints[*next])
+        })
+    }
+}
+
 /// The snapshot of enabled endpoints, shared by the source, the scheduler and dispatch.
 pub struct EndpointCache {
-    snapshot: RwLock<Arc<Vec<Arc<Endpoint>>>>,
+    snapshot: RwLock<Arc<Snapshot>>,
     /// Tenants' rate limits, kept across reloads while the rate stays the same.
     tenant_buckets: Mutex<std::collections::HashMap<String, Arc<Mutex<TokenBucket>>>>,
     /// Tenants' requests in flight, kept across reloads (requests outlive the snapshot they started in).
@@ -493,17 +577,21 @@ impl EndpointCache {
         }
     }
 
-    pub fn snapshot(&self) -> Arc<Vec<Arc<Endpoint>>> {
+    fn indexed(&self) -> Arc<Snapshot> {
         self.snapshot
             .read()
             .expect("lock holders never panic")
             .clone()
     }
 
+    pub fn snapshot(&self) -> Arc<Vec<Arc<Endpoint>>> {
+        self.indexed().endpoints.clone()
+    }
+
     /// The endpoints that receive `event`.
     pub fn matching(&self, event: &Event) -> Vec<Arc<Endpoint>> {
-        self.snapshot()
-            .iter()
+        self.indexed()
+            .candidates(event)
             .filter(|e| e.accepts(event))
             .cloned()
             .collect()
@@ -511,24 +599,29 @@ impl EndpointCache {
 
     /// How many endpoints `event` goes to.
     pub fn count_matching(&self, event: &Event) -> usize {
-        self.snapshot().iter().filter(|e| e.accepts(event)).count()
+        self.indexed()
+            .candidates(event)
+            .filter(|e| e.accepts(event))
+            .count()
     }
 
     pub fn get(&self, id: i64) -> Option<Arc<Endpoint>> {
-        self.snapshot().iter().find(|e| e.id == id).cloned()
+        let snapshot = self.indexed();
+        let i = *snapshot.by_id.get(&id)?;
+        Some(snapshot.endpoints[i].clone())
     }
 
     /// Replaces the snapshot. A row that cannot be used (a URL the constraints let through but no request
     /// can carry, an unreadable secret or key) stays in it, marked unusable, so its deliveries are
     /// recorded dead with the reason instead of being skipped; the warning never holds the secret.
     pub fn replace(&self, rows: Vec<EndpointRow>) {
-        let old = self.snapshot();
+        let old = self.indexed();
         let mut next = Vec::with_capacity(rows.len());
         let buckets = self.tenant_buckets(&rows);
         let flights = self.tenant_flights(&rows);
         for row in rows {
             let fingerprint = row.fingerprint();
-            let previous = old.iter().find(|e| e.id == row.id);
+            let previous = old.by_id.get(&row.id).map(|i| &old.endpoints[*i]);
             if let Some(same) = previous.filter(|e| e.fingerprint == fingerprint) {
                 next.push(same.clone());
                 continue;
@@ -553,7 +646,7 @@ impl EndpointCache {
             };
             next.push(Arc::new(endpoint));
         }
-        *self.snapshot.write().expect("lock holders never panic") = Arc::new(next);
+        *self.snapshot.write().expect("lock holders never panic") = Arc::new(Snapshot::new(next));
     }
 }
 
@@ -736,10 +829,7 @@ mod tests {
     fn a_queue_is_backed_up_when_slow_or_hanging_requests_are_ahead() {
         let t0 = Instant::now();
         let wait = Duration::from_secs(1);
-        let mut p = Progress {
-            latency: None,
-            at: t0,
-        };
+        let mut p = Progress::new(t0);
         // less than one round queued always waits
         assert!(!p.backed_up(31, 32, wait, t0 + Duration::from_secs(60)));
         // nothing known yet, and recent progress: wait
@@ -754,13 +844,42 @@ mod tests {
         assert!(!p.backed_up(31, 32, wait, t0));
         assert!(p.backed_up(32, 32, wait, t0));
         // requests that hang: nothing started or completed for longer than the wait
-        let mut hanging = Progress {
-            latency: None,
-            at: t0,
-        };
+        let mut hanging = Progress::new(t0);
         hanging.started(t0);
         assert!(!hanging.backed_up(64, 32, wait, t0 + Duration::from_millis(500)));
         assert!(hanging.backed_up(64, 32, wait, t0 + Duration::from_millis(1_500)));
+    }
+
+    #[test]
+    fn the_window_opens_with_answers_and_closes_to_a_floor_without_them() {
+        let mut p = Progress::new(Instant::now());
+        assert_eq!(p.window(32), FIRST_WINDOW);
+        // a limit below the first window is the limit
+        assert_eq!(p.window(2), 2);
+        // one more per answer (doubling per round trip), up to the limit
+        for _ in 0..FIRST_WINDOW {
+            p.answered(true, 32);
+        }
+        assert_eq!(p.window(32), 2 * FIRST_WINDOW);
+        for _ in 0..100 {
+            p.answered(true, 32);
+        }
+        assert_eq!((p.window, p.window(32)), (32, 32));
+        // a whole window of timeouts brings it back to the floor, never below
+        for _ in 0..100 {
+            p.answered(false, 32);
+        }
+        assert_eq!(p.window(32), FIRST_WINDOW);
+        // an endpoint that answers half of its requests keeps its window between the two: never stopped
+        for i in 0..1_000 {
+            p.answered(i % 2 == 0, 32);
+            assert!((FIRST_WINDOW..=32).contains(&p.window(32)));
+        }
+        // any HTTP answer counts, and a raised limit lets it grow further
+        for _ in 0..100 {
+            p.answered(true, 64);
+        }
+        assert_eq!(p.window(64), 64);
     }
 
     fn row(id: i64, patterns: &[&str]) -> EndpointRow {
@@ -811,6 +930,48 @@ mod tests {
         assert!(Arc::ptr_eq(&before, &cache.get(1).unwrap()));
         assert!(cache.get(2).is_none());
         assert_eq!(ids("user.deleted"), vec![1]);
+    }
+
+    #[test]
+    fn the_tenant_index_finds_what_checking_every_endpoint_finds_in_the_same_order() {
+        let cache = EndpointCache::default();
+        let with = |id, tenant: Option<&str>, all: bool| EndpointRow {
+            tenant: tenant.map(str::to_string),
+            all_tenants: all,
+            ..row(id, &["order.*"])
+        };
+        cache.replace(vec![
+            with(1, Some("b"), false),
+            with(2, None, true),
+            with(3, Some("a"), false),
+            with(4, None, false),
+            with(5, Some("a"), false),
+            with(6, None, true),
+            with(7, Some("b"), false),
+        ]);
+        for tenant in [Some("a"), Some("b"), Some("c"), None] {
+            for event_type in ["order.paid", "user.created"] {
+                let mut e = event(event_type);
+                e.tenant = tenant.map(str::to_string);
+                let every: Vec<i64> = cache
+                    .snapshot()
+                    .iter()
+                    .filter(|x| x.accepts(&e))
+                    .map(|x| x.id)
+                    .collect();
+                let indexed: Vec<i64> = cache.matching(&e).iter().map(|x| x.id).collect();
+                assert_eq!(indexed, every, "{tenant:?} {event_type}");
+                assert_eq!(cache.count_matching(&e), every.len());
+            }
+        }
+        let mut e = event("order.paid");
+        e.tenant = Some("a".into());
+        let ids: Vec<i64> = cache.matching(&e).iter().map(|x| x.id).collect();
+        assert_eq!(ids, [2, 3, 5, 6]);
+        e.tenant = None;
+        let ids: Vec<i64> = cache.matching(&e).iter().map(|x| x.id).collect();
+        assert_eq!(ids, [2, 4, 6]);
+        assert_eq!(cache.get(7).map(|x| x.id), Some(7));
     }
 
     #[test]

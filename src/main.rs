@@ -154,8 +154,8 @@ struct BenchArgs {
     /// Concurrent writer connections [default: 4].
     #[arg(long, value_name = "K")]
     writers: Option<usize>,
-    /// Scenarios to run, comma-separated: baseline, drain, live, fanout, retries, fairness, tenants, portal,
-    /// publish [default: all].
+    /// Scenarios to run, comma-separated: baseline, drain, live, fanout, retries, fairness, tenants, slow,
+    /// portal, publish [default: all].
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     scenarios: Vec<walhook::bench::Scenario>,
     /// The relays' source: replication (a logical slot) or notify (claims of outbox rows, NOTIFY wake-ups).

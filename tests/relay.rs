@@ -1413,6 +1413,113 @@ async fn a_hanging_or_throttled_endpoint_does_not_hold_others_or_the_slot_back(s
     daemon.abort();
 }
 
+both_sources!(an_endpoint_that_has_answered_nothing_holds_only_its_first_window_of_requests);
+/// The in-flight window (`fanout::Progress::window`): an endpoint that has answered nothing gets
+/// `FIRST_WINDOW` (4) requests at a time, not its whole `max_in_flight` (32 by default), so hanging endpoints
+/// leave the global request slots to the others.
+async fn an_endpoint_that_has_answered_nothing_holds_only_its_first_window_of_requests(
+    source: Source,
+) {
+    let pg = Pg::start_for(source).await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    rx.set_responder(|r, _| {
+        if r.path == "/hang" {
+            Reply::Hang
+        } else {
+            Reply::Status(200)
+        }
+    });
+    let (hang, _) = add_endpoint(&client, &rx.url("/hang"), &["*"]).await;
+    add_endpoint(&client, &rx.url("/healthy"), &["*"]).await;
+    // its requests outlast the test
+    client
+        .execute(
+            "update walhook.endpoints set timeout = '10min' where id = $1",
+            &[&hang],
+        )
+        .await
+        .unwrap();
+    let daemon = Daemon::start(pg.config_for(source));
+    wait_ready(source, &client).await;
+    let events = 40;
+    for i in 0..events {
+        publish(&client, "order.created", &format!("{{\"i\": {i}}}")).await;
+    }
+    assert!(
+        rx.wait_until(DEADLINE, |r| r
+            .iter()
+            .filter(|r| r.path == "/healthy")
+            .count()
+            == events)
+            .await
+    );
+    // 40 deliveries and a limit of 32, but only the first window went out
+    let hung = rx.received().iter().filter(|r| r.path == "/hang").count();
+    assert_eq!(hung, 4, "requests to an endpoint that has answered nothing");
+    daemon.abort();
+}
+
+both_sources!(an_endpoint_that_leaves_half_of_its_requests_unanswered_keeps_flowing);
+/// The window closes by one for each request left unanswered, never below its floor: an endpoint that
+/// answers only some requests is slowed, never stopped. Every delivery gets its request, and every answered
+/// one succeeds.
+async fn an_endpoint_that_leaves_half_of_its_requests_unanswered_keeps_flowing(source: Source) {
+    let pg = Pg::start_for(source).await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    // about half of the deliveries get no answer
+    let hangs = |id: &str| id.ends_with(['1', '3', '5', '7', '9', 'b', 'd', 'f']);
+    rx.set_responder(move |r, _| {
+        if hangs(&r.webhook_id) {
+            Reply::Hang
+        } else {
+            Reply::Status(200)
+        }
+    });
+    let (partly, _) = add_endpoint(&client, &rx.url("/partly"), &["*"]).await;
+    client
+        .execute(
+            "update walhook.endpoints set timeout = '1s' where id = $1",
+            &[&partly],
+        )
+        .await
+        .unwrap();
+    let daemon = Daemon::start(
+        pg.config_for_with(source, |f| f.merge(("delivery.retry_schedule", vec!["1h"]))),
+    );
+    wait_ready(source, &client).await;
+    let events = 40;
+    for i in 0..events {
+        publish(&client, "order.created", &format!("{{\"i\": {i}}}")).await;
+    }
+    let distinct = |r: &[walhook::receiver::Received]| {
+        r.iter()
+            .map(|r| r.webhook_id.clone())
+            .collect::<HashSet<_>>()
+    };
+    assert!(
+        rx.wait_until(DEADLINE, |r| distinct(r).len() == events)
+            .await,
+        "{} of {events} deliveries got a request",
+        distinct(&rx.received()).len()
+    );
+    let answered = distinct(&rx.received())
+        .iter()
+        .filter(|id| !hangs(id))
+        .count() as i64;
+    eventually("every answered delivery is recorded as succeeded", || async {
+        count(
+            &client,
+            &format!("select count(*) from walhook.deliveries where endpoint_id = {partly} and status = 'succeeded'"),
+        )
+        .await
+            == answered
+    })
+    .await;
+    daemon.abort();
+}
+
 // ---- signing: rotation and ed25519 ----
 
 both_sources!(rotated_secrets_sign_side_by_side_during_the_grace_period);

@@ -17,6 +17,8 @@
 //! - `retries`: full-speed writers while 10 % of first attempts are answered 500.
 //! - `fairness` and `tenants`: one tenant's backlog beside another's trickle, and 1,000 tenants with a few
 //!   broken endpoints (see `tenants.rs`).
+//! - `slow`: a backlog over 1,000 endpoints answering in 50–300 ms, 2 % of them hanging: deliveries per second
+//!   against what the in-flight limit allows (see `slow.rs`).
 //! - `portal`: the portal's pages over a million deliveries (see `portal.rs`).
 //! - `publish`: an event through `walhook.publish()` (a logical decoding message) against an outbox insert,
 //!   with the same writers: rate, WAL and PostgreSQL CPU per event (see `publish.rs`).
@@ -36,6 +38,7 @@ mod publish;
 mod relay;
 mod report;
 mod server;
+mod slow;
 mod stats;
 mod tenants;
 mod workload;
@@ -52,7 +55,7 @@ use crate::receiver::{Receiver, Reply};
 use relay::Relays;
 pub use report::{
     Baseline, Cost, Drain, Fairness, Fanout, InstanceCost, Live, LivePhase, Machine, Portal,
-    PortalPage, Publish, Report, Retries, Settings, StatementUse, Tenants, TenantsPhase,
+    PortalPage, Publish, Report, Retries, Settings, Slow, StatementUse, Tenants, TenantsPhase,
 };
 use server::{cost, Scratch, Server, Setup};
 pub use stats::Latency;
@@ -140,12 +143,13 @@ pub enum Scenario {
     Retries,
     Fairness,
     Tenants,
+    Slow,
     Portal,
     Publish,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 9] = [
+    pub const ALL: [Scenario; 10] = [
         Scenario::Baseline,
         Scenario::Drain,
         Scenario::Live,
@@ -153,6 +157,7 @@ impl Scenario {
         Scenario::Retries,
         Scenario::Fairness,
         Scenario::Tenants,
+        Scenario::Slow,
         Scenario::Portal,
         Scenario::Publish,
     ];
@@ -166,6 +171,7 @@ impl Scenario {
             Scenario::Retries => "retries",
             Scenario::Fairness => "fairness",
             Scenario::Tenants => "tenants",
+            Scenario::Slow => "slow",
             Scenario::Portal => "portal",
             Scenario::Publish => "publish",
         }
@@ -180,9 +186,10 @@ impl FromStr for Scenario {
             .into_iter()
             .find(|c| c.name() == s.trim())
             .ok_or_else(|| {
+                let names: Vec<&str> = Scenario::ALL.iter().map(|c| c.name()).collect();
                 format!(
-                    "unknown scenario {s:?}; expected baseline, drain, live, fanout, retries, fairness, \
-                     tenants, portal or publish"
+                    "unknown scenario {s:?}; expected one of {}",
+                    names.join(", ")
                 )
             })
     }
@@ -355,6 +362,7 @@ pub async fn run(options: BenchOptions) -> Result<Report, BenchError> {
         retries,
         fairness,
         tenants,
+        slow,
         portal,
         publish,
     } = result?;
@@ -381,6 +389,7 @@ pub async fn run(options: BenchOptions) -> Result<Report, BenchError> {
         retries,
         fairness,
         tenants,
+        slow,
         portal,
         publish,
         elapsed_s: started.elapsed().as_secs_f64(),
@@ -397,6 +406,7 @@ struct Results {
     retries: Option<Retries>,
     fairness: Option<Fairness>,
     tenants: Option<Tenants>,
+    slow: Option<Slow>,
     portal: Option<Portal>,
     publish: Option<Publish>,
 }
@@ -443,6 +453,10 @@ impl Bench {
                 Scenario::Retries => self.retries(&scratch).await.map(|x| r.retries = Some(x)),
                 Scenario::Fairness => self.fairness(&scratch).await.map(|x| r.fairness = Some(x)),
                 Scenario::Tenants => self.tenants(&scratch).await.map(|x| r.tenants = Some(x)),
+                Scenario::Slow => {
+                    let slow = self.slow(&scratch, r.drain.as_ref()).await;
+                    slow.map(|x| r.slow = Some(x))
+                }
                 Scenario::Portal => self.portal(&scratch).await.map(|x| r.portal = Some(x)),
                 Scenario::Publish => self.publish(&scratch).await.map(|x| r.publish = Some(x)),
             };

@@ -85,6 +85,19 @@ pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     parse_hwm(&status)
 }
 
+/// Open sockets (file descriptors that are sockets); `None` once the process is gone.
+pub fn sockets(pid: u32) -> Option<u64> {
+    let fds = fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    Some(
+        fds.flatten()
+            .filter(|fd| {
+                fs::read_link(fd.path())
+                    .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"))
+            })
+            .count() as u64,
+    )
+}
+
 fn parse_hwm(status: &str) -> Option<u64> {
     status
         .lines()
@@ -125,6 +138,9 @@ mod tests {
     fn reads_this_process() {
         assert!(cpu_seconds(std::process::id()).is_some());
         assert!(peak_rss_kib(std::process::id()).unwrap() > 0);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(sockets(std::process::id()).unwrap() >= 1);
+        drop(listener);
         let own = std::process::id();
         // the process alone first: other test threads keep using CPU, so a later reading is never lower
         let alone = cpu_seconds(own).unwrap();

@@ -91,6 +91,11 @@ impl Relay {
         procfs::peak_rss_kib(self.pid).unwrap_or(0) as f64 / 1024.0
     }
 
+    /// Sockets open right now (connections to endpoints and to PostgreSQL, listeners).
+    pub fn sockets(&self) -> u64 {
+        procfs::sockets(self.pid).unwrap_or(0)
+    }
+
     /// An error, quoting the log, if the relay has exited.
     pub fn check(&mut self) -> Result<(), BenchError> {
         match self.child.try_wait() {
@@ -198,6 +203,11 @@ impl Relays {
     /// The sum of every instance's peak resident memory, in MiB (at least the peak of their sum).
     pub fn peak_rss_mib_sum(&self) -> f64 {
         self.peak_rss_mib().iter().fold(0.0, |a, b| a + b)
+    }
+
+    /// Sockets open right now, all instances together.
+    pub fn sockets(&self) -> u64 {
+        self.all.iter().map(Relay::sockets).sum()
     }
 
     /// An error, quoting its log, if any instance has exited.

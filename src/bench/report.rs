@@ -27,6 +27,7 @@ pub struct Report {
     pub retries: Option<Retries>,
     pub fairness: Option<Fairness>,
     pub tenants: Option<Tenants>,
+    pub slow: Option<Slow>,
     pub portal: Option<Portal>,
     pub publish: Option<Publish>,
     pub elapsed_s: f64,
@@ -312,6 +313,48 @@ pub struct Publish {
     pub wal_ratio: Option<f64>,
 }
 
+/// Realistic receivers: 1,000 endpoints answering in 50–300 ms, 2 % of them hanging until the timeout.
+#[derive(Debug, Serialize)]
+pub struct Slow {
+    pub endpoints: u32,
+    /// Endpoints that never answer (their requests end at the relay's `delivery.timeout`).
+    pub hanging_endpoints: u32,
+    /// The range the healthy endpoints' answer times are drawn from.
+    pub latency_ms: [u64; 2],
+    pub timeout_s: f64,
+    /// The backlog, spread evenly over the endpoints.
+    pub events: u64,
+    /// The backlog's events for healthy endpoints.
+    pub healthy_deliveries: u64,
+    /// Healthy deliveries per second, from the relay's start until all of them were recorded as succeeded.
+    pub deliveries_per_sec: f64,
+    /// The most requests the relay's settings let it keep in flight to these endpoints.
+    pub in_flight_limit: usize,
+    /// The healthy endpoints' mean answer time.
+    pub mean_latency_ms: f64,
+    /// `min(in_flight_limit ÷ mean latency, drain_per_sec)`: what no relay with these limits exceeds.
+    pub bound_per_sec: f64,
+    pub bound_by_latency_per_sec: f64,
+    /// The drain scenario's rate in the same run (`null` when it did not run).
+    pub drain_per_sec: Option<f64>,
+    /// `deliveries_per_sec ÷ bound_per_sec`: 0.8 or more is the target.
+    pub ratio_to_bound: Option<f64>,
+    pub recorded_s: f64,
+    pub peak_rss_mib: f64,
+    /// The relay's open sockets, at most (sampled every 100 ms).
+    pub peak_sockets: u64,
+    /// Requests the hanging endpoints received (backlog and paced phase).
+    pub hanging_requests: u64,
+    /// The paced phase's offered rate.
+    pub paced_per_sec: f64,
+    /// Healthy endpoints' commit → arrival p99 in the paced phase.
+    pub healthy_p99_ms: Option<f64>,
+    pub healthy_latency: Option<Latency>,
+    /// What the backlog cost, per healthy delivery.
+    #[serde(flatten)]
+    pub cost: Cost,
+}
+
 /// The portal's pages over a large delivery log.
 #[derive(Debug, Serialize)]
 pub struct Portal {
@@ -461,6 +504,13 @@ impl Report {
             }
         }
 
+        if let Some(x) = &self.slow {
+            let name = format!("slow {}", thousands(x.events as f64));
+            let rate = format!("{} dlv/s", thousands(x.deliveries_per_sec));
+            let l = latency(x.healthy_latency.as_ref());
+            row(&mut out, &name, rate, l, Some(&x.cost));
+        }
+
         let _ = writeln!(out);
         if let Some(f) = &self.fairness {
             let _ = writeln!(
@@ -528,6 +578,30 @@ impl Report {
                     .map(|p| format!("{:.1}", p.caught_up_s))
                     .collect::<Vec<_>>()
                     .join(" / ")
+            );
+        }
+        if let Some(x) = &self.slow {
+            let _ = writeln!(
+                out,
+                "slow: {} endpoints answering in {}–{} ms (mean {:.0}), {} hanging until the {} s timeout: {} \
+                 healthy deliveries/s = {} × the bound {}/s (min of {} in flight ÷ mean latency = {}/s, drain {}); \
+                 peak RSS {:.1} MiB, {} sockets; at {}/s beside the hanging endpoints p50/p95/p99/max ms {}",
+                thousands(x.endpoints as f64),
+                x.latency_ms[0],
+                x.latency_ms[1],
+                x.mean_latency_ms,
+                x.hanging_endpoints,
+                x.timeout_s,
+                thousands(x.deliveries_per_sec),
+                opt(x.ratio_to_bound, 2),
+                thousands(x.bound_per_sec),
+                thousands(x.in_flight_limit as f64),
+                thousands(x.bound_by_latency_per_sec),
+                x.drain_per_sec.map_or("not run".into(), |d| format!("{}/s", thousands(d))),
+                x.peak_rss_mib,
+                thousands(x.peak_sockets as f64),
+                thousands(x.paced_per_sec),
+                latency(x.healthy_latency.as_ref()),
             );
         }
         if let Some(l) = &self.live {
@@ -691,6 +765,9 @@ impl Report {
                 costs.push((format!("tenants {}", p.name), &p.cost));
             }
         }
+        if let Some(x) = &self.slow {
+            costs.push(("slow".to_string(), &x.cost));
+        }
         costs
     }
 }
@@ -825,6 +902,7 @@ mod tests {
             retries: None,
             fairness: None,
             tenants: None,
+            slow: None,
             portal: None,
             publish: Some(Publish {
                 writers: 4,

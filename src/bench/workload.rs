@@ -44,6 +44,13 @@ const INSERT_SERIES_TENANT: &str = "/* walhook-bench */ insert into walhook.outb
          'lines', jsonb_build_array(jsonb_build_object('sku', 'SKU-' || g % 500, 'qty', 1 + g % 5))), $3::text
     from generate_series($1::bigint, $2::bigint) g";
 
+/// `INSERT_SERIES` spread over tenants: event `g` is tenant `t<g % $3>`'s, as with [`Tenancy::Spread`].
+const INSERT_SERIES_SPREAD: &str = "/* walhook-bench */ insert into walhook.outbox (event_type, payload, tenant)
+  select 'order.created', jsonb_build_object('order_id', g, 'customer', 'cus_' || lpad(to_hex(g * 40503 % 1048576), 8, '0'),
+         'total_cents', 1000 + g % 9000, 'currency', 'EUR',
+         'lines', jsonb_build_array(jsonb_build_object('sku', 'SKU-' || g % 500, 'qty', 1 + g % 5))), 't' || (g % $3::bigint)
+    from generate_series($1::bigint, $2::bigint) g";
+
 /// How fast writers go.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Pace {
@@ -232,20 +239,35 @@ pub async fn preload(
     events: u64,
     tenant: Option<&str>,
 ) -> Result<Duration, BenchError> {
+    let tenancy = tenant.map_or(Tenancy::None, |t| Tenancy::One(t.to_string()));
+    preload_as(db, writers, events, &tenancy).await
+}
+
+/// [`preload`] with any [`Tenancy`]: with `Spread(count)`, event `n` is tenant `t<n % count>`'s.
+pub async fn preload_as(
+    db: &crate::conninfo::ConnInfo,
+    writers: usize,
+    events: u64,
+    tenancy: &Tenancy,
+) -> Result<Duration, BenchError> {
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..writers.max(1) {
         let client = connect(db).await?;
         let next = next.clone();
-        let tenant = tenant.map(str::to_string);
+        let tenancy = tenancy.clone();
         tasks.spawn(async move {
-            let sql = if tenant.is_some() {
-                INSERT_SERIES_TENANT
-            } else {
-                INSERT_SERIES
+            let sql = match tenancy {
+                Tenancy::None => INSERT_SERIES,
+                Tenancy::One(_) => INSERT_SERIES_TENANT,
+                Tenancy::Spread(_) => INSERT_SERIES_SPREAD,
             };
             let statement = client.prepare(sql).await?;
+            let count = match tenancy {
+                Tenancy::Spread(count) => i64::from(count.max(1)),
+                _ => 1,
+            };
             loop {
                 let from = next.fetch_add(BATCH as u64, Ordering::Relaxed);
                 if from >= events {
@@ -254,8 +276,10 @@ pub async fn preload(
                 let to = (from + BATCH as u64).min(events) - 1;
                 let (from, to) = (from as i64, to as i64);
                 let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&from, &to];
-                if let Some(t) = &tenant {
-                    params.push(t);
+                match &tenancy {
+                    Tenancy::None => {}
+                    Tenancy::One(t) => params.push(t),
+                    Tenancy::Spread(_) => params.push(&count),
                 }
                 client.execute(&statement, &params).await?;
             }
@@ -305,6 +329,7 @@ mod tests {
             INSERT_BATCH,
             INSERT_SERIES,
             INSERT_SERIES_TENANT,
+            INSERT_SERIES_SPREAD,
         ] {
             assert!(sql.starts_with(MARKER));
         }

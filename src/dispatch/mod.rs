@@ -9,6 +9,11 @@
 //! endpoints' events or the slot position back for longer than one request timeout (DESIGN.md invariant 5),
 //! and a skipped request consumes no attempt.
 //!
+//! An endpoint's room is its window, not straight away its whole `max_in_flight`: the window opens by one
+//! request per answer and closes by one per request left unanswered, down to a floor (see
+//! [`crate::fanout::Progress`]). Endpoints that hang thus hold a few of the global request slots each
+//! instead of their whole limit, for a timeout at a time, which kept healthy endpoints waiting for slots.
+//!
 //! Ordered endpoints are the exception to "send at once": a keyed event is always parked with its commit
 //! position, and the scheduler sends only the oldest pending delivery of each key (one in flight per key).
 
@@ -228,6 +233,17 @@ impl Dispatcher {
             .max(1)
     }
 
+    /// The requests the endpoint may have in flight now: its limit, or less while its window is opening (or
+    /// closed again by requests it does not answer; see [`crate::fanout::Progress::window`]).
+    fn window(&self, endpoint: &Endpoint) -> usize {
+        endpoint
+            .rt
+            .progress
+            .lock()
+            .expect("never poisoned")
+            .window(self.max_in_flight(endpoint))
+    }
+
     /// How many more requests the endpoint accepts now (the scheduler claims no more than that), counting
     /// its in-flight limit, an open breaker and its rate limit.
     /// `depth` is how many rounds of its in-flight limit it may have started or queued (the scheduler asks
@@ -237,7 +253,7 @@ impl Dispatcher {
             return 0; // its deliveries wait in SQL until it is resumed
         }
         let queued = endpoint.rt.queue.lock().expect("never poisoned").len();
-        let open = (self.max_in_flight(endpoint) * depth)
+        let open = (self.window(endpoint) * depth)
             .saturating_sub(endpoint.rt.in_flight.load(Ordering::Relaxed) + queued);
         let open = match &endpoint.tenant_in_flight {
             Some(tenant) => open.min(
@@ -320,7 +336,7 @@ impl Dispatcher {
     /// Whether the endpoint takes one more request now; on `Go` its in-flight count is already taken.
     fn try_start(&self, endpoint: &Endpoint) -> Start {
         let previous = endpoint.rt.in_flight.fetch_add(1, Ordering::AcqRel);
-        if previous >= self.max_in_flight(endpoint) {
+        if previous >= self.window(endpoint) {
             endpoint.rt.in_flight.fetch_sub(1, Ordering::AcqRel);
             return Start::Full;
         }
@@ -404,7 +420,9 @@ impl Dispatcher {
                 this.pump(&endpoint, false);
                 return;
             }
-            let send = match this.prepare(&job).await {
+            // the request's futures are boxed, so that a task still waiting for a permit above is small: with
+            // thousands of jobs waiting for the global limit, their futures' full size was most of the RSS
+            let send = match Box::pin(this.prepare(&job)).await {
                 Ok(send) => send,
                 Err(unsent) => {
                     // no request: the slot, the breaker's admission and the permit go back unused
@@ -432,12 +450,17 @@ impl Dispatcher {
             let started = Instant::now();
             let progress = &job.endpoint.rt.progress;
             progress.lock().expect("never poisoned").started(started);
-            let row = this.attempt(&job, &send, admission).await;
+            let row = Box::pin(this.attempt(&job, &send, admission)).await;
             let now = Instant::now();
-            progress
-                .lock()
-                .expect("never poisoned")
-                .completed(now - started, now);
+            let answered = row
+                .attempt
+                .as_ref()
+                .is_some_and(|a| a.status_code.is_some());
+            {
+                let mut progress = progress.lock().expect("never poisoned");
+                progress.completed(now - started, now);
+                progress.answered(answered, this.max_in_flight(&job.endpoint));
+            }
             metrics::gauge!(crate::metrics::IN_FLIGHT).decrement(1.0);
             this.in_flight.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
