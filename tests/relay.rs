@@ -1520,6 +1520,42 @@ async fn an_endpoint_that_leaves_half_of_its_requests_unanswered_keeps_flowing(s
     daemon.abort();
 }
 
+both_sources!(an_endpoint_that_times_out_every_first_request_still_gets_every_delivery);
+/// The first request of every delivery gets no answer (a receiver that warms up per event, say) and every
+/// retry is answered: the window, the breaker and parking slow it down, and every delivery still succeeds on
+/// its retry. (A timeout's retry waits `delivery.throttled_min_backoff`, 60 s by default; 1 s here.)
+async fn an_endpoint_that_times_out_every_first_request_still_gets_every_delivery(source: Source) {
+    let pg = Pg::start_for(source).await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(HashSet::new()));
+    let first = seen.clone();
+    rx.set_responder(move |r, _| {
+        if first.lock().unwrap().insert(r.webhook_id.clone()) {
+            Reply::Hang
+        } else {
+            Reply::Status(200)
+        }
+    });
+    let (id, _) = add_endpoint(&client, &rx.url("/warming"), &["*"]).await;
+    client
+        .execute(
+            "update walhook.endpoints set timeout = '1s' where id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let daemon = Daemon::start(pg.config_for_with(source, |f| {
+        f.merge(("delivery.throttled_min_backoff", "1s"))
+    }));
+    wait_ready(source, &client).await;
+    for i in 0..40 {
+        publish(&client, "order.created", &format!("{{\"i\": {i}}}")).await;
+    }
+    wait_succeeded(&client, 40).await;
+    daemon.abort();
+}
+
 // ---- signing: rotation and ed25519 ----
 
 both_sources!(rotated_secrets_sign_side_by_side_during_the_grace_period);
