@@ -164,6 +164,10 @@ struct BenchArgs {
     /// Relay processes sharing the database in drain, live, fanout and retries (1 to 16) [default: 1].
     #[arg(long, value_name = "N")]
     instances: Option<usize>,
+    /// Run the throwaway cluster with fsync on, as production servers run (the default turns it off: the
+    /// disk is not what is measured). The report's top-level `durable` says which it was.
+    #[arg(long)]
+    durable: bool,
     /// Relay configuration for every scenario, repeatable: --relay-setting delivery.concurrency=1024.
     #[arg(long = "relay-setting", value_name = "KEY=VALUE", value_parser = key_value)]
     relay_settings: Vec<(String, String)>,
@@ -355,6 +359,7 @@ fn bench(runtime: &tokio::runtime::Runtime, args: BenchArgs) -> anyhow::Result<(
         relay_settings: args.relay_settings,
         source: args.source,
         instances: args.instances,
+        durable: args.durable,
     };
     let report = runtime.block_on(walhook::bench::run(options))?;
     print!("{}", report.table());

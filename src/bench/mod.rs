@@ -234,6 +234,9 @@ pub struct BenchOptions {
     pub source: SourceKind,
     /// Relay processes on the same database [default: 1].
     pub instances: Option<usize>,
+    /// The throwaway cluster with `fsync` on, as users run it (ignored with a given server, whose own
+    /// settings apply; the report says which).
+    pub durable: bool,
 }
 
 /// Sizes and durations, from the options.
@@ -335,8 +338,15 @@ pub async fn run(options: BenchOptions) -> Result<Report, BenchError> {
     let server = match &options.database_url {
         Some(url) => Server::given(url).await?,
         None => {
-            eprintln!("bench: starting a throwaway PostgreSQL cluster");
-            Server::throwaway().await?
+            eprintln!(
+                "bench: starting a throwaway PostgreSQL cluster{}",
+                if options.durable {
+                    " with fsync on (--durable)"
+                } else {
+                    ""
+                }
+            );
+            Server::throwaway(options.durable).await?
         }
     };
     let bench = Bench { plan, server };
@@ -366,10 +376,12 @@ pub async fn run(options: BenchOptions) -> Result<Report, BenchError> {
         portal,
         publish,
     } = result?;
+    let machine = machine?;
     Ok(Report {
+        durable: machine.fsync == "on",
         source: source_name(plan.source).to_string(),
         instances: plan.instances,
-        machine: machine?,
+        machine,
         settings: Settings {
             quick: plan.quick,
             events: plan.events,

@@ -14,6 +14,9 @@ use super::stats::Latency;
 /// Everything measured; serialises to the `--json` document.
 #[derive(Debug, Serialize)]
 pub struct Report {
+    /// Whether the server flushed WAL to disk on commit (`fsync = on`), as production servers do: `--durable`
+    /// on the throwaway cluster, or a given server's own setting.
+    pub durable: bool,
     /// The relays' source: `replication` or `notify`.
     pub source: String,
     /// Relay processes on the same database in drain, live, fanout and retries.
@@ -855,6 +858,7 @@ mod tests {
     #[test]
     fn table_shows_the_trigger_cost_the_instances_and_the_notify_source() {
         let report = Report {
+            durable: false,
             source: "notify".into(),
             instances: 2,
             machine: Machine {

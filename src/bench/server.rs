@@ -87,11 +87,13 @@ pub struct Totals {
 }
 
 impl Server {
-    pub async fn throwaway() -> Result<Server, BenchError> {
-        // fsync stays off (the disk is not what is measured), but commits wait for the WAL write as on a
-        // production server: with synchronous_commit = off the walsender only sees a commit once the WAL
-        // writer wakes (wal_writer_delay, 200 ms), which would dominate every latency figure.
-        let settings = |statements: bool| {
+    /// With `durable`, the cluster flushes WAL to disk on every commit as production servers do (`fsync`,
+    /// `full_page_writes` on): the relay's commits then compete for WAL flushes, not only for CPU.
+    pub async fn throwaway(durable: bool) -> Result<Server, BenchError> {
+        // without `durable` fsync stays off (the disk is not what is measured), but commits wait for the WAL
+        // write as on a production server: with synchronous_commit = off the walsender only sees a commit once
+        // the WAL writer wakes (wal_writer_delay, 200 ms), which would dominate every latency figure.
+        let settings = move |statements: bool| {
             let mut extra = vec![("synchronous_commit".to_string(), "on".to_string())];
             if statements {
                 extra.push((
@@ -101,6 +103,7 @@ impl Server {
             }
             ClusterOptions {
                 extra_settings: extra,
+                fsync: durable,
                 ..ClusterOptions::default()
             }
         };
