@@ -154,9 +154,6 @@ impl Catalog {
     /// What `event` becomes for an endpoint that pinned `pin` for its type (`None`: no pin). The event's
     /// published version is checked once per event and remembered in it.
     pub fn plan(&self, event: &Arc<Event>, pin: Option<i32>) -> Plan {
-        if self.is_empty() && event.version.is_none() {
-            return Plan::Send(event.clone());
-        }
         let Some(version) = self.published_version(event) else {
             return Plan::Send(event.clone());
         };

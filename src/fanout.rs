@@ -31,6 +31,10 @@ pub const TEST_EVENT: &str = "walhook.test";
 /// The type of `walhook.verify_endpoint()`'s requests: like a test, only to the endpoint being verified.
 pub const VERIFICATION_EVENT: &str = "walhook.endpoint.verification";
 
+/// Types whose delivery is queued by SQL for one endpoint and that no pattern matches (`walhook.matches`
+/// in SQL holds the same list).
+const DIRECT_EVENTS: [&str; 2] = [TEST_EVENT, VERIFICATION_EVENT];
+
 /// An event-type pattern: `*`, a prefix like `order.*`, or an exact type. `*` leaves out walhook's own
 /// operational events (types under [`OPERATIONAL_PREFIX`]): a receiver written for the application's events
 /// never gets them unless its patterns name them (`walhook.*`, or an exact type).
@@ -54,7 +58,7 @@ impl Pattern {
     }
 
     pub fn matches(&self, event_type: &str) -> bool {
-        if event_type == TEST_EVENT || event_type == VERIFICATION_EVENT {
+        if DIRECT_EVENTS.contains(&event_type) {
             return false;
         }
         match self {
