@@ -67,9 +67,13 @@ impl Pg {
 
     /// A new cluster with an empty database `app` (no walhook schema, no walhook roles).
     pub async fn start_unmigrated(options: ClusterOptions) -> Pg {
-        // RUST_LOG=walhook=debug shows the daemon's logs in a failing test's output
+        // a failing test's output shows the daemon's warnings (RUST_LOG=walhook=debug shows more); a passing
+        // test's output is captured and dropped
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("walhook=warn"));
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_env_filter(filter)
+            .with_ansi(false)
             .with_test_writer()
             .try_init();
         let cluster = tokio::task::spawn_blocking(move || Cluster::start(options))
