@@ -205,7 +205,10 @@ const MAX_BATCH_BYTES: usize = 32 << 20;
 async fn write_all(store: &Store, batch: &mut Vec<Outcome>) -> Result<(), StoreError> {
     let rows: Vec<&RecordRow> = batch.iter().map(|o| &o.row).collect();
     let processed = completed_rows(batch);
-    store.record(&rows, &processed).await?;
+    // an outcome of an event the source handed over is its delivery's first (those of the scheduler's claims
+    // update rows)
+    let first = batch.iter().all(|o| o.ack.is_some() && o.claim.is_none());
+    store.record(&rows, &processed, first).await?;
     metrics::counter!(crate::metrics::RECORD_BATCHES).increment(1);
     metrics::counter!(crate::metrics::RECORD_ROWS).increment(rows.len() as u64);
     for outcome in batch.drain(..) {

@@ -506,3 +506,81 @@ async fn a_notify_installation_without_the_index_by_key_keeps_delivering_in_orde
     );
     daemon.stop().await;
 }
+
+/// A delivery's outcome as the recorder writes it: a parked row (no attempt) or an answered attempt.
+fn outcome(event_id: i64, endpoint_id: i64, answered: Option<i32>) -> walhook::store::RecordRow {
+    use walhook::store::{AttemptRow, RecordRow, Status};
+    RecordRow {
+        event_id,
+        endpoint_id,
+        uid_hex: format!("{event_id:032x}"),
+        status: if answered.is_some() {
+            Status::Succeeded
+        } else {
+            Status::Pending
+        },
+        schedule_step: answered.map_or(0, |_| 1),
+        next_attempt_at: answered.is_none().then(SystemTime::now),
+        attempt: answered.map(|code| AttemptRow {
+            attempted_at: SystemTime::now(),
+            duration_ms: 3,
+            status_code: Some(code),
+            error: None,
+            response_body: Some("ok".into()),
+        }),
+        copy: None,
+        ordering: None,
+        tenant: None,
+    }
+}
+
+/// First outcomes are written with a plain insert (cheaper than the upsert). When one of them was recorded
+/// meanwhile (a replay, an instance that streamed before), the batch is merged as an upsert instead: nothing
+/// is refused, lost or written twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_first_outcomes_that_meets_a_recorded_delivery_is_merged() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let (endpoint, _) = add_endpoint(&client, "http://127.0.0.1:9/", &["*"]).await;
+    let store = walhook::store::Store::connect(&pg.url.parse().unwrap())
+        .await
+        .unwrap();
+    // event 1 parked by another instance; then this one's batch of first outcomes holds 1, 2 and 3
+    store
+        .record(&[&outcome(1, endpoint, None)], &[], true)
+        .await
+        .expect("a parked first outcome is inserted");
+    let batch = [
+        outcome(1, endpoint, Some(200)),
+        outcome(2, endpoint, Some(200)),
+        outcome(3, endpoint, Some(200)),
+    ];
+    store
+        .record(&batch.iter().collect::<Vec<_>>(), &[], true)
+        .await
+        .expect("the batch is merged, not refused");
+    let rows = client
+        .query(
+            "select d.event_id, d.status, d.attempts, count(a.id)
+               from walhook.deliveries d left join walhook.attempts a on a.delivery_id = d.id
+              group by d.id order by d.event_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let seen: Vec<(i64, String, i32, i64)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let succeeded = |id| (id, "succeeded".to_string(), 1, 1);
+    assert_eq!(seen, vec![succeeded(1), succeeded(2), succeeded(3)]);
+    // and a batch without a recorded delivery is simply inserted
+    store
+        .record(&[&outcome(4, endpoint, Some(204))], &[], true)
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&client, "select count(*) from walhook.attempts").await,
+        4
+    );
+}
