@@ -620,6 +620,7 @@ impl Bench {
             recorded_s: run.recorded.as_secs_f64(),
             preload_s: run.preload.as_secs_f64(),
             duplicates: run.duplicates,
+            postgres_cpu_us_per_delivery: run.cost.relay_postgres_cpu_us_per_delivery(),
             cost: run.cost,
         })
     }

@@ -102,6 +102,14 @@ pub struct Cost {
     pub instances: Vec<InstanceCost>,
 }
 
+impl Cost {
+    /// The walsender's and the relay's SQL sessions' CPU per delivery, in microseconds.
+    pub fn relay_postgres_cpu_us_per_delivery(&self) -> Option<f64> {
+        // seconds per 10,000 deliveries = 100 µs per delivery
+        Some((self.walsender_cpu_s_per_10k? + self.relay_sql_cpu_s_per_10k?) * 100.0)
+    }
+}
+
 /// One relay instance's share of an interval.
 #[derive(Debug, Serialize)]
 pub struct InstanceCost {
@@ -152,6 +160,10 @@ pub struct Drain {
     pub preload_s: f64,
     /// Requests for an (endpoint, webhook-id) already answered 2xx: the same delivery received twice.
     pub duplicates: u64,
+    /// PostgreSQL CPU per delivery that is the relay's doing: its walsender plus its SQL sessions, in
+    /// microseconds (throwaway cluster only). The rest of the server's CPU (background writers, the
+    /// application's inserts before the relay started) is in `postgres_cpu_s_per_10k`.
+    pub postgres_cpu_us_per_delivery: Option<f64>,
     #[serde(flatten)]
     pub cost: Cost,
 }
@@ -899,6 +911,7 @@ mod tests {
                 recorded_s: 0.5,
                 preload_s: 0.1,
                 duplicates: 0,
+                postgres_cpu_us_per_delivery: Some(14.0),
                 cost: cost(&[(30.0, 0.1), (20.0, 0.05)]),
             }),
             live: None,
