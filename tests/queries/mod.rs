@@ -584,3 +584,30 @@ async fn a_batch_of_first_outcomes_that_meets_a_recorded_delivery_is_merged() {
         4
     );
 }
+
+/// walhook's sessions run without JIT: its statements are short and run over and over, and a plan costed on
+/// statistics taken while a table was small made the server compile a claim for most of a second. Options
+/// the user gives in `database_url` still win.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn walhook_sessions_run_without_jit_unless_the_url_says_otherwise() {
+    let pg = Pg::start().await;
+    let show = |url: String| async move {
+        let client = walhook::store::connect_client(&url.parse().unwrap())
+            .await
+            .unwrap();
+        let row = client
+            .query_one(
+                "select current_setting('jit'), current_setting('synchronous_commit')",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get::<_, String>(0), row.get::<_, String>(1))
+    };
+    assert_eq!(show(pg.url.clone()).await, ("off".into(), "on".into()));
+    let sep = if pg.url.contains('?') { '&' } else { '?' };
+    assert_eq!(
+        show(format!("{}{sep}options=-c%20jit%3Don", pg.url)).await,
+        ("on".into(), "on".into())
+    );
+}
