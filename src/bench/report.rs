@@ -360,6 +360,9 @@ pub struct Slow {
     pub peak_sockets: u64,
     /// Requests the hanging endpoints received (backlog and paced phase).
     pub hanging_requests: u64,
+    /// Arrivals at healthy endpoints per second, in each half second of the backlog from the relay's start:
+    /// how its requests in flight rose, held and fell.
+    pub healthy_per_sec_every_500ms: Vec<f64>,
     /// The paced phase's offered rate.
     pub paced_per_sec: f64,
     /// Healthy endpoints' commit → arrival p99 in the paced phase.

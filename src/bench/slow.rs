@@ -38,6 +38,8 @@ const TIMEOUT: &str = "5s";
 const PACED_RATE: f64 = 2_000.0;
 /// How often the relay's sockets are counted.
 const SAMPLE: Duration = Duration::from_millis(100);
+/// The backlog's arrivals are reported per step of this length (`slow.healthy_per_sec_every_500ms`).
+const TIMELINE_STEP: Duration = Duration::from_millis(500);
 
 /// Whether endpoint `i` never answers.
 fn hangs(i: u32) -> bool {
@@ -150,17 +152,37 @@ impl Endpoints {
         self.arrived.load(Ordering::Relaxed)
     }
 
-    /// Waits until `target` requests have arrived at healthy endpoints, counting the relay's sockets.
+    /// Waits until `target` requests have arrived at healthy endpoints, counting the relay's sockets; with
+    /// `timeline`, also the arrivals per second in each `TIMELINE_STEP` since the call (the relay's requests
+    /// in flight are about that rate × the mean latency: where the rate sags, requests were held back).
     async fn wait(
         &self,
         target: u64,
         deadline: Instant,
         relays: &mut Relays,
         sockets: &mut u64,
+        mut timeline: Option<&mut Vec<f64>>,
     ) -> Result<(), BenchError> {
+        let (start, from) = (Instant::now(), self.arrived());
+        let mut step_start = from;
         loop {
             *sockets = (*sockets).max(relays.sockets());
             let n = self.arrived();
+            if let Some(rates) = timeline.as_deref_mut() {
+                let steps = (start.elapsed().as_secs_f64() / TIMELINE_STEP.as_secs_f64()) as usize;
+                while rates.len() < steps {
+                    rates.push((n - step_start) as f64 / TIMELINE_STEP.as_secs_f64());
+                    step_start = n;
+                }
+                if n >= target {
+                    rates.push(
+                        (n - step_start) as f64
+                            / (start.elapsed().as_secs_f64()
+                                - steps as f64 * TIMELINE_STEP.as_secs_f64())
+                            .max(f64::EPSILON),
+                    );
+                }
+            }
             if n >= target {
                 return Ok(());
             }
@@ -254,8 +276,15 @@ impl Bench {
         let spawned = relays.spawned();
         let mut sockets = 0;
         let deadline = Instant::now() + self.plan.deadline(events);
+        let mut timeline = Vec::new();
         endpoints
-            .wait(healthy, deadline, &mut relays, &mut sockets)
+            .wait(
+                healthy,
+                deadline,
+                &mut relays,
+                &mut sockets,
+                Some(&mut timeline),
+            )
             .await?;
         super::wait_recorded(scratch, healthy, deadline, &mut relays).await?;
         let recorded = super::since(spawned);
@@ -303,6 +332,7 @@ impl Bench {
                 deadline,
                 &mut relays,
                 &mut sockets,
+                None,
             )
             .await?;
         let healthy_latency = endpoints.latency(&commits);
@@ -334,6 +364,7 @@ impl Bench {
             peak_rss_mib,
             peak_sockets: sockets,
             hanging_requests,
+            healthy_per_sec_every_500ms: timeline,
             paced_per_sec: PACED_RATE,
             healthy_p99_ms: healthy_latency.as_ref().map(|l| l.p99_ms),
             healthy_latency,
