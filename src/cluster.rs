@@ -362,7 +362,7 @@ impl Cluster {
             "-l".as_ref(),
             log,
         ])?;
-        check_pg_ctl("restart", output)
+        self.check_restart(output)
     }
 
     /// Restarts the server as after a crash (`-m immediate`: no shutdown checkpoint, crash recovery at start),
@@ -376,7 +376,22 @@ impl Cluster {
             "-l".as_ref(),
             log,
         ])?;
-        check_pg_ctl("restart", output)
+        self.check_restart(output)
+    }
+
+    /// A failed restart says what the server logged last (a shutdown that waited, a port taken meanwhile).
+    fn check_restart(&self, output: Output) -> Result<(), ClusterError> {
+        check_pg_ctl("restart", output).map_err(|e| match e {
+            ClusterError::PgCtl { action, output } => ClusterError::PgCtl {
+                action,
+                output: format!(
+                    "{output}\nlast lines of the server log {}:\n{}",
+                    self.log.display(),
+                    last_lines(&self.log_since(0), LOG_TAIL_LINES)
+                ),
+            },
+            e => e,
+        })
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -685,9 +700,29 @@ fn make_root(run_as: Option<Account>) -> Result<PathBuf, ClusterError> {
 }
 
 /// A port that was free a moment ago; `Cluster::start` retries if it is taken before the server binds it.
+/// A port nothing listens on, below the kernel's ephemeral range when there is room: a port the kernel hands
+/// out (to an outgoing connection, or to a listener on port 0 such as a test's receiver) could be taken while
+/// the server restarts, and the restart would fail.
 fn free_port() -> Result<u16, ClusterError> {
+    if let Some(low) = ephemeral_low() {
+        use rand::Rng;
+        let below = low.saturating_sub(1024).min(10_000);
+        for _ in 0..64 {
+            let port = rand::rng().random_range(low - below..low);
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     let listener = TcpListener::bind(("127.0.0.1", 0)).map_err(ClusterError::NoPort)?;
     Ok(listener.local_addr().map_err(ClusterError::NoPort)?.port())
+}
+
+/// The first port of the kernel's ephemeral range (Linux), if at least 2048 ports lie below it above 1024.
+fn ephemeral_low() -> Option<u16> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let low: u16 = range.split_whitespace().next()?.parse().ok()?;
+    (low >= 1024 + 2048).then_some(low)
 }
 
 fn run(command: &mut Command, program: &Path) -> Result<Output, ClusterError> {
@@ -773,6 +808,15 @@ fn percent_encode(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_ports_lie_below_the_ephemeral_range_when_there_is_room() {
+        let port = free_port().unwrap();
+        match ephemeral_low() {
+            Some(low) => assert!(port < low && port > 1024, "{port} vs {low}"),
+            None => assert!(port > 0),
+        }
+    }
 
     async fn query_one(url: &str, sql: &str) -> String {
         let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
