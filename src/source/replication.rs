@@ -701,8 +701,14 @@ impl ReplicationSource {
         let store = Store::connect(&self.db).await?;
         self.settle_previous_session().await;
         if let Some(snapshot) = backfill {
+            // ready while it runs, since it delivers (a long one must not outlast systemd's start timeout),
+            // though `walhook_streaming` stays 0 until the stream starts
+            self.health.set_polling();
             // streaming waits for it: an ordered key's backfilled events are parked before its streamed ones
-            match backfill::run(snapshot, &self.slot, &store, &self.pipeline, stop).await? {
+            let backfilled =
+                backfill::run(snapshot, &self.slot, &store, &self.pipeline, stop).await;
+            self.health.set_streaming(false);
+            match backfilled? {
                 // stopped: the slot stays unmarked, and the next start backfills again
                 None => return Ok(()),
                 Some(_) => store::record_slot(store.client(), &self.slot, false).await?,
