@@ -277,3 +277,35 @@ async fn kill_9_mid_backfill_loses_nothing() {
     let resent = rx.count() - (events + events / 2) as usize;
     assert!(resent <= 3 * 200 * 2, "{resent} requests sent twice");
 }
+
+/// Deliveries recorded before walhook set out to create its slot (another slot's, `walhook.recover`'s) leave
+/// their event alone, as the SQL backfill did; only an unfinished backfill's own are completed pair by pair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_delivered_before_the_slot_are_left_alone() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    let (a, _) = add_endpoint(&client, &rx.url("/a"), &["*"]).await;
+    add_endpoint(&client, &rx.url("/b"), &["*"]).await;
+    commit_backlog(&client, 10).await;
+    // event 1 went to /a under an earlier slot
+    client
+        .execute(
+            "insert into walhook.deliveries (event_id, endpoint_id, webhook_id, status, created_at)
+             select id, $1, uid, 'succeeded', now() - interval '1 minute' from walhook.outbox where id = 1",
+            &[&a],
+        )
+        .await
+        .unwrap();
+    let daemon = Daemon::start(pg.config());
+    // marked once every delivery it handed out is recorded: what is there now is all it did
+    eventually("the backfill is recorded", || backfilled(&client)).await;
+    assert_eq!(
+        count(&client, "select count(*) from walhook.deliveries").await,
+        1 + 2 * 9
+    );
+    wait_succeeded(&client, 1 + 2 * 9).await;
+    assert_eq!(rx.distinct_ids("/a").len(), 9);
+    assert_eq!(rx.distinct_ids("/b").len(), 9);
+    daemon.stop().await;
+}
