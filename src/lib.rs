@@ -17,7 +17,8 @@
 //! - [`schema`]: the embedded, numbered migrations under `sql/`, applied in steps, then the roles' grants (`walhook migrate`).
 //! - [`source`]: where events come from: the replication slot ([`source::replication`]) over a hand-written
 //!   walsender client ([`source::walconn`]) with leadership among instances, or leased claims of outbox rows woken by `LISTEN/NOTIFY`
-//!   ([`source::notify`]); the shared fan-out ([`source::Pipeline`]) and acknowledgements ([`source::ack`]);
+//!   ([`source::notify`]); the rows committed before the slot existed, read under its snapshot on the first
+//!   start ([`source::backfill`]); the shared fan-out ([`source::Pipeline`]) and acknowledgements ([`source::ack`]);
 //!   the events `walhook.publish()` writes as logical decoding messages instead of rows ([`source::message`]).
 //! - [`pgoutput`]: pure decoder of the pgoutput protocol.
 //! - [`event`]: an outbox row and its Standard Webhooks envelope.

@@ -379,7 +379,9 @@ async fn snapshot_transaction<'a>(
 }
 
 /// Fans out, as pending deliveries due now, every committed outbox row that has no delivery yet, as seen by
-/// the snapshot exported when the slot was created: exactly the rows the slot will never stream.
+/// the snapshot exported when the slot was created: exactly the rows the slot will never stream. The daemon
+/// streams those rows through its pipeline instead ([`crate::source::backfill`]); this is the same rule in one
+/// statement, which the tests hold the two to.
 pub async fn backfill_before_slot(client: &mut Client, snapshot: &str) -> Result<u64, StoreError> {
     let tx = snapshot_transaction(client, snapshot).await?;
     let n = tx
@@ -402,6 +404,81 @@ pub async fn backfill_before_slot(client: &mut Client, snapshot: &str) -> Result
         .await?;
     tx.commit().await?;
     Ok(n)
+}
+
+/// Opens a session whose read-only, repeatable-read transaction sees exactly what `snapshot` saw: the first
+/// start's backfill reads the outbox rows the new slot will never stream through it, page by page, for as long
+/// as that takes (so neither idle-in-transaction nor statement timeouts apply to it). The snapshot must still
+/// be exported (its replication connection idle) until this returns; the transaction keeps it after that.
+/// The session plans only [`backfill_page`], always as a walk of the primary key.
+pub async fn open_snapshot(config: &ConnInfo, snapshot: &str) -> Result<Client, StoreError> {
+    let client = connect_client(config).await?;
+    client
+        .batch_execute(
+            // the pages walk the primary key: without that a freshly loaded outbox (no statistics yet) got a
+            // parallel scan and sort of the whole table for every page of 1,000 rows (0.4 s each at 1M rows)
+            "set idle_in_transaction_session_timeout = 0; set statement_timeout = 0;
+             set enable_seqscan = off; set enable_sort = off; set max_parallel_workers_per_gather = 0;
+             begin isolation level repeatable read read only",
+        )
+        .await?;
+    client
+        .batch_execute(&format!(
+            "set transaction snapshot '{}'",
+            snapshot.replace('\'', "''")
+        ))
+        .await?;
+    Ok(client)
+}
+
+/// Up to `limit` outbox rows after `after` (by id) as the snapshot session of [`open_snapshot`] sees them:
+/// committed before the slot, and not processed by the notify source (whose deliveries are recorded).
+pub async fn backfill_page(
+    client: &Client,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<OutboxRow>, StoreError> {
+    let rows = client
+        .query(
+            "select id, uid::text, event_type, payload::text, created_at::text, ordering_key, traceparent,
+                    tenant, event_version
+               from walhook.outbox
+              where id > $1 and processed_at is null
+              order by id
+              limit $2",
+            &[&after, &limit],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| OutboxRow {
+            id: r.get(0),
+            uid: r.get(1),
+            event_type: r.get(2),
+            payload: r.get(3),
+            created_at: r.get(4),
+            recorded: Vec::new(),
+            ordering_key: r.get(5),
+            traceparent: r.get(6),
+            tenant: r.get(7),
+            version: r.get(8),
+        })
+        .collect())
+}
+
+/// When walhook first set out to create `slot` (`walhook.slots.created_at`, kept when an unfinished backfill
+/// makes it create the slot again): deliveries recorded since are the backfill's own.
+pub async fn slot_created_at(
+    client: &Client,
+    slot: &str,
+) -> Result<Option<SystemTime>, StoreError> {
+    Ok(client
+        .query_opt(
+            "select created_at from walhook.slots where slot_name = $1",
+            &[&slot],
+        )
+        .await?
+        .map(|r| r.get(0)))
 }
 
 fn claimed(r: &tokio_postgres::Row) -> Claimed {
@@ -722,6 +799,26 @@ impl Store {
             )
             .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// The deliveries recorded for these events, as (event_id, endpoint_id, recorded before `since`).
+    pub async fn deliveries_since(
+        &self,
+        event_ids: &[i64],
+        since: SystemTime,
+    ) -> Result<Vec<(i64, i64, bool)>, StoreError> {
+        let rows = self
+            .client
+            .query(
+                "select event_id, endpoint_id, created_at < $2 from walhook.deliveries
+                  where event_id = any($1::bigint[])",
+                &[&event_ids, &since],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
     }
 
     /// Writes a batch of outcomes in one statement (and so one transaction).

@@ -7,6 +7,7 @@
 //! `wal_level = replica` one. Tests of one source's own machinery (the slot, or notify's claims and leases)
 //! run for that source alone.
 
+mod backfill;
 mod browser;
 mod catalog;
 mod demo;

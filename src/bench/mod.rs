@@ -11,6 +11,9 @@
 //!   takes a cluster-wide lock at commit: what `source = "notify"` costs the application's insert rate.
 //! - `drain`: a backlog committed first, then the relay started: deliveries per second until every delivery is
 //!   received *and* recorded as succeeded; time to the first delivery.
+//! - `backfill`: a backlog committed before the relay's *first* start (no slot yet, 1,000,000 events in a full
+//!   run): deliveries per second until every delivery is recorded, peak RSS, and the ratio to `drain`'s rate
+//!   in the same run. With replication these rows are read under the new slot's snapshot, not streamed.
 //! - `live`: writers at 1,000/s, 5,000/s and full speed with the relay running: delivered rate, commit-to-receive
 //!   latency (writer's clock right after COMMIT returned vs the receiver's arrival time, same clock), backlog.
 //! - `fanout`: a backlog delivered to 10 endpoints that all match every event.
@@ -54,14 +57,17 @@ pub use crate::config::SourceKind;
 use crate::receiver::{Receiver, Reply};
 use relay::Relays;
 pub use report::{
-    Baseline, Cost, Drain, Fairness, Fanout, InstanceCost, Live, LivePhase, Machine, Portal,
-    PortalPage, Publish, Report, Retries, Settings, Slow, StatementUse, Tenants, TenantsPhase,
+    Backfill, Baseline, Cost, Drain, Fairness, Fanout, InstanceCost, Live, LivePhase, Machine,
+    Portal, PortalPage, Publish, Report, Retries, Settings, Slow, StatementUse, Tenants,
+    TenantsPhase,
 };
 use server::{cost, Scratch, Server, Setup};
 pub use stats::Latency;
 use stats::{per_sec, ratio};
 use workload::Pace;
 
+/// Backlog of the `backfill` scenario in a full run (`--quick`: the drain's; `--events` sets both).
+const BACKFILL_EVENTS: u64 = 1_000_000;
 /// Offered rates of the `live` scenario, events per second.
 const LIVE_RATES: [f64; 2] = [1_000.0, 5_000.0];
 /// Endpoints of the `fanout` scenario.
@@ -138,6 +144,7 @@ fn db_err<E: Into<crate::store::StoreError>>(what: &'static str) -> impl FnOnce(
 pub enum Scenario {
     Baseline,
     Drain,
+    Backfill,
     Live,
     Fanout,
     Retries,
@@ -149,9 +156,10 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 10] = [
+    pub const ALL: [Scenario; 11] = [
         Scenario::Baseline,
         Scenario::Drain,
+        Scenario::Backfill,
         Scenario::Live,
         Scenario::Fanout,
         Scenario::Retries,
@@ -166,6 +174,7 @@ impl Scenario {
         match self {
             Scenario::Baseline => "baseline",
             Scenario::Drain => "drain",
+            Scenario::Backfill => "backfill",
             Scenario::Live => "live",
             Scenario::Fanout => "fanout",
             Scenario::Retries => "retries",
@@ -244,6 +253,7 @@ struct Plan {
     quick: bool,
     events: u64,
     fanout_events: u64,
+    backfill_events: u64,
     window: Duration,
     writers: usize,
     scenarios: Vec<Scenario>,
@@ -292,6 +302,11 @@ impl Plan {
             quick: options.quick,
             events,
             fanout_events: (events / FANOUT_ENDPOINTS).max(1),
+            backfill_events: match options.events {
+                Some(_) => events,
+                None if options.quick => events,
+                None => BACKFILL_EVENTS,
+            },
             window: options.duration.unwrap_or(window),
             writers: options.writers.unwrap_or(4).max(1),
             scenarios,
@@ -307,6 +322,8 @@ impl Plan {
             (Scenario::Baseline | Scenario::Portal, _) => Setup::Plain,
             // publish() writes messages only while walhook's slot exists, whatever the relays' source
             (Scenario::Publish, _) => Setup::Slot,
+            // no slot: the relay's first start creates it, and the backlog is what it backfills
+            (Scenario::Backfill, SourceKind::Replication) => Setup::Plain,
             (_, SourceKind::Replication) => Setup::Slot,
             (_, SourceKind::Notify) => Setup::Notify,
         }
@@ -367,6 +384,7 @@ pub async fn run(options: BenchOptions) -> Result<Report, BenchError> {
     let Results {
         baseline,
         drain,
+        backfill,
         live,
         fanout,
         retries,
@@ -386,6 +404,7 @@ pub async fn run(options: BenchOptions) -> Result<Report, BenchError> {
             quick: plan.quick,
             events: plan.events,
             fanout_events: plan.fanout_events,
+            backfill_events: plan.backfill_events,
             window_s: plan.window.as_secs_f64(),
             writers: plan.writers,
             relay_settings: relay_defaults()
@@ -396,6 +415,7 @@ pub async fn run(options: BenchOptions) -> Result<Report, BenchError> {
         },
         baseline,
         drain,
+        backfill,
         live,
         fanout,
         retries,
@@ -413,6 +433,7 @@ pub async fn run(options: BenchOptions) -> Result<Report, BenchError> {
 struct Results {
     baseline: Option<Baseline>,
     drain: Option<Drain>,
+    backfill: Option<Backfill>,
     live: Option<Live>,
     fanout: Option<Fanout>,
     retries: Option<Retries>,
@@ -457,6 +478,10 @@ impl Bench {
             let outcome = match scenario {
                 Scenario::Baseline => self.baseline(&scratch).await.map(|b| r.baseline = Some(b)),
                 Scenario::Drain => self.drain(&scratch).await.map(|d| r.drain = Some(d)),
+                Scenario::Backfill => {
+                    let backfill = self.backfill(&scratch, r.drain.as_ref()).await;
+                    backfill.map(|b| r.backfill = Some(b))
+                }
                 Scenario::Live => {
                     let live = self.live(&scratch, r.baseline.as_ref()).await;
                     live.map(|l| r.live = Some(l))
@@ -568,12 +593,15 @@ impl Bench {
         Ok(per_sec(commits.events, commits.elapsed))
     }
 
-    /// A backlog of `events` for `endpoints` endpoints, then the relay: shared by `drain` and `fanout`.
+    /// A backlog of `events` for `endpoints` endpoints, then the relay: shared by `drain`, `fanout` and
+    /// `backfill` (`first_start`: the relay creates its slot and backfills, so it is not waited for to
+    /// stream; the clock runs from its start either way).
     async fn backlog(
         &self,
         scratch: &Scratch,
         events: u64,
         endpoints: u64,
+        first_start: bool,
     ) -> Result<BacklogRun, BenchError> {
         let receiver = BenchReceiver::start(scratch, endpoints, false).await?;
         let preload = workload::preload(&scratch.db, self.plan.writers, events, None).await?;
@@ -583,7 +611,11 @@ impl Bench {
         );
         let deliveries = events * endpoints;
         let before = self.server.snapshot(scratch, None).await?;
-        let mut relays = self.start_relays(scratch).await?;
+        let mut relays = if first_start {
+            self.spawn_relays(scratch, &[])?
+        } else {
+            self.start_relays(scratch).await?
+        };
         let spawned = relays.spawned();
         let deadline = Instant::now() + self.plan.deadline(deliveries);
         receiver
@@ -611,7 +643,7 @@ impl Bench {
 
     async fn drain(&self, scratch: &Scratch) -> Result<Drain, BenchError> {
         let events = self.plan.events;
-        let run = self.backlog(scratch, events, 1).await?;
+        let run = self.backlog(scratch, events, 1, false).await?;
         Ok(Drain {
             events,
             deliveries_per_sec: per_sec(run.deliveries, run.recorded),
@@ -625,9 +657,35 @@ impl Bench {
         })
     }
 
+    /// Like `drain`, but committed before the relay's first start: with replication, what the new slot's
+    /// snapshot hands over rather than what it streams.
+    async fn backfill(
+        &self,
+        scratch: &Scratch,
+        drain: Option<&Drain>,
+    ) -> Result<Backfill, BenchError> {
+        let events = self.plan.backfill_events;
+        let run = self.backlog(scratch, events, 1, true).await?;
+        let rate = per_sec(run.deliveries, run.recorded);
+        let drain_per_sec = drain.map(|d| d.deliveries_per_sec);
+        Ok(Backfill {
+            events,
+            deliveries_per_sec: rate,
+            drain_per_sec,
+            ratio_to_drain: drain_per_sec.and_then(|d| ratio(rate, d)),
+            first_delivery_ms: run.first_delivery_ms,
+            recorded_s: run.recorded.as_secs_f64(),
+            preload_s: run.preload.as_secs_f64(),
+            duplicates: run.duplicates,
+            cost: run.cost,
+        })
+    }
+
     async fn fanout(&self, scratch: &Scratch) -> Result<Fanout, BenchError> {
         let events = self.plan.fanout_events;
-        let run = self.backlog(scratch, events, FANOUT_ENDPOINTS).await?;
+        let run = self
+            .backlog(scratch, events, FANOUT_ENDPOINTS, false)
+            .await?;
         Ok(Fanout {
             endpoints: FANOUT_ENDPOINTS,
             events,
@@ -886,8 +944,9 @@ impl Bench {
         self.start_relays_with(scratch, &[]).await
     }
 
-    /// `start_relays` with a scenario's own settings (which `--relay-setting` still overrides).
-    async fn start_relays_with(
+    /// Starts the relays with a scenario's own settings (which `--relay-setting` still overrides), without
+    /// waiting for them.
+    fn spawn_relays(
         &self,
         scratch: &Scratch,
         scenario_settings: &[(&str, &str)],
@@ -897,7 +956,16 @@ impl Bench {
         for (k, v) in scenario_settings.iter().rev() {
             settings.insert(given, (k.to_string(), v.to_string()));
         }
-        let mut relays = Relays::spawn(self.plan.instances, &settings, &scratch.name)?;
+        Relays::spawn(self.plan.instances, &settings, &scratch.name)
+    }
+
+    /// `start_relays` with a scenario's own settings (which `--relay-setting` still overrides).
+    async fn start_relays_with(
+        &self,
+        scratch: &Scratch,
+        scenario_settings: &[(&str, &str)],
+    ) -> Result<Relays, BenchError> {
+        let mut relays = self.spawn_relays(scratch, scenario_settings)?;
         let started = Instant::now();
         loop {
             let ready = match self.plan.source {

@@ -25,6 +25,7 @@ pub struct Report {
     pub settings: Settings,
     pub baseline: Option<Baseline>,
     pub drain: Option<Drain>,
+    pub backfill: Option<Backfill>,
     pub live: Option<Live>,
     pub fanout: Option<Fanout>,
     pub retries: Option<Retries>,
@@ -57,6 +58,7 @@ pub struct Settings {
     pub quick: bool,
     pub events: u64,
     pub fanout_events: u64,
+    pub backfill_events: u64,
     pub window_s: f64,
     pub writers: usize,
     /// The relay's configuration beyond its defaults, as `key=value`.
@@ -164,6 +166,25 @@ pub struct Drain {
     /// microseconds (throwaway cluster only). The rest of the server's CPU (background writers, the
     /// application's inserts before the relay started) is in `postgres_cpu_s_per_10k`.
     pub postgres_cpu_us_per_delivery: Option<f64>,
+    #[serde(flatten)]
+    pub cost: Cost,
+}
+
+/// Events committed before the relay's first start (no slot yet): what the new slot's snapshot hands over.
+#[derive(Debug, Serialize)]
+pub struct Backfill {
+    pub events: u64,
+    /// Events / (relay start → every delivery recorded as succeeded).
+    pub deliveries_per_sec: f64,
+    /// The drain scenario's rate in the same run (`null` when it did not run).
+    pub drain_per_sec: Option<f64>,
+    /// `deliveries_per_sec ÷ drain_per_sec`: 0.8 or more is the target.
+    pub ratio_to_drain: Option<f64>,
+    pub first_delivery_ms: Option<f64>,
+    pub recorded_s: f64,
+    pub preload_s: f64,
+    pub duplicates: u64,
+    /// Peak RSS (`backfill.peak_rss_mib`), CPU and SQL per delivery.
     #[serde(flatten)]
     pub cost: Cost,
 }
@@ -483,6 +504,15 @@ impl Report {
                 Some(&d.cost),
             );
         }
+        if let Some(b) = &self.backfill {
+            let name = format!("backfill {}", thousands(b.events as f64));
+            let rate = format!("{} dlv/s", thousands(b.deliveries_per_sec));
+            let ratio = b
+                .ratio_to_drain
+                .map_or(String::new(), |r| format!("{r:.2} × drain, "));
+            let latency = format!("{ratio}{}", first(b.first_delivery_ms));
+            row(&mut out, &name, rate, latency, Some(&b.cost));
+        }
         if let Some(l) = &self.live {
             for p in &l.phases {
                 let rate = format!("{} dlv/s", thousands(p.delivered_per_sec));
@@ -666,6 +696,7 @@ impl Report {
 
         let duplicates: Vec<String> = [
             self.drain.as_ref().map(|d| ("drain", d.duplicates)),
+            self.backfill.as_ref().map(|b| ("backfill", b.duplicates)),
             self.live.as_ref().map(|l| ("live", l.duplicates)),
             self.fanout.as_ref().map(|f| ("fanout", f.duplicates)),
             self.retries.as_ref().map(|r| ("retries", r.duplicates)),
@@ -763,6 +794,9 @@ impl Report {
         let mut costs = Vec::new();
         if let Some(d) = &self.drain {
             costs.push(("drain".to_string(), &d.cost));
+        }
+        if let Some(b) = &self.backfill {
+            costs.push(("backfill".to_string(), &b.cost));
         }
         if let Some(l) = &self.live {
             for p in &l.phases {
@@ -892,6 +926,7 @@ mod tests {
                 quick: true,
                 events: 5_000,
                 fanout_events: 500,
+                backfill_events: 5_000,
                 window_s: 1.5,
                 writers: 4,
                 relay_settings: Vec::new(),
@@ -917,6 +952,7 @@ mod tests {
                 postgres_cpu_us_per_delivery: Some(14.0),
                 cost: cost(&[(30.0, 0.1), (20.0, 0.05)]),
             }),
+            backfill: None,
             live: None,
             fanout: None,
             retries: None,

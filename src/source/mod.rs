@@ -2,11 +2,13 @@
 //!
 //! `replication` (the default) streams a pgoutput slot in commit order; the ack tracker decides which
 //! position is safe to confirm. `notify` claims unprocessed outbox rows under a lease and marks them processed.
-//! `walhook.publish()`'s events arrive through the slot too, as logical decoding messages ([`message`]).
+//! `walhook.publish()`'s events arrive through the slot too, as logical decoding messages ([`message`]). Rows
+//! committed before the slot existed are read under its snapshot on the first start ([`backfill`]).
 //! Acknowledgement is the whole crash-safety story: nothing is confirmed or marked before it is recorded. Both
 //! sources hand their events to the same [`Pipeline`], so fan-out and the in-flight budget behave alike.
 
 pub mod ack;
+pub mod backfill;
 pub mod message;
 pub mod notify;
 pub mod replication;

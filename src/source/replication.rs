@@ -24,6 +24,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::ack::{AckTarget, Tracker};
+use super::backfill;
 use super::walconn::{WalConnection, WalError, WalMessage, WalStream};
 use super::{Pipeline, SourceError};
 use crate::event::Event;
@@ -99,9 +100,20 @@ pub struct ReplicationSource {
     /// How long a new session waits for the previous one's deliveries to be recorded (the longest attempt
     /// and its recording).
     pub settle_within: Duration,
-    /// The leadership session taken by [`ReplicationSource::prepare`], handed on to the first session.
-    pub prepared: std::sync::Mutex<Option<tokio_postgres::Client>>,
+    /// What [`ReplicationSource::prepare`] took and made, handed on to the first session.
+    pub prepared: std::sync::Mutex<Prepared>,
 }
+
+/// The leadership session taken by [`ReplicationSource::prepare`] and, when it created the slot for a first
+/// start, the session holding the slot's snapshot for the backfill.
+#[derive(Default)]
+pub struct Prepared {
+    leader: Option<tokio_postgres::Client>,
+    backfill: Option<backfill::Snapshot>,
+}
+
+/// The leadership session and, on a first start, the backfill's snapshot.
+type Led = (tokio_postgres::Client, Option<backfill::Snapshot>);
 
 /// The slot as found at start.
 enum SlotState {
@@ -126,10 +138,11 @@ enum SlotState {
     },
 }
 
-/// Which outbox rows a new slot's snapshot hands to the scheduler.
+/// Which outbox rows a new slot's snapshot hands over.
 #[derive(Clone, Copy)]
 enum Backfill {
-    /// First start: every row without a delivery.
+    /// First start: every row without a delivery, read under the snapshot and streamed through the pipeline
+    /// ([`backfill`]).
     BeforeSlot,
     /// `recover-slot`: rows without a delivery for an endpoint that existed when they were written.
     Recovery { since: Option<SystemTime> },
@@ -170,8 +183,9 @@ pub struct SlotKeeper {
 
 impl SlotKeeper {
     /// Makes sure the publication and the slot exist. Fails with a clear message when the database cannot
-    /// do logical replication or the role may not.
-    pub async fn prepare(&self) -> Result<(), SourceError> {
+    /// do logical replication or the role may not. When it creates the slot for a first start, returns the
+    /// session holding the slot's snapshot: the slot is not marked backfilled until [`backfill::run`] is done.
+    pub async fn prepare(&self) -> Result<Option<backfill::Snapshot>, SourceError> {
         let client = store::connect_client(&self.db)
             .await
             .map_err(|e| SourceError::Transient(e.to_string()))?;
@@ -191,15 +205,15 @@ impl SlotKeeper {
                 .await
                 .map_err(StoreError::from)?;
             let mut client = client;
-            self.create_slot(&mut client, Backfill::BeforeSlot).await?;
-            return Ok(());
+            let (_, snapshot) = self.create_slot(&mut client, Backfill::BeforeSlot).await?;
+            return Ok(snapshot);
         }
         match self.slot_state(&client).await? {
-            SlotState::Healthy { recorded: true } => Ok(()),
+            SlotState::Healthy { recorded: true } => Ok(None),
             SlotState::Healthy { recorded: false } => {
                 // a slot from before walhook kept this record, or created by hand: adopt it
                 store::record_slot(&client, &self.slot, false).await?;
-                Ok(())
+                Ok(None)
             }
             SlotState::Lost => Err(SourceError::Fatal(format!(
                 "replication slot {:?} was invalidated (wal_status = lost): PostgreSQL removed WAL it still \
@@ -229,11 +243,11 @@ impl SlotKeeper {
                     })
                 );
                 let mut client = client;
-                let queued = self
+                let (queued, _) = self
                     .create_slot(&mut client, Backfill::Recovery { since })
                     .await?;
                 tracing::warn!(slot = %self.slot, queued, "recovered from the failover");
-                Ok(())
+                Ok(None)
             }
             SlotState::Dropped { created_at, .. } => Err(SourceError::Fatal(format!(
                 "replication slot {:?} does not exist, but walhook created it on {created_at}: it was \
@@ -244,8 +258,8 @@ impl SlotKeeper {
             ))),
             SlotState::Missing => {
                 let mut client = client;
-                self.create_slot(&mut client, Backfill::BeforeSlot).await?;
-                Ok(())
+                let (_, snapshot) = self.create_slot(&mut client, Backfill::BeforeSlot).await?;
+                Ok(snapshot)
             }
             SlotState::Foreign { database, plugin } => Err(self.foreign(database, plugin)),
         }
@@ -370,13 +384,15 @@ impl SlotKeeper {
         })
     }
 
-    /// Creates the slot with an exported snapshot and, under that snapshot, queues the outbox rows the slot
-    /// will never stream; records the slot in `walhook.slots`. Returns the deliveries queued.
+    /// Creates the slot with an exported snapshot. `Recovery`: under that snapshot, queues the outbox rows
+    /// the slot will never stream and records the slot in `walhook.slots`; returns the deliveries queued.
+    /// `BeforeSlot`: returns a session holding the snapshot, for [`backfill::run`] once the pipeline runs (the
+    /// slot stays marked unfinished until then). Neither when another instance created the slot meanwhile.
     async fn create_slot(
         &self,
         client: &mut tokio_postgres::Client,
         backfill: Backfill,
-    ) -> Result<u64, SourceError> {
+    ) -> Result<(u64, Option<backfill::Snapshot>), SourceError> {
         let mut conn = self.connect().await?;
         // before the slot: the exported snapshot lasts only until the connection's next command
         let timeline = conn
@@ -388,13 +404,19 @@ impl SlotKeeper {
         let (lsn, snapshot) = match conn.create_logical_slot_exporting(&self.slot).await {
             Ok(created) => created,
             // another instance created it at the same moment and does the backfill
-            Err(e) if e.code() == Some("42710") => return Ok(0),
+            Err(e) if e.code() == Some("42710") => return Ok((0, None)),
             Err(e) => return Err(classify_wal(e, self.user())),
         };
         tracing::info!(slot = %self.slot, %lsn, "created replication slot");
         // the snapshot lives as long as the replication connection stays idle: `conn` is dropped after this
         let n = match backfill {
-            Backfill::BeforeSlot => store::backfill_before_slot(client, &snapshot).await?,
+            Backfill::BeforeSlot => {
+                // imported into a transaction of its own, which keeps it once `conn` is gone
+                let held = backfill::Snapshot::open(&self.db, &snapshot).await?;
+                drop(conn);
+                store::record_slot_timeline(client, &self.slot, timeline as i32).await?;
+                return Ok((0, Some(held)));
+            }
             Backfill::Recovery { since } => {
                 store::backfill_recovery(client, &snapshot, since).await?
             }
@@ -413,7 +435,7 @@ impl SlotKeeper {
                 "queued deliveries for events the slot will not stream"
             );
         }
-        Ok(n)
+        Ok((n, None))
     }
 
     /// `walhook recover-slot`: drops a lost slot (or notices a dropped one), creates it afresh and queues, as
@@ -459,7 +481,7 @@ impl SlotKeeper {
             }
             SlotState::Dropped { .. } | SlotState::Missing => {}
         }
-        let queued = self
+        let (queued, _) = self
             .create_slot(&mut client, Backfill::Recovery { since })
             .await?;
         Ok(Recovery::Recreated { queued })
@@ -539,20 +561,22 @@ impl ReplicationSource {
         if !keeper.try_lead(&client).await? {
             return keeper.check(&client).await;
         }
-        keeper.prepare().await?;
-        *self.prepared.lock().expect("never poisoned") = Some(client);
+        let backfill = keeper.prepare().await?;
+        *self.prepared.lock().expect("never poisoned") = Prepared {
+            leader: Some(client),
+            backfill,
+        };
         Ok(())
     }
 
-    /// Waits until this instance leads the slot, standing by meanwhile; `None` when `stop` fires first.
-    async fn lead(
-        &self,
-        stop: &CancellationToken,
-    ) -> Result<Option<tokio_postgres::Client>, SourceError> {
-        let prepared = self.prepared.lock().expect("never poisoned").take();
-        if let Some(client) = prepared.filter(|c| !c.is_closed()) {
-            return Ok(Some(client));
+    /// Waits until this instance leads the slot, standing by meanwhile; `None` when `stop` fires first. With
+    /// the leadership [`ReplicationSource::prepare`] took (if it still holds), the backfill it prepared.
+    async fn lead(&self, stop: &CancellationToken) -> Result<Option<Led>, SourceError> {
+        let prepared = std::mem::take(&mut *self.prepared.lock().expect("never poisoned"));
+        if let Some(client) = prepared.leader.filter(|c| !c.is_closed()) {
+            return Ok(Some((client, prepared.backfill)));
         }
+        // a backfill prepared under a leadership since lost is dropped: the next `prepare` starts it afresh
         let keeper = self.keeper();
         let client = store::connect_leader(&self.db)
             .await
@@ -564,7 +588,7 @@ impl ReplicationSource {
                     tracing::info!(slot = %self.slot, "taking the slot over");
                 }
                 self.health.set_standby(false);
-                return Ok(Some(client));
+                return Ok(Some((client, None)));
             }
             if !stood_by {
                 let holder = keeper
@@ -606,10 +630,16 @@ impl ReplicationSource {
             let started = tokio::time::Instant::now();
             let result = match self.lead(&stop).await {
                 Ok(None) => return Ok(()),
-                Ok(Some(leader)) => match self.keeper().prepare().await {
-                    Ok(()) => self.session(&stop, leader).await,
-                    Err(e) => Err(e),
-                },
+                Ok(Some((leader, backfill))) => {
+                    let prepared = match backfill.filter(backfill::Snapshot::is_alive) {
+                        Some(snapshot) => Ok(Some(snapshot)),
+                        None => self.keeper().prepare().await,
+                    };
+                    match prepared {
+                        Ok(backfill) => self.session(&stop, leader, backfill).await,
+                        Err(e) => Err(e),
+                    }
+                }
                 Err(e) => Err(e),
             };
             match result {
@@ -660,14 +690,30 @@ impl ReplicationSource {
         }
     }
 
-    /// Streams while `leader` (the session holding the slot's leadership) lives.
+    /// Streams while `leader` (the session holding the slot's leadership) lives; first, on a first start,
+    /// backfills what the new slot's snapshot sees and marks the slot backfilled.
     async fn session(
         &self,
         stop: &CancellationToken,
         leader: tokio_postgres::Client,
+        backfill: Option<backfill::Snapshot>,
     ) -> Result<(), SourceError> {
         let store = Store::connect(&self.db).await?;
         self.settle_previous_session().await;
+        if let Some(snapshot) = backfill {
+            // ready while it runs, since it delivers (a long one must not outlast systemd's start timeout),
+            // though `walhook_streaming` stays 0 until the stream starts
+            self.health.set_polling();
+            // streaming waits for it: an ordered key's backfilled events are parked before its streamed ones
+            let backfilled =
+                backfill::run(snapshot, &self.slot, &store, &self.pipeline, stop).await;
+            self.health.set_streaming(false);
+            match backfilled? {
+                // stopped: the slot stays unmarked, and the next start backfills again
+                None => return Ok(()),
+                Some(_) => store::record_slot(store.client(), &self.slot, false).await?,
+            }
+        }
         let replay_max = store.max_recorded_event_id().await?;
         let start: Lsn = store
             .client()
