@@ -1179,3 +1179,36 @@ async fn a_second_signal_or_the_drain_timeout_aborts_and_nothing_is_lost() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// `walhook run` turns transparent huge pages off for itself: its heap is many small per-connection and
+/// per-request buffers, which 2 MiB pages made grow in 2 MiB steps (see `no_transparent_huge_pages` in
+/// src/main.rs for what it measured).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_runs_without_transparent_huge_pages() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let daemon = KillOnDrop(spawn_binary(&["run"], &pg.env()));
+    let status = format!("/proc/{}/status", daemon.0.id());
+    eventually("the daemon streams", || async {
+        client
+            .query_one(
+                "select count(*) from pg_replication_slots where active",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    })
+    .await;
+    let status = std::fs::read_to_string(&status).expect("the daemon's /proc status");
+    match status.lines().find(|l| l.starts_with("THP_enabled:")) {
+        Some(line) => assert_eq!(
+            line.split_whitespace().nth(1),
+            Some("0"),
+            "transparent huge pages are off for the daemon: {line}"
+        ),
+        // kernels before 5.0 do not report it
+        None => eprintln!("this kernel does not report THP_enabled; nothing to check"),
+    }
+}
