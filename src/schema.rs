@@ -52,6 +52,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     ),
     (15, "catalog", include_str!("../sql/015_catalog.sql")),
     (16, "publish", include_str!("../sql/016_publish.sql")),
+    (
+        17,
+        "cheap checks",
+        include_str!("../sql/017_cheap_checks.sql"),
+    ),
 ];
 
 /// Privileges of walhook's group roles, applied after every migrate: repeatable and idempotent.
