@@ -27,7 +27,9 @@ do $$
 declare
   c text;
 begin
-  foreach c in array array['outbox_event_type_valid', 'outbox_tenant_valid', 'outbox_traceparent_valid'] loop
+  -- and the event version's, which migration 15 added without validating it
+  foreach c in array array['outbox_event_type_valid', 'outbox_tenant_valid', 'outbox_traceparent_valid',
+                           'outbox_event_version_valid'] loop
     begin
       execute format('alter table walhook.outbox validate constraint %I', c);
     exception when check_violation then
