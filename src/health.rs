@@ -9,7 +9,7 @@
 //! flood of deliveries does not delay a probe.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,10 +37,23 @@ pub struct SlotSample {
     pub dead: i64,
 }
 
+/// What a ready source is doing, for `STATUS=` lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activity {
+    /// The replication stream.
+    Streaming = 0,
+    /// The notify source's claims of outbox rows.
+    Polling = 1,
+    /// The first start's backfill of rows committed before the slot.
+    Backfilling = 2,
+}
+
 /// Shared health state of one daemon.
 #[derive(Debug)]
 pub struct Health {
     streaming: watch::Sender<bool>,
+    /// What the source does while it counts as streaming (ready): [`Activity`] as a number.
+    activity: AtomicU8,
     /// Another instance streams the slot; this one dispatches retries and waits to take over.
     standby: watch::Sender<bool>,
     /// Seconds (as f64 bits) since the oldest transaction read and not yet confirmed was committed.
@@ -55,6 +68,7 @@ impl Health {
     pub fn new(max_lag: Duration) -> Arc<Health> {
         Arc::new(Health {
             streaming: watch::Sender::new(false),
+            activity: AtomicU8::new(Activity::Streaming as u8),
             standby: watch::Sender::new(false),
             lag_seconds: AtomicU64::new(0f64.to_bits()),
             draining: AtomicBool::new(false),
@@ -64,6 +78,8 @@ impl Health {
     }
 
     pub fn set_streaming(&self, streaming: bool) {
+        self.activity
+            .store(Activity::Streaming as u8, Ordering::Relaxed);
         self.streaming.send_replace(streaming);
         metrics::gauge!(crate::metrics::STREAMING).set(if streaming { 1.0 } else { 0.0 });
     }
@@ -71,7 +87,26 @@ impl Health {
     /// The notify source is prepared: ready as a stream would be, but `walhook_streaming` stays 0, since
     /// there is no replication stream (dashboards tell the sources apart by it).
     pub fn set_polling(&self) {
+        self.activity
+            .store(Activity::Polling as u8, Ordering::Relaxed);
         self.streaming.send_replace(true);
+    }
+
+    /// The first start's backfill delivers the rows committed before it: ready (it delivers, and a long one
+    /// must not outlast systemd's start timeout), `walhook_streaming` 0 until the stream starts.
+    pub fn set_backfilling(&self) {
+        self.activity
+            .store(Activity::Backfilling as u8, Ordering::Relaxed);
+        self.streaming.send_replace(true);
+    }
+
+    /// What the source does while ready: meaningful while [`Health::is_streaming`].
+    pub fn activity(&self) -> Activity {
+        match self.activity.load(Ordering::Relaxed) {
+            x if x == Activity::Polling as u8 => Activity::Polling,
+            x if x == Activity::Backfilling as u8 => Activity::Backfilling,
+            _ => Activity::Streaming,
+        }
     }
 
     pub fn is_streaming(&self) -> bool {

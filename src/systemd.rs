@@ -14,7 +14,7 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 
-use crate::health::Health;
+use crate::health::{Activity, Health};
 
 fn send(states: &[NotifyState]) {
     static FAILED: AtomicBool = AtomicBool::new(false);
@@ -30,7 +30,13 @@ pub fn status_line(health: &Health, in_flight: usize) -> String {
     let mut line = if health.is_draining() {
         "draining".to_string()
     } else if health.is_streaming() {
-        format!("streaming; lag {:.1}s", health.lag().as_secs_f64())
+        match health.activity() {
+            Activity::Streaming => format!("streaming; lag {:.1}s", health.lag().as_secs_f64()),
+            Activity::Polling => "polling walhook.outbox".to_string(),
+            Activity::Backfilling => {
+                "backfilling the outbox rows committed before the first start".to_string()
+            }
+        }
     } else if health.is_standby() {
         "standby: another instance streams the slot".to_string()
     } else {
@@ -106,5 +112,21 @@ mod tests {
         assert_eq!(human_bytes(1023), "1023 B");
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(16 << 20), "16.0 MiB");
+    }
+
+    #[test]
+    fn the_status_line_says_what_the_source_does() {
+        let health = Health::new(Duration::from_secs(60));
+        assert!(status_line(&health, 0).starts_with("not streaming"));
+        health.set_backfilling();
+        assert!(status_line(&health, 3).starts_with(
+            "backfilling the outbox rows committed before the first start; 3 requests in flight"
+        ));
+        health.set_streaming(true);
+        assert!(status_line(&health, 0).starts_with("streaming; lag 0.0s"));
+        health.set_polling();
+        assert!(status_line(&health, 0).starts_with("polling walhook.outbox; 0 requests in flight"));
+        health.set_draining();
+        assert!(status_line(&health, 0).starts_with("draining"));
     }
 }

@@ -703,7 +703,7 @@ impl ReplicationSource {
         if let Some(snapshot) = backfill {
             // ready while it runs, since it delivers (a long one must not outlast systemd's start timeout),
             // though `walhook_streaming` stays 0 until the stream starts
-            self.health.set_polling();
+            self.health.set_backfilling();
             // streaming waits for it: an ordered key's backfilled events are parked before its streamed ones
             let backfilled =
                 backfill::run(snapshot, &self.slot, &store, &self.pipeline, stop).await;
