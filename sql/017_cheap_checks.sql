@@ -2,7 +2,7 @@
 -- row is updated, whatever the update touches, and the event type's, tenant's and traceparent's checks each
 -- called a PL/pgSQL function (it raises the error that says what is wrong and how to fix it). The notify source
 -- updates each row two or three times (claimed, lease renewed, processed), so the checks were 40 % of a claim's
--- time, and a fifth of every insert's. Each check now tests a valid value with a plain SQL expression first and
+-- time, and a third of a bulk insert's. Each check now tests a valid value with a plain SQL expression first and
 -- calls the function only for a value that fails it, which raises the same error as before; a CHECK's OR is
 -- evaluated left to right and stops at the first true, and either order gives the same verdict, since the
 -- function returns true exactly when the expression does and raises otherwise.

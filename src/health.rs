@@ -103,8 +103,8 @@ impl Health {
     /// What the source does while ready: meaningful while [`Health::is_streaming`].
     pub fn activity(&self) -> Activity {
         match self.activity.load(Ordering::Relaxed) {
-            x if x == Activity::Polling as u8 => Activity::Polling,
-            x if x == Activity::Backfilling as u8 => Activity::Backfilling,
+            1 => Activity::Polling,
+            2 => Activity::Backfilling,
             _ => Activity::Streaming,
         }
     }

@@ -197,8 +197,8 @@ fn main() -> ExitCode {
 /// Turns transparent huge pages off for this process (as mimalloc's `MIMALLOC_ALLOW_THP=0` would): the
 /// daemon's heap is many small buffers, per connection and per request, spread over mimalloc's per-thread
 /// pages, and backing them with 2 MiB pages made its resident memory grow in 2 MiB steps: measured with
-/// `walhook bench`, drain 46 → 29 MiB, fan-out 61 → 42 MiB, 5,000 slow requests in flight 334–352 → 254–257
-/// MiB, at the same CPU. Only the long-running commands: `demo` and `bench` start PostgreSQL, which would
+/// `walhook bench`, peak RSS in drain 46 → 37 MiB, fan-out 61 → 42 MiB, slow receivers at 2,048 requests in
+/// flight 192 → 139 MiB and at 5,000 334–352 → 265 MiB, at the same CPU. Only the long-running commands: `demo` and `bench` start PostgreSQL, which would
 /// inherit the setting.
 fn no_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
