@@ -160,6 +160,9 @@ pub struct DeliveryConfig {
     pub user_agent: String,
     /// Refuse plain `http://` endpoints.
     pub https_only: bool,
+    /// Offer HTTP/2 to `https://` endpoints (ALPN): one connection carries many requests to an endpoint that
+    /// accepts it; the others answer HTTP/1.1 as before.
+    pub http2: bool,
     /// Which certificate authorities HTTPS endpoints are verified against (verification is always on).
     pub tls_roots: TlsRoots,
     /// A PEM file of extra CA certificates to trust (for example a private CA); empty for none.
@@ -255,6 +258,7 @@ impl Default for DeliveryConfig {
             pool_max_idle_per_host: 256,
             user_agent: concat!("walhook/", env!("CARGO_PKG_VERSION")).into(),
             https_only: false,
+            http2: true,
             tls_roots: TlsRoots::System,
             ca_file: String::new(),
             proxy: String::new(),

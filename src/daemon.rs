@@ -142,6 +142,7 @@ fn build(
             response_excerpt_bytes: config.delivery.response_excerpt_bytes,
             user_agent: config.delivery.user_agent.clone(),
             https_only: config.delivery.https_only,
+            http2: config.delivery.http2,
             tls_roots: config.delivery.tls_roots,
             ca_file: (!config.delivery.ca_file.is_empty())
                 .then(|| config.delivery.ca_file.clone().into()),

@@ -12,6 +12,7 @@ mod browser;
 mod catalog;
 mod demo;
 mod failover;
+mod http2;
 mod listen;
 mod ops;
 mod receivers;

@@ -387,6 +387,8 @@ pub struct ClientSettings {
     pub response_excerpt_bytes: usize,
     pub user_agent: String,
     pub https_only: bool,
+    /// `delivery.http2`: offer HTTP/2 to `https://` endpoints.
+    pub http2: bool,
     pub tls_roots: TlsRoots,
     /// Extra CA certificates (PEM), if any.
     pub ca_file: Option<PathBuf>,
@@ -405,7 +407,7 @@ pub enum TlsError {
     Setup(#[from] rustls::Error),
 }
 
-/// The rustls configuration: roots as configured, verification always on, HTTP/1.1 only.
+/// The rustls configuration: roots as configured, verification always on (ALPN is the connector's).
 fn tls_config(settings: &ClientSettings) -> Result<rustls::ClientConfig, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     if settings.tls_roots == TlsRoots::System {
@@ -486,11 +488,15 @@ impl Routes {
             user_agent: self.user_agent.clone(),
             proxy: hop,
         };
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(self.tls.clone())
             .https_or_http()
-            .enable_http1()
-            .wrap_connector(guarded);
+            .enable_http1();
+        let connector = match self.settings.http2 {
+            // ALPN offers h2 then http/1.1: the endpoint's TLS server picks, plain http:// stays HTTP/1.1
+            true => builder.enable_http2().wrap_connector(guarded),
+            false => builder.wrap_connector(guarded),
+        };
         Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(self.settings.pool_idle_timeout)
@@ -589,7 +595,17 @@ impl HttpClient {
         let timeout = out.timeout;
         let limit = self.response_excerpt_bytes;
         let exchange = async {
-            let response = client.request(request).await.map_err(classify)?;
+            let mut refusals = 0;
+            let response = loop {
+                match client.request(request.clone()).await {
+                    // an HTTP/2 endpoint refused the stream unprocessed (it had not yet told how many streams
+                    // it takes, or it was closing the connection): sending it again is not a duplicate
+                    Err(e) if refusals < MAX_REFUSED_STREAMS && refused_unprocessed(&e) => {
+                        refusals += 1;
+                    }
+                    result => break result.map_err(classify)?,
+                }
+            };
             let status = response.status().as_u16();
             if plain_via_proxy && status == 407 {
                 // only a proxy answers 407: it refused the request, the endpoint never saw it
@@ -648,6 +664,23 @@ fn absolute_uri(uri: &Uri, policy: &NetworkPolicy) -> Result<Uri, String> {
     format!("http://{target}{path}")
         .parse()
         .map_err(|e| format!("url is not usable through a proxy: {e}"))
+}
+
+/// How often one attempt's request is sent again after its HTTP/2 stream was refused unprocessed.
+const MAX_REFUSED_STREAMS: u32 = 3;
+
+/// True when the endpoint provably did not process the request: an HTTP/2 stream reset with REFUSED_STREAM,
+/// or one above the last stream of the endpoint's GOAWAY (RFC 9113, section 8.7).
+fn refused_unprocessed(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.is_remote());
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// Maps hyper-util's error to ours, finding the connector's own error in the chain.

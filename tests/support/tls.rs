@@ -3,13 +3,14 @@
 use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
 use tokio::net::TcpListener;
 use tokio_rustls::rustls;
@@ -21,7 +22,32 @@ pub struct TlsReceiver {
     /// PEM file of the CA that signed the receiver's certificate.
     pub ca_file: PathBuf,
     pub requests: Arc<AtomicUsize>,
+    /// Every request, in arrival order: which connection carried it (numbered from 0 as accepted) and in
+    /// which HTTP version.
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// Open unless [`TlsReceiver::hold`] closed it: requests wait at a closed gate, unanswered.
+    gate: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Requests waiting at the gate.
+    pub held: Arc<AtomicUsize>,
     _dir: TempDir,
+}
+
+/// What a [`TlsReceiver`] offers and how it answers.
+#[derive(Clone, Debug, Default)]
+pub struct TlsOptions {
+    /// Offer HTTP/2 by ALPN (`h2`, then `http/1.1`); without it the server negotiates nothing (HTTP/1.1).
+    pub http2: bool,
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS` of its HTTP/2 connections.
+    pub max_concurrent_streams: Option<u32>,
+    /// Wait this long before each answer.
+    pub delay: Duration,
+}
+
+/// One request a [`TlsReceiver`] answered.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub connection: usize,
+    pub version: http::Version,
 }
 
 struct TempDir(PathBuf);
@@ -33,8 +59,13 @@ impl Drop for TempDir {
 }
 
 impl TlsReceiver {
-    /// Serves HTTPS on 127.0.0.1 with a certificate for `localhost` and 127.0.0.1, answering 200.
+    /// Serves HTTPS (HTTP/1.1) on 127.0.0.1 with a certificate for `localhost` and 127.0.0.1, answering 200.
     pub async fn start() -> TlsReceiver {
+        TlsReceiver::start_with(TlsOptions::default()).await
+    }
+
+    /// [`TlsReceiver::start`], offering and answering as `options` say.
+    pub async fn start_with(options: TlsOptions) -> TlsReceiver {
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca_params
@@ -58,7 +89,7 @@ impl TlsReceiver {
         std::fs::write(&ca_file, ca.pem()).unwrap();
 
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_no_client_auth()
@@ -67,34 +98,62 @@ impl TlsReceiver {
                 PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
             )
             .unwrap();
+        if options.http2 {
+            config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        }
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let requests = Arc::new(AtomicUsize::new(0));
-        let counter = requests.clone();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (gate, _) = tokio::sync::watch::channel(true);
+        let gate = Arc::new(gate);
+        let held = Arc::new(AtomicUsize::new(0));
+        let (counter, log, waiting, opened) =
+            (requests.clone(), seen.clone(), held.clone(), gate.clone());
         tokio::spawn(async move {
-            loop {
+            for connection in 0.. {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
                 let acceptor = acceptor.clone();
-                let counter = counter.clone();
+                let (counter, log, options) = (counter.clone(), log.clone(), options.clone());
+                let (waiting, opened) = (waiting.clone(), opened.clone());
                 tokio::spawn(async move {
                     // failed handshakes (an untrusted client) are expected in some tests
                     let Ok(tls) = acceptor.accept(stream).await else {
                         return;
                     };
-                    let service = service_fn(move |_req| {
+                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+                    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        log.lock().unwrap().push(Seen {
+                            connection,
+                            version: req.version(),
+                        });
                         counter.fetch_add(1, Ordering::SeqCst);
-                        async {
+                        let (mut gate, waiting) = (opened.subscribe(), waiting.clone());
+                        async move {
+                            if !*gate.borrow() {
+                                waiting.fetch_add(1, Ordering::SeqCst);
+                                let _ = gate.wait_for(|open| *open).await;
+                                waiting.fetch_sub(1, Ordering::SeqCst);
+                            }
+                            tokio::time::sleep(options.delay).await;
                             Ok::<_, Infallible>(hyper::Response::new(Full::new(
                                 Bytes::from_static(b"ok"),
                             )))
                         }
                     });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), service)
-                        .await;
+                    let io = TokioIo::new(tls);
+                    let _ = if h2 {
+                        let mut builder = http2::Builder::new(TokioExecutor::new());
+                        if let Some(streams) = options.max_concurrent_streams {
+                            builder.max_concurrent_streams(streams);
+                        }
+                        builder.serve_connection(io, service).await
+                    } else {
+                        http1::Builder::new().serve_connection(io, service).await
+                    };
                 });
             }
         });
@@ -102,12 +161,29 @@ impl TlsReceiver {
             port,
             ca_file,
             requests,
+            seen,
+            gate,
+            held,
             _dir: TempDir(dir),
         }
     }
 
     pub fn url(&self, host: &str, path: &str) -> String {
         format!("https://{host}:{}{path}", self.port)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Requests from now on wait, unanswered, until [`TlsReceiver::release`].
+    pub fn hold(&self) {
+        self.gate.send_replace(false);
+    }
+
+    /// Answers the requests held and those to come.
+    pub fn release(&self) {
+        self.gate.send_replace(true);
     }
 }
 
