@@ -168,6 +168,11 @@ struct BenchArgs {
     /// disk is not what is measured). The report's top-level `durable` says which it was.
     #[arg(long)]
     durable: bool,
+    /// The slow scenario's receivers serve HTTPS, offering HTTP/2 and HTTP/1.1 by ALPN as production
+    /// endpoints do (the relay trusts a CA made for the run). `--relay-setting delivery.http2=false` makes
+    /// the relay speak HTTP/1.1 to them.
+    #[arg(long)]
+    tls: bool,
     /// Relay configuration for every scenario, repeatable: --relay-setting delivery.concurrency=1024.
     #[arg(long = "relay-setting", value_name = "KEY=VALUE", value_parser = key_value)]
     relay_settings: Vec<(String, String)>,
@@ -378,6 +383,7 @@ fn bench(runtime: &tokio::runtime::Runtime, args: BenchArgs) -> anyhow::Result<(
         source: args.source,
         instances: args.instances,
         durable: args.durable,
+        tls: args.tls,
     };
     let report = runtime.block_on(walhook::bench::run(options))?;
     print!("{}", report.table());

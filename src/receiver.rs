@@ -19,9 +19,9 @@ use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::{JoinHandle, JoinSet};
@@ -88,6 +88,8 @@ pub struct Receiver {
 /// State the connection tasks use. They hold this, not `Server`, so dropping every `Receiver` stops them.
 struct Shared {
     port: u16,
+    /// Serving HTTPS (its URLs say `https`).
+    tls: bool,
     log: Mutex<Vec<Received>>,
     /// Requests seen per `path \n webhook-id`, for the responder's attempt number.
     seen: Mutex<HashMap<String, u32>>,
@@ -120,9 +122,23 @@ impl Receiver {
     /// Like `start`, on a chosen loopback port (tests bring a receiver up on a port an endpoint already
     /// points at).
     pub async fn start_on(port: u16) -> std::io::Result<Receiver> {
+        Receiver::start_with(port, None).await
+    }
+
+    /// Like `start`, serving HTTPS with `tls` (whose ALPN protocols say whether HTTP/2 is offered: a
+    /// connection that negotiates `h2` is served HTTP/2, any other HTTP/1.1).
+    pub async fn start_tls(tls: Arc<rustls::ServerConfig>) -> std::io::Result<Receiver> {
+        Receiver::start_with(0, Some(tokio_rustls::TlsAcceptor::from(tls))).await
+    }
+
+    async fn start_with(
+        port: u16,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> std::io::Result<Receiver> {
         let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
         let shared = Arc::new(Shared {
             port: listener.local_addr()?.port(),
+            tls: tls.is_some(),
             log: Mutex::new(Vec::new()),
             seen: Mutex::new(HashMap::new()),
             secrets: RwLock::new(HashMap::new()),
@@ -131,7 +147,7 @@ impl Receiver {
             changed: Notify::new(),
         });
         let stop = CancellationToken::new();
-        let task = tokio::spawn(serve(listener, Arc::clone(&shared), stop.clone()));
+        let task = tokio::spawn(serve(listener, tls, Arc::clone(&shared), stop.clone()));
         Ok(Receiver {
             shared,
             server: Arc::new(Server {
@@ -145,10 +161,11 @@ impl Receiver {
         self.shared.port
     }
 
-    /// `http://127.0.0.1:<port><path>` (a missing leading `/` is added).
+    /// `http://127.0.0.1:<port><path>` (`https` when serving TLS; a missing leading `/` is added).
     pub fn url(&self, path: &str) -> String {
         let slash = if path.starts_with('/') { "" } else { "/" };
-        format!("http://127.0.0.1:{}{slash}{path}", self.shared.port)
+        let scheme = if self.shared.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}{slash}{path}", self.shared.port)
     }
 
     /// Verifies the signatures of requests to `path` with this `whsec_` secret from now on. A secret that
@@ -225,7 +242,12 @@ impl Receiver {
 }
 
 /// Accepts connections until stopped; dropping the `JoinSet` at the end aborts every connection task.
-async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+async fn serve(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
     let mut builder = http1::Builder::new();
     // No idle or header timeout: closing a pooled connection under a client mid-send would turn into a
     // spurious failed delivery in tests.
@@ -241,10 +263,24 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationTok
                     let _ = stream.set_nodelay(true);
                     let shared = Arc::clone(&shared);
                     let service = service_fn(move |request| handle(Arc::clone(&shared), request));
-                    let connection = builder.serve_connection(TokioIo::new(stream), service);
+                    let http1 = builder.clone();
+                    let tls = tls.clone();
+                    // Errors here are clients going away, which is theirs to report.
                     connections.spawn(async move {
-                        // Errors here are clients going away, which is theirs to report.
-                        let _ = connection.await;
+                        let Some(tls) = tls else {
+                            let _ = http1.serve_connection(TokioIo::new(stream), service).await;
+                            return;
+                        };
+                        let Ok(stream) = tls.accept(stream).await else {
+                            return;
+                        };
+                        if stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice()) {
+                            let _ = http2::Builder::new(TokioExecutor::new())
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        } else {
+                            let _ = http1.serve_connection(TokioIo::new(stream), service).await;
+                        }
                     });
                 }
                 Err(e) => {

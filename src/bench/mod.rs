@@ -21,7 +21,7 @@
 //! - `fairness` and `tenants`: one tenant's backlog beside another's trickle, and 1,000 tenants with a few
 //!   broken endpoints (see `tenants.rs`).
 //! - `slow`: a backlog over 1,000 endpoints answering in 50–300 ms, 2 % of them hanging: deliveries per second
-//!   against what the in-flight limit allows (see `slow.rs`).
+//!   against what the in-flight limit allows (see `slow.rs`); with `--tls` over HTTPS, offering HTTP/2 (`tls.rs`).
 //! - `portal`: the portal's pages over a million deliveries (see `portal.rs`).
 //! - `publish`: an event through `walhook.publish()` (a logical decoding message) against an outbox insert,
 //!   with the same writers: rate, WAL and PostgreSQL CPU per event (see `publish.rs`).
@@ -44,6 +44,7 @@ mod server;
 mod slow;
 mod stats;
 mod tenants;
+mod tls;
 mod workload;
 
 use std::collections::{HashMap, HashSet};
@@ -246,6 +247,8 @@ pub struct BenchOptions {
     /// The throwaway cluster with `fsync` on, as users run it (ignored with a given server, whose own
     /// settings apply; the report says which).
     pub durable: bool,
+    /// The slow scenario's receivers serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN).
+    pub tls: bool,
 }
 
 /// Sizes and durations, from the options.
@@ -260,6 +263,7 @@ struct Plan {
     relay_settings: Vec<(String, String)>,
     source: SourceKind,
     instances: usize,
+    tls: bool,
 }
 
 impl Plan {
@@ -313,6 +317,7 @@ impl Plan {
             relay_settings: options.relay_settings.clone(),
             source: options.source,
             instances,
+            tls: options.tls,
         })
     }
 

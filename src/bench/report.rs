@@ -353,6 +353,8 @@ pub struct Publish {
 #[derive(Debug, Serialize)]
 pub struct Slow {
     pub endpoints: u32,
+    /// The receivers served HTTPS, offering HTTP/2 and HTTP/1.1 by ALPN (`--tls`).
+    pub tls: bool,
     /// Endpoints that never answer (their requests end at the relay's `delivery.timeout`).
     pub hanging_endpoints: u32,
     /// The range the healthy endpoints' answer times are drawn from.
@@ -553,7 +555,8 @@ impl Report {
         }
 
         if let Some(x) = &self.slow {
-            let name = format!("slow {}", thousands(x.events as f64));
+            let https = if x.tls { " https" } else { "" };
+            let name = format!("slow{https} {}", thousands(x.events as f64));
             let rate = format!("{} dlv/s", thousands(x.deliveries_per_sec));
             let l = latency(x.healthy_latency.as_ref());
             row(&mut out, &name, rate, l, Some(&x.cost));

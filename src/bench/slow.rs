@@ -22,6 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 use super::report::Slow;
 use super::server::Scratch;
 use super::stats::{per_sec, ratio};
+use super::tls::BenchTls;
 use super::workload::{self, Pace, Tenancy};
 use super::{db_err, Bench, BenchError, Drain, Latency, Relays};
 use crate::receiver::{Receiver, Reply};
@@ -96,13 +97,17 @@ struct Endpoints {
 }
 
 impl Endpoints {
-    async fn start(scratch: &Scratch) -> Result<Endpoints, BenchError> {
+    async fn start(scratch: &Scratch, tls: Option<&BenchTls>) -> Result<Endpoints, BenchError> {
         let arrived = Arc::new(AtomicU64::new(0));
         let hung = Arc::new(AtomicU64::new(0));
         let mut receivers = Vec::with_capacity(ENDPOINTS as usize);
         let path = format!("/{}", scratch.scenario.name());
         for i in 0..ENDPOINTS {
-            let receiver = Receiver::start().await.map_err(|source| BenchError::Io {
+            let receiver = match tls {
+                Some(tls) => Receiver::start_tls(tls.server.clone()).await,
+                None => Receiver::start().await,
+            };
+            let receiver = receiver.map_err(|source| BenchError::Io {
                 what: "starting a loopback receiver".into(),
                 source,
             })?;
@@ -257,7 +262,11 @@ impl Bench {
         scratch: &Scratch,
         drain: Option<&Drain>,
     ) -> Result<Slow, BenchError> {
-        let endpoints = Endpoints::start(scratch).await?;
+        let tls = match self.plan.tls {
+            true => Some(super::tls::BenchTls::new()?),
+            false => None,
+        };
+        let endpoints = Endpoints::start(scratch, tls.as_ref()).await?;
         let events = (self.plan.events / 2).max(u64::from(ENDPOINTS));
         let tenancy = Tenancy::Spread(ENDPOINTS);
         let preload =
@@ -271,7 +280,11 @@ impl Bench {
             preload.as_secs_f64()
         );
         let before = self.server.snapshot(scratch, None).await?;
-        let scenario_settings = [("delivery.timeout", TIMEOUT)];
+        let ca_file = tls.as_ref().map(|t| t.ca_file().display().to_string());
+        let mut scenario_settings = vec![("delivery.timeout", TIMEOUT)];
+        if let Some(ca_file) = &ca_file {
+            scenario_settings.push(("delivery.ca_file", ca_file.as_str()));
+        }
         let mut relays = self.start_relays_with(scratch, &scenario_settings).await?;
         let spawned = relays.spawned();
         let mut sockets = 0;
@@ -348,6 +361,7 @@ impl Bench {
         endpoints.finish().await?;
         Ok(Slow {
             endpoints: ENDPOINTS,
+            tls: tls.is_some(),
             hanging_endpoints: (0..ENDPOINTS).filter(|i| hangs(*i)).count() as u32,
             latency_ms: [LATENCY_MS.0, LATENCY_MS.1],
             timeout_s: 5.0,
