@@ -558,50 +558,57 @@ impl HttpClient {
         };
         let target =
             plain_via_proxy.then(|| uri.authority().map(|a| a.to_string()).unwrap_or_default());
-        let mut builder = Request::post(uri);
-        for (name, value) in out.headers {
-            // the attempt's own trace context replaces an endpoint's static one
-            if out.traceparent.is_none() || name != "traceparent" {
-                builder = builder.header(name, value);
+        // built again for a stream refused unprocessed, rather than cloned: a clone kept for every request
+        // in flight would double what their heads hold
+        let build = || -> Result<Request<Full<Bytes>>, SendError> {
+            let mut builder = Request::post(uri.clone());
+            for (name, value) in out.headers {
+                // the attempt's own trace context replaces an endpoint's static one
+                if out.traceparent.is_none() || name != "traceparent" {
+                    builder = builder.header(name, value);
+                }
             }
-        }
-        if let Some(traceparent) = out.traceparent {
-            builder = builder.header("traceparent", header(traceparent)?);
-        }
-        if plain_via_proxy {
-            // the endpoint's own Host, as a direct request would carry it
-            if let Some(authority) = out.uri.authority() {
-                let host = authority.as_str().rsplit('@').next().unwrap_or_default();
-                builder = builder.header(http::header::HOST, header(host)?);
+            if let Some(traceparent) = out.traceparent {
+                builder = builder.header("traceparent", header(traceparent)?);
             }
-            if let Some(authorization) = route.as_ref().and_then(|p| p.authorization()) {
-                builder = builder.header(http::header::PROXY_AUTHORIZATION, header(authorization)?);
+            if plain_via_proxy {
+                // the endpoint's own Host, as a direct request would carry it
+                if let Some(authority) = out.uri.authority() {
+                    let host = authority.as_str().rsplit('@').next().unwrap_or_default();
+                    builder = builder.header(http::header::HOST, header(host)?);
+                }
+                if let Some(authorization) = route.as_ref().and_then(|p| p.authorization()) {
+                    builder =
+                        builder.header(http::header::PROXY_AUTHORIZATION, header(authorization)?);
+                }
             }
-        }
-        for (name, value) in out.extra_headers {
-            builder = builder.header(*name, header(value)?);
-        }
-        let request = builder
-            .header(
-                http::header::CONTENT_TYPE,
-                HeaderValue::from_static(out.content_type),
-            )
-            .header(http::header::USER_AGENT, self.routes.user_agent.clone())
-            .header("webhook-id", header(out.webhook_id)?)
-            .header("webhook-timestamp", HeaderValue::from(out.timestamp))
-            .header("webhook-signature", header(out.signature)?)
-            .body(Full::new(out.body))
-            .map_err(|e| SendError::Request(e.to_string()))?;
+            for (name, value) in out.extra_headers {
+                builder = builder.header(*name, header(value)?);
+            }
+            builder
+                .header(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static(out.content_type),
+                )
+                .header(http::header::USER_AGENT, self.routes.user_agent.clone())
+                .header("webhook-id", header(out.webhook_id)?)
+                .header("webhook-timestamp", HeaderValue::from(out.timestamp))
+                .header("webhook-signature", header(out.signature)?)
+                .body(Full::new(out.body.clone()))
+                .map_err(|e| SendError::Request(e.to_string()))
+        };
+        let mut request = build()?;
         let timeout = out.timeout;
         let limit = self.response_excerpt_bytes;
         let exchange = async {
             let mut refusals = 0;
             let response = loop {
-                match client.request(request.clone()).await {
+                match client.request(request).await {
                     // an HTTP/2 endpoint refused the stream unprocessed (it had not yet told how many streams
                     // it takes, or it was closing the connection): sending it again is not a duplicate
                     Err(e) if refusals < MAX_REFUSED_STREAMS && refused_unprocessed(&e) => {
                         refusals += 1;
+                        request = build()?;
                     }
                     result => break result.map_err(classify)?,
                 }
