@@ -676,14 +676,19 @@ fn absolute_uri(uri: &Uri, policy: &NetworkPolicy) -> Result<Uri, String> {
 /// How often one attempt's request is sent again after its HTTP/2 stream was refused unprocessed.
 const MAX_REFUSED_STREAMS: u32 = 3;
 
-/// True when the endpoint provably did not process the request: an HTTP/2 stream reset with REFUSED_STREAM,
-/// or one above the last stream of the endpoint's GOAWAY (RFC 9113, section 8.7).
+/// True when the endpoint provably did not process the request (RFC 9113, section 8.7): an HTTP/2 stream
+/// reset with REFUSED_STREAM, or one above the last stream of the endpoint's graceful (NO_ERROR) GOAWAY. A
+/// GOAWAY with an error code is left out: h2 reports it to the streams below that last one as well, when the
+/// connection then ends, and those may have been processed.
 fn refused_unprocessed(e: &hyper_util::client::legacy::Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(s) = source {
         if let Some(h2) = s.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-                || (h2.is_go_away() && h2.is_remote());
+            return match h2.reason() {
+                Some(h2::Reason::REFUSED_STREAM) => true,
+                Some(h2::Reason::NO_ERROR) => h2.is_go_away() && h2.is_remote(),
+                _ => false,
+            };
         }
         source = s.source();
     }
