@@ -1,7 +1,8 @@
 //! HTTP/2 to endpoints that offer it (TLS ALPN, `delivery.http2`, on by default): requests to one endpoint
 //! share a connection, an endpoint that allows few streams at once still gets every event without a failed
-//! attempt, and `delivery.http2 = false` speaks HTTP/1.1 to the same endpoint. Plain `http://` endpoints stay
-//! on HTTP/1.1 (every other test).
+//! attempt, one that fails every other request still gets every event, a `kill -9` with requests in flight
+//! on its streams loses none, and `delivery.http2 = false` speaks HTTP/1.1 to the same endpoint. Plain
+//! `http://` endpoints stay on HTTP/1.1 (every other test).
 
 use std::sync::atomic::Ordering;
 
@@ -123,5 +124,74 @@ async fn http2_false_speaks_http1_to_an_endpoint_offering_both() {
         seen.iter().all(|s| s.version == http::Version::HTTP_11),
         "{seen:?}"
     );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_endpoint_failing_every_other_request_gets_every_event() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let tls = TlsReceiver::start_with(TlsOptions {
+        fail_every: 2,
+        ..offering_h2(None)
+    })
+    .await;
+    add_endpoint(&client, &tls.url("localhost", "/half"), &["order.*"]).await;
+    // each round of retries meets half failures again: enough retries that none runs out of them
+    let ca_file = tls.ca_file.display().to_string();
+    let daemon = Daemon::start(pg.config_with(|f| {
+        f.merge(("delivery.ca_file", ca_file.as_str()))
+            .merge(("delivery.retry_schedule", vec!["200ms"; 12]))
+    }));
+    wait_ready(Source::Replication, &client).await;
+    // arrivals alternate 200 and 500, whatever the order: half of the first attempts fail, then retries
+    publish_many(&client, 40).await;
+    wait_succeeded(&client, 40).await;
+    assert!(
+        count(
+            &client,
+            "select count(*) from walhook.attempts where status_code = 500"
+        )
+        .await
+            >= 1,
+        "some attempts failed"
+    );
+    assert!(tls
+        .seen()
+        .iter()
+        .all(|s| s.version == http::Version::HTTP_2));
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_requests_in_flight_on_http2_streams_loses_no_event() {
+    let pg = Pg::start().await;
+    let client = pg.client().await;
+    let tls = TlsReceiver::start_with(offering_h2(None)).await;
+    add_endpoint(&client, &tls.url("localhost", "/crash"), &["order.*"]).await;
+    let mut env = pg.env();
+    env.push((
+        "WALHOOK_DELIVERY__CA_FILE".into(),
+        tls.ca_file.display().to_string(),
+    ));
+    let child = KillOnDrop(spawn_binary(&["run"], &env));
+    wait_ready(Source::Replication, &client).await;
+    publish(&client, "order.created", "{}").await;
+    wait_succeeded(&client, 1).await;
+    // requests held unanswered on the connection's streams when the daemon is killed
+    tls.hold();
+    publish_many(&client, 20).await;
+    eventually("requests in flight on the streams", || async {
+        tls.held.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    drop(child); // SIGKILL
+    tls.release();
+    let daemon = daemon_trusting(&pg, &tls, true);
+    wait_succeeded(&client, 21).await;
+    assert!(tls
+        .seen()
+        .iter()
+        .all(|s| s.version == http::Version::HTTP_2));
     daemon.stop().await;
 }

@@ -41,6 +41,8 @@ pub struct TlsOptions {
     pub max_concurrent_streams: Option<u32>,
     /// Wait this long before each answer.
     pub delay: Duration,
+    /// Answer every request whose arrival number (from 1) is a multiple of this 500; 0 for none.
+    pub fail_every: usize,
 }
 
 /// One request a [`TlsReceiver`] answered.
@@ -130,7 +132,12 @@ impl TlsReceiver {
                             connection,
                             version: req.version(),
                         });
-                        counter.fetch_add(1, Ordering::SeqCst);
+                        let arrival = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                        let status = match options.fail_every {
+                            0 => 200,
+                            every if arrival % every == 0 => 500,
+                            _ => 200,
+                        };
                         let (mut gate, waiting) = (opened.subscribe(), waiting.clone());
                         async move {
                             if !*gate.borrow() {
@@ -139,9 +146,10 @@ impl TlsReceiver {
                                 waiting.fetch_sub(1, Ordering::SeqCst);
                             }
                             tokio::time::sleep(options.delay).await;
-                            Ok::<_, Infallible>(hyper::Response::new(Full::new(
-                                Bytes::from_static(b"ok"),
-                            )))
+                            let mut response =
+                                hyper::Response::new(Full::new(Bytes::from_static(b"ok")));
+                            *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                            Ok::<_, Infallible>(response)
                         }
                     });
                     let io = TokioIo::new(tls);
