@@ -263,7 +263,7 @@ impl Bench {
         drain: Option<&Drain>,
     ) -> Result<Slow, BenchError> {
         let tls = match self.plan.tls {
-            true => Some(super::tls::BenchTls::new()?),
+            true => Some(BenchTls::new()?),
             false => None,
         };
         let endpoints = Endpoints::start(scratch, tls.as_ref()).await?;
