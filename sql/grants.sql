@@ -286,7 +286,8 @@ begin
     walhook.recover(bigint, timestamptz, timestamptz, text, text),
     walhook.rotate_secret(bigint, interval), walhook.generate_secret(), walhook.matches(text, text[]),
     walhook.portal_link(text, interval, boolean), walhook.send_test(bigint, jsonb),
-    walhook.send_test(bigint, text), walhook.check_event_versions(jsonb), walhook.verify_endpoint(bigint),
+    walhook.send_test(bigint, text), walhook.check_event_versions(jsonb), walhook.check_event_type(text),
+    walhook.verify_endpoint(bigint),
     walhook.endpoint_accepts(text, text, jsonb, text[], text, boolean, jsonb),
     walhook.display_url(text), walhook.current_tenant(),
     -- the checks of endpoints and endpoint_secrets

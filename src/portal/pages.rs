@@ -190,6 +190,11 @@ pub(super) struct EndpointValues {
     pub rate_limit: String,
     /// `standard`, `cloudevents` or `cloudevents-binary` (empty: standard).
     pub format: String,
+    /// The version each event type is pinned to, as chosen (`type`, `version`); a type not listed follows the
+    /// catalog's current version.
+    pub pins: Vec<(String, String)>,
+    /// A new endpoint is verified before it gets events (ignored when editing: *Verify* on its page does it).
+    pub verify: bool,
 }
 
 /// The request formats a customer may pick, with their labels.
@@ -202,13 +207,15 @@ const FORMATS: [(&str, &str); 3] = [
     ),
 ];
 
-/// The form that adds (`id` None) or edits an endpoint; `known` are the event types offered as checkboxes.
+/// The form that adds (`id` None) or edits an endpoint; `known` are the event types offered as checkboxes,
+/// `catalog` the event types whose versions may be pinned.
 pub(super) fn endpoint_form(
     theme: &Theme,
     session: &Session,
     id: Option<i64>,
     values: &EndpointValues,
     known: &[String],
+    catalog: &[CatalogType],
     error: Option<&str>,
 ) -> String {
     let base = esc(&theme.base);
@@ -254,7 +261,7 @@ pub(super) fn endpoint_form(
 <label>Description <input type="text" name="description" maxlength="2048" value="{}"></label>
 <label>Rate limit (requests per second, optional) <input type="number" name="rate_limit" min="0" step="any" value="{}"></label>
 <label>Format <select name="format">{}</select></label>
-<button>{}</button></form>"#,
+{}{}<button>{}</button></form>"#,
         csrf(session),
         esc(&values.url),
         esc(&values.description),
@@ -270,9 +277,63 @@ pub(super) fn endpoint_form(
                 )
             })
             .collect::<String>(),
+        version_pins(catalog, &values.pins),
+        match id {
+            Some(_) => String::new(),
+            None => format!(
+                r#"<label class="check"><input type="checkbox" name="verify" value="yes"{}> Verify the URL first: it gets a signed <code>walhook.endpoint.verification</code> request, and events only once it answers 2xx</label>
+"#,
+                if values.verify { " checked" } else { "" }
+            ),
+        },
         if id.is_some() { "Save" } else { "Add endpoint" },
     );
     layout(theme, Some(session), &title, &body)
+}
+
+/// The form's version pins: a choice for each event type with more than one version (or pinned already),
+/// the catalog's current version by default. A pin keeps the endpoint on the payloads its code understands
+/// while newer versions are published (rendered down in SQL by the catalog's downgrades).
+fn version_pins(catalog: &[CatalogType], pins: &[(String, String)]) -> String {
+    let mut selects = String::new();
+    for t in catalog {
+        let pinned = pins
+            .iter()
+            .find(|(name, _)| *name == t.name)
+            .map(|(_, v)| v.as_str());
+        if t.versions.len() < 2 && pinned.is_none() {
+            continue;
+        }
+        let current = t.current.map_or(String::new(), |v| format!(" (now v{v})"));
+        let _ = write!(
+            selects,
+            r#"<label>{} <select name="pin"><option value="">current version{}, and newer ones as published</option>"#,
+            esc(&t.name),
+            current
+        );
+        for v in &t.versions {
+            let value = v.version.to_string();
+            let _ = write!(
+                selects,
+                r#"<option value="{}={value}"{}>v{value} only{}</option>"#,
+                esc(&t.name),
+                if pinned == Some(value.as_str()) {
+                    " selected"
+                } else {
+                    ""
+                },
+                if v.deprecated { " (deprecated)" } else { "" }
+            );
+        }
+        selects.push_str("</select></label>");
+    }
+    match selects.is_empty() {
+        true => selects,
+        false => format!(
+            r#"<fieldset><legend>Versions</legend><p class="muted">Events of a newer version are sent in the version chosen here, so a receiver keeps working while new versions are published (see Event types).</p>{selects}</fieldset>
+"#
+        ),
+    }
 }
 
 /// What an action on the endpoint's page has to show once (a secret is never put in a URL).
@@ -322,10 +383,33 @@ pub(super) fn endpoint(
                 .map_or(e.format.as_str(), |(_, label)| label)),
         ),
         (
+            "Versions",
+            match e.pins.is_empty() {
+                true => "current".to_string(),
+                false => esc(&e
+                    .pins
+                    .iter()
+                    .map(|(t, v)| format!("{t} v{v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")),
+            },
+        ),
+        (
             "Rate limit",
             e.rate_limit.map_or("—".into(), |r| format!("{r} / s")),
         ),
         ("State", state(e.enabled, e.paused, &e.breaker)),
+        (
+            "Verification",
+            match (e.verification.as_deref(), &e.verified_at) {
+                (Some("pending"), _) => {
+                    r#"<span class="tag warn">pending</span> awaiting a 2xx answer to its verification request"#
+                        .to_string()
+                }
+                (Some(_), Some(at)) => format!("verified {}", esc(at)),
+                _ => "—".to_string(),
+            },
+        ),
         ("Disabled because", opt(&e.disabled_reason)),
         ("Consecutive failures", e.consecutive_failures.to_string()),
         ("Success (1 h)", rate(e.success_rate_1h)),
@@ -360,6 +444,12 @@ pub(super) fn endpoint(
         true => action("disable", "Disable", "secondary"),
         false => action("enable", "Enable", ""),
     });
+    // verifying stops the endpoint's events until it answers, so the button asks first
+    let _ = write!(
+        body,
+        r#"<form method="post" action="{base}/endpoints/{id}/verify" class="inline" data-confirm="Verify this endpoint? It gets no events until it answers the signed verification request with 2xx.">{}<button class="secondary">Verify</button></form>"#,
+        csrf(session)
+    );
     body.push_str("</div>");
     let _ = write!(
         body,

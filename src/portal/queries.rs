@@ -110,6 +110,11 @@ pub(super) struct Endpoint {
     pub last_status_code: Option<i32>,
     pub last_error: Option<String>,
     pub format: String,
+    /// `event_versions` as `(type, version)`, by type.
+    pub pins: Vec<(String, i32)>,
+    /// `pending` (awaiting the answer to its verification request), `verified`, or none.
+    pub verification: Option<String>,
+    pub verified_at: Option<String>,
 }
 
 pub(super) async fn endpoint(
@@ -125,7 +130,11 @@ pub(super) async fn endpoint(
                     h.success_rate_1h::float8 as rate,
                     to_char(h.last_success_at, 'YYYY-MM-DD HH24:MI:SS') as last_success_at,
                     to_char(h.last_failure_at, 'YYYY-MM-DD HH24:MI:SS') as last_failure_at,
-                    h.last_status_code, h.last_error, e.format
+                    h.last_status_code, h.last_error, e.format,
+                    array(select p.key from jsonb_each(e.event_versions) p order by p.key) as pinned,
+                    array(select (p.value #>> '{}')::int from jsonb_each(e.event_versions) p order by p.key)
+                      as pinned_to,
+                    e.verification, to_char(e.verified_at, 'YYYY-MM-DD HH24:MI:SS') as verified_at
                from walhook.endpoints e
                left join walhook.endpoint_health h on h.endpoint_id = e.id
               where e.id = $1",
@@ -143,6 +152,13 @@ pub(super) async fn endpoint(
         paused: r.get("paused"),
         disabled_reason: r.get("disabled_reason"),
         format: r.get("format"),
+        pins: r
+            .get::<_, Vec<String>>("pinned")
+            .into_iter()
+            .zip(r.get::<_, Vec<i32>>("pinned_to"))
+            .collect(),
+        verification: r.get("verification"),
+        verified_at: time(&r, "verified_at"),
         created_at: time(&r, "created_at"),
         breaker: r.get("breaker"),
         consecutive_failures: r.get("failures"),
@@ -185,6 +201,23 @@ pub(super) struct EndpointInput {
     pub rate_limit: Option<f64>,
     /// `walhook.endpoints.format` (its check refuses anything else).
     pub format: String,
+    /// `walhook.endpoints.event_versions`: the versions pinned, by event type (its check refuses a type or a
+    /// version the catalog does not hold).
+    pub pins: Vec<(String, i32)>,
+    /// Inserted with `verification = 'pending'`: no events until it answers its verification request.
+    pub verify: bool,
+}
+
+impl EndpointInput {
+    /// The pins as the JSON object `event_versions` holds.
+    fn event_versions(&self) -> String {
+        let pins: serde_json::Map<String, serde_json::Value> = self
+            .pins
+            .iter()
+            .map(|(t, v)| (t.clone(), serde_json::Value::from(*v)))
+            .collect();
+        serde_json::Value::Object(pins).to_string()
+    }
 }
 
 pub(super) async fn create_endpoint(
@@ -194,14 +227,17 @@ pub(super) async fn create_endpoint(
     // the tenant column defaults to the transaction's walhook.tenant
     let row = tx
         .query_one(
-            "insert into walhook.endpoints (url, event_types, description, rate_limit, format)
-             values ($1, $2, $3, $4, $5) returning id",
+            "insert into walhook.endpoints
+                    (url, event_types, description, rate_limit, format, event_versions, verification)
+             values ($1, $2, $3, $4, $5, $6::text::jsonb, case when $7 then 'pending' end) returning id",
             &[
                 &input.url,
                 &input.event_types,
                 &input.description,
                 &input.rate_limit,
                 &input.format,
+                &input.event_versions(),
+                &input.verify,
             ],
         )
         .await?;
@@ -217,7 +253,7 @@ pub(super) async fn update_endpoint(
     let n = tx
         .execute(
             "update walhook.endpoints set url = $2, event_types = $3, description = $4, rate_limit = $5,
-                    format = $6
+                    format = $6, event_versions = $7::text::jsonb
               where id = $1",
             &[
                 &id,
@@ -226,6 +262,7 @@ pub(super) async fn update_endpoint(
                 &input.description,
                 &input.rate_limit,
                 &input.format,
+                &input.event_versions(),
             ],
         )
         .await?;
@@ -295,6 +332,15 @@ pub(super) async fn rotate_secret(
 pub(super) async fn send_test(tx: &Transaction<'_>, id: i64) -> Result<i64, tokio_postgres::Error> {
     Ok(tx
         .query_one("select walhook.send_test($1)", &[&id])
+        .await?
+        .get(0))
+}
+
+/// `walhook.verify_endpoint`: the endpoint stops until it answers the signed verification request with 2xx;
+/// the request's delivery id.
+pub(super) async fn verify(tx: &Transaction<'_>, id: i64) -> Result<i64, tokio_postgres::Error> {
+    Ok(tx
+        .query_one("select walhook.verify_endpoint($1)", &[&id])
         .await?
         .get(0))
 }

@@ -72,6 +72,7 @@ pub(super) async fn page(c: &Call<'_>, post: bool, path: &[&str]) -> Result<Page
         (false, []) => endpoint_list(c).await,
         (false, ["endpoints", "new"]) => {
             let known = queries::recent_event_types(c.tx).await?;
+            let catalog = queries::catalog(c.tx).await?;
             let values = EndpointValues {
                 event_types: vec!["*".into()],
                 ..Default::default()
@@ -82,6 +83,7 @@ pub(super) async fn page(c: &Call<'_>, post: bool, path: &[&str]) -> Result<Page
                 None,
                 &values,
                 &known,
+                &catalog,
                 None,
             )))
         }
@@ -93,12 +95,19 @@ pub(super) async fn page(c: &Call<'_>, post: bool, path: &[&str]) -> Result<Page
                 .await?
                 .ok_or(Failure::NotFound)?;
             let known = queries::recent_event_types(c.tx).await?;
+            let catalog = queries::catalog(c.tx).await?;
             let values = EndpointValues {
                 url: e.url,
                 event_types: e.event_types,
                 description: e.description,
                 rate_limit: e.rate_limit.map(|r| r.to_string()).unwrap_or_default(),
                 format: e.format,
+                pins: e
+                    .pins
+                    .into_iter()
+                    .map(|(t, v)| (t, v.to_string()))
+                    .collect(),
+                verify: false,
             };
             Ok(c.ok(pages::endpoint_form(
                 c.theme(),
@@ -106,6 +115,7 @@ pub(super) async fn page(c: &Call<'_>, post: bool, path: &[&str]) -> Result<Page
                 Some(id),
                 &values,
                 &known,
+                &catalog,
                 None,
             )))
         }
@@ -182,6 +192,13 @@ fn endpoint_input(form: &Form) -> (EndpointValues, Result<EndpointInput, String>
         description: form.get("description").unwrap_or("").to_string(),
         rate_limit: form.get("rate_limit").unwrap_or("").to_string(),
         format: form.get("format").unwrap_or("standard").to_string(),
+        // a pin is chosen as `type=version`; the empty choice follows the current version
+        pins: form
+            .all("pin")
+            .filter_map(|p| p.rsplit_once('='))
+            .map(|(t, v)| (t.to_string(), v.to_string()))
+            .collect(),
+        verify: form.get("verify") == Some("yes"),
     };
     let input = (|| {
         if values.url.is_empty() {
@@ -199,12 +216,24 @@ fn endpoint_input(form: &Form) -> (EndpointValues, Result<EndpointInput, String>
                 format!("The rate limit {r:?} is not a number of requests per second.")
             })?),
         };
+        let mut pins: Vec<(String, i32)> = Vec::new();
+        for (t, v) in &values.pins {
+            let version = v
+                .parse::<i32>()
+                .map_err(|_| format!("{v:?} is not a version of {t} (a number like 2)."))?;
+            match pins.iter().any(|(u, _)| u == t) {
+                true => return Err(format!("{t} is pinned twice: choose one version.")),
+                false => pins.push((t.clone(), version)),
+            }
+        }
         Ok(EndpointInput {
             url: values.url.clone(),
             event_types: patterns.clone(),
             description: values.description.clone(),
             rate_limit,
             format: values.format.clone(),
+            pins,
+            verify: values.verify,
         })
     })();
     (values, input)
@@ -283,9 +312,18 @@ async fn save_endpoint(c: &Call<'_>, id: Option<i64>) -> Result<Page, Failure> {
         }
     };
     let known = queries::recent_event_types(c.tx).await?;
+    let catalog = queries::catalog(c.tx).await?;
     Ok(html(
         StatusCode::UNPROCESSABLE_ENTITY,
-        pages::endpoint_form(c.theme(), c.session, id, &values, &known, Some(&refused)),
+        pages::endpoint_form(
+            c.theme(),
+            c.session,
+            id,
+            &values,
+            &known,
+            &catalog,
+            Some(&refused),
+        ),
     ))
 }
 
@@ -327,6 +365,10 @@ async fn endpoint_action(c: &Call<'_>, id: i64, action: &str) -> Result<Page, Fa
         "test" => {
             let delivery = queries::send_test(c.tx, id).await?;
             return Ok(see_other(c.s, &format!("/deliveries/{delivery}")));
+        }
+        "verify" => {
+            queries::verify(c.tx, id).await?;
+            return Ok(see_other(c.s, &back));
         }
         _ => return Err(Failure::NotFound),
     };

@@ -16,7 +16,7 @@ use crate::support::*;
 const DOC_PORT: u16 = 9001;
 
 /// The ```sql blocks of docs/catalog.md, in order.
-fn doc_blocks() -> Vec<String> {
+pub(crate) fn doc_blocks() -> Vec<String> {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/catalog.md"))
         .expect("docs/catalog.md");
     let mut blocks = Vec::new();

@@ -102,6 +102,16 @@ impl Answer {
     fn location(&self) -> &str {
         self.header("location")
     }
+
+    /// The id of the endpoint a 303 after saving the form leads to.
+    fn endpoint_id(&self) -> i64 {
+        assert_eq!(self.status, 303, "{self:?}");
+        self.location()
+            .strip_prefix("/endpoints/")
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
 }
 
 /// One request on its own connection.
@@ -303,6 +313,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/endpoints/{e}/rotate"),
     ("POST", "/endpoints/{e}/reveal"),
     ("POST", "/endpoints/{e}/test"),
+    ("POST", "/endpoints/{e}/verify"),
     ("POST", "/deliveries/{d}/resend"),
     ("POST", "/recover"),
     ("POST", "/operator/view"),
@@ -741,13 +752,7 @@ async fn a_customer_adds_an_endpoint_gets_a_test_event_and_resends_a_failed_deli
             ],
         )
         .await;
-    assert_eq!(created.status, 303, "{created:?}");
-    let id: i64 = created
-        .location()
-        .strip_prefix("/endpoints/")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let id = created.endpoint_id();
     // the request format: Standard Webhooks by default, CloudEvents on request, nothing else
     assert!(browser
         .get("/endpoints/new")
@@ -966,6 +971,202 @@ async fn a_customer_adds_an_endpoint_gets_a_test_event_and_resends_a_failed_deli
     assert!(globex
         .body
         .contains("viewing tenant <strong>globex</strong>"));
+
+    web.stop().await;
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customer_pins_a_version_and_verifies_an_endpoint_in_the_portal() {
+    let pg = Pg::start().await;
+    let superuser = pg.client().await;
+    roles(&superuser).await;
+    // docs/catalog.md's catalog: order.created in versions 1 and 2, with 2's downgrade
+    let blocks = crate::catalog::doc_blocks();
+    superuser
+        .batch_execute(&blocks[0])
+        .await
+        .expect("the function");
+    superuser
+        .batch_execute(&blocks[1])
+        .await
+        .expect("the catalog");
+    let rx = Receiver::start().await.unwrap();
+    let daemon = Daemon::start(pg.config());
+    let web = Web::start(&portal_config(&pg, true)).await;
+    let browser = Browser::open(web.addr, &link(&superuser, Some("acme")).await).await;
+
+    // the form offers each version of a type that has several, and verification for a new endpoint
+    let new = browser.get("/endpoints/new").await;
+    assert_eq!(new.status, 200);
+    for offered in [
+        r#"<select name="pin"><option value="">current version (now v2)"#,
+        r#"<option value="order.created=1">v1 only</option>"#,
+        r#"name="verify" value="yes""#,
+    ] {
+        assert!(new.body.contains(offered), "{offered}: {}", new.body);
+    }
+    // a version the catalog does not hold: PostgreSQL's words, and the form as chosen
+    let url = rx.url("/pinned");
+    let bad = browser
+        .post(
+            "/endpoints",
+            &[
+                ("url", &url),
+                ("event_types", "order.*"),
+                ("pin", "order.created=7"),
+                ("verify", "yes"),
+            ],
+        )
+        .await;
+    assert_eq!(bad.status, 422, "{bad:?}");
+    assert!(
+        bad.body
+            .contains("order.created version 7 is not in the catalog"),
+        "{}",
+        bad.body
+    );
+    assert!(bad.body.contains(r#"name="verify" value="yes" checked"#));
+    let created = browser
+        .post(
+            "/endpoints",
+            &[
+                ("url", &url),
+                ("event_types", "order.*"),
+                ("pin", "order.created=1"),
+                ("verify", "yes"),
+            ],
+        )
+        .await;
+    let id = created.endpoint_id();
+    let row = superuser
+        .query_one(
+            "select event_versions::text, verification, enabled, secret from walhook.endpoints where id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), r#"{"order.created": 1}"#);
+    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("pending"));
+    assert!(!row.get::<_, bool>(2), "no events before it answers");
+    rx.set_secret("/pinned", row.get::<_, &str>(3));
+
+    // the receiver answers the signed verification request; the endpoint is enabled, the page says so
+    eventually("the endpoint is verified", || async {
+        count(
+            &superuser,
+            &format!("select count(*) from walhook.endpoints where id = {id} and verification = 'verified' and enabled"),
+        )
+        .await
+            == 1
+    })
+    .await;
+    let verification = rx.received();
+    assert_eq!(verification.len(), 1);
+    assert_eq!(verification[0].verified, Some(true));
+    let body: serde_json::Value = serde_json::from_slice(&verification[0].body).unwrap();
+    assert_eq!(body["type"], "walhook.endpoint.verification");
+    let page = browser.get(&format!("/endpoints/{id}")).await;
+    assert!(page.body.contains("order.created v1"), "{}", page.body);
+    assert!(page.body.contains("<dd>verified 20"), "{}", page.body);
+
+    // a test event from the page goes through the scheduler, which waits for the daemon's endpoint cache to
+    // catch up with it: once it arrives, the daemon knows the endpoint is enabled
+    let test = browser.post(&format!("/endpoints/{id}/test"), &[]).await;
+    assert_eq!(test.status, 303, "{test:?}");
+    let of_type = |t: &'static str| {
+        let rx = &rx;
+        move || {
+            rx.received()
+                .into_iter()
+                .filter(|r| {
+                    serde_json::from_slice::<serde_json::Value>(&r.body)
+                        .is_ok_and(|b| b["type"] == t)
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    let tests = of_type("walhook.test");
+    eventually("the test event arrives", || async { !tests().is_empty() }).await;
+    // an event published in version 2 arrives in the pinned version 1
+    superuser
+        .batch_execute(
+            r#"insert into walhook.outbox (event_type, tenant, payload)
+               values ('order.created', 'acme', '{"order_id": 7, "amount_cents": 1999}')"#,
+        )
+        .await
+        .unwrap();
+    let orders = of_type("order.created");
+    eventually("the event arrives", || async { !orders().is_empty() }).await;
+    let event = &orders()[0];
+    assert_eq!(event.verified, Some(true));
+    let body: serde_json::Value = serde_json::from_slice(&event.body).unwrap();
+    assert_eq!(body["type"], "order.created");
+    assert_eq!(body["version"], 1);
+    assert_eq!(body["data"]["amount"].to_string(), "19.99");
+    assert!(body["data"].get("amount_cents").is_none(), "{body}");
+
+    // the edit form shows the pin; choosing the current version removes it
+    let edit = browser.get(&format!("/endpoints/{id}/edit")).await;
+    assert!(
+        edit.body
+            .contains(r#"<option value="order.created=1" selected>"#),
+        "{}",
+        edit.body
+    );
+    assert!(
+        !edit.body.contains(r#"name="verify""#),
+        "verifying again is a button"
+    );
+    let unpinned = browser
+        .post(
+            &format!("/endpoints/{id}/edit"),
+            &[("url", &url), ("event_types", "order.*"), ("pin", "")],
+        )
+        .await;
+    assert_eq!(unpinned.status, 303, "{unpinned:?}");
+    assert_eq!(
+        count(
+            &superuser,
+            &format!("select count(*) from walhook.endpoints where id = {id} and event_versions = '{{}}'")
+        )
+        .await,
+        1
+    );
+
+    // Verify: no events until the endpoint answers again; a receiver that refuses keeps it disabled, with why
+    rx.set_responder(|_, _| Reply::Status(503));
+    let verify = browser.post(&format!("/endpoints/{id}/verify"), &[]).await;
+    assert_eq!(verify.status, 303, "{verify:?}");
+    assert_eq!(verify.location(), format!("/endpoints/{id}"));
+    let pending = browser.get(&format!("/endpoints/{id}")).await;
+    assert!(
+        pending.body.contains("awaiting a 2xx answer"),
+        "{}",
+        pending.body
+    );
+    assert_eq!(
+        count(
+            &superuser,
+            &format!("select count(*) from walhook.endpoints where id = {id} and not enabled and verification = 'pending'")
+        )
+        .await,
+        1
+    );
+    eventually("the verification request is refused", || async {
+        rx.received().iter().any(|r| r.status_sent == 503)
+    })
+    .await;
+    rx.set_responder(|_, _| Reply::Status(204));
+    eventually("verified again", || async {
+        count(
+            &superuser,
+            &format!("select count(*) from walhook.endpoints where id = {id} and verification = 'verified' and enabled"),
+        )
+        .await
+            == 1
+    })
+    .await;
 
     web.stop().await;
     daemon.stop().await;
