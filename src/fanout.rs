@@ -4,7 +4,9 @@
 //! (an `Arc` swapped under a short lock) rather than querying. The snapshot follows the table within one
 //! `endpoints.refresh_interval`: a statement trigger bumps `walhook.endpoints_generation` in the writer's own
 //! transaction, and the refresher reloads only when that committed generation changes. Unchanged endpoints keep
-//! their `Arc` across reloads, so their prepared HMAC key and in-flight counters survive.
+//! their `Arc` across reloads, so their prepared HMAC key and in-flight counters survive. The poll is the
+//! fallback: a source that meets a change in commit order asks for the reload and waits for it
+//! ([`EndpointCache::catch_up`]), so an event committed after an endpoint change is fanned out by it.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
@@ -491,6 +493,9 @@ pub struct EndpointCache {
     tenant_flights: Mutex<std::collections::HashMap<String, Arc<AtomicUsize>>>,
     /// The `walhook.endpoints_generation` the snapshot was loaded at (-1 before the first load).
     generation: AtomicI64,
+    /// The newest generation a source waited for in vain ([`crate::source::Pipeline::endpoints_at`]): it
+    /// does not wait for it again, so a reload that keeps failing delays events once, not every claim.
+    given_up: AtomicI64,
     /// Asks the refresher to reload now, rather than at its next tick.
     pub wanted: Notify,
     /// Woken after every load.
@@ -504,6 +509,7 @@ impl Default for EndpointCache {
             tenant_buckets: Default::default(),
             tenant_flights: Default::default(),
             generation: AtomicI64::new(-1),
+            given_up: AtomicI64::new(-1),
             wanted: Notify::new(),
             loaded: Notify::new(),
         }
@@ -514,6 +520,16 @@ impl EndpointCache {
     /// The generation of `walhook.endpoints` the snapshot reflects.
     pub fn generation(&self) -> i64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// Whether a source already waited in vain for `generation` (or a newer one).
+    pub fn given_up_on(&self, generation: i64) -> bool {
+        self.given_up.load(Ordering::Acquire) >= generation
+    }
+
+    /// Records that a source waited in vain for `generation`.
+    pub fn give_up(&self, generation: i64) {
+        self.given_up.fetch_max(generation, Ordering::AcqRel);
     }
 
     /// Records that the snapshot now reflects `generation`.

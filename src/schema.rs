@@ -57,6 +57,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "cheap checks",
         include_str!("../sql/017_cheap_checks.sql"),
     ),
+    (
+        18,
+        "endpoint changes",
+        include_str!("../sql/018_endpoint_changes.sql"),
+    ),
 ];
 
 /// Privileges of walhook's group roles, applied after every migrate: repeatable and idempotent.

@@ -1126,7 +1126,8 @@ update walhook.outbox o
  where o.id = next.id
 returning o.id, o.uid::text, o.event_type, o.payload::text, o.created_at::text,
           array(select d.endpoint_id from walhook.deliveries d where d.event_id = o.id), o.ordering_key,
-          o.traceparent, o.tenant, o.event_version";
+          o.traceparent, o.tenant, o.event_version,
+          (select g.generation from walhook.endpoints_generation g)";
 
 const MARK_PROCESSED: &str = "
 update walhook.outbox set processed_at = now() where id = any($1::bigint[]) and processed_at is null";
@@ -1425,12 +1426,20 @@ impl OutboxQueue {
     }
 
     /// Claims up to `limit` rows for `lease`, in id order.
-    pub async fn claim(&self, limit: i64, lease: Duration) -> Result<Vec<OutboxRow>, StoreError> {
+    /// Claims up to `limit` rows, with the `walhook.endpoints_generation` the claim saw: every endpoint change
+    /// committed before the rows is in it, so rows fanned out by a cache that has caught up with it go to
+    /// the endpoints as they were when the rows committed, or newer (None when no row was claimed).
+    pub async fn claim(
+        &self,
+        limit: i64,
+        lease: Duration,
+    ) -> Result<(Vec<OutboxRow>, Option<i64>), StoreError> {
         let rows = self
             .store
             .client
             .query(&self.claim, &[&limit, &lease.as_secs_f64()])
             .await?;
+        let generation = rows.first().map(|r| r.get::<_, i64>(10));
         let mut claimed: Vec<OutboxRow> = rows
             .iter()
             .map(|r| OutboxRow {
@@ -1447,7 +1456,7 @@ impl OutboxQueue {
             })
             .collect();
         claimed.sort_unstable_by_key(|r| r.id);
-        Ok(claimed)
+        Ok((claimed, generation))
     }
 
     /// Marks rows processed, all in one statement.

@@ -5,7 +5,10 @@
 //! `walhook.publish()`'s events arrive through the slot too, as logical decoding messages ([`message`]). Rows
 //! committed before the slot existed are read under its snapshot on the first start ([`backfill`]).
 //! Acknowledgement is the whole crash-safety story: nothing is confirmed or marked before it is recorded. Both
-//! sources hand their events to the same [`Pipeline`], so fan-out and the in-flight budget behave alike.
+//! sources hand their events to the same [`Pipeline`], so fan-out and the in-flight budget behave alike, and
+//! both fan an event out by the endpoints as they were when it committed, or newer: an endpoint change reaches
+//! the slot as a message in commit order, and a claim reads the generation of the endpoints with its rows
+//! ([`Pipeline::endpoints_at`]).
 
 pub mod ack;
 pub mod backfill;
@@ -16,6 +19,7 @@ pub mod walconn;
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -56,7 +60,32 @@ pub struct Pipeline {
     pub budget_size: usize,
 }
 
+/// The longest a source waits for the endpoint cache to reload after an endpoint change (it takes
+/// milliseconds); past it, events are fanned out by the endpoints loaded.
+const ENDPOINTS_CATCH_UP: Duration = Duration::from_secs(10);
+
 impl Pipeline {
+    /// Waits until the endpoint cache holds `walhook.endpoints_generation` `generation`: every event committed
+    /// after an endpoint change (an endpoint added, enabled, verified, edited) is fanned out by the endpoints
+    /// as changed. Should the reload not come (the daemon's role may not read a table it loads, the database
+    /// unreachable), the source goes on with what is loaded after `within` (at most `ENDPOINTS_CATCH_UP`), as
+    /// when changes were only polled, says so, and does not wait for that generation again.
+    pub async fn endpoints_at(&self, generation: i64, within: Duration) {
+        let within = within.min(ENDPOINTS_CATCH_UP);
+        if self.endpoints.given_up_on(generation) {
+            return;
+        }
+        if !self.endpoints.catch_up(generation, within).await {
+            self.endpoints.give_up(generation);
+            tracing::warn!(
+                generation,
+                loaded = self.endpoints.generation(),
+                "the endpoints changed, and reloading them took over {within:?}: events go on \
+                 being fanned out by the endpoints loaded, until the reload succeeds"
+            );
+        }
+    }
+
     /// Submits `event` to every matching endpoint except those in `recorded` ((event, endpoint) pairs already
     /// in `walhook.deliveries`, after a crash), with an acknowledgement that releases `target` once all of
     /// them are recorded (at once when there are none). Returns the number of deliveries submitted.

@@ -293,10 +293,18 @@ impl Poller<'_> {
         if draining || !*want || room == 0 {
             return Ok(None);
         }
-        let rows = queue
+        let (rows, generation) = queue
             .claim(room as i64, self.source.lease)
             .await
             .map_err(classify)?;
+        if let Some(generation) = generation {
+            // an endpoint added, enabled or changed before these rows committed applies to them; waiting no
+            // longer than half the leases' renewal period, so that none lapses meanwhile
+            self.source
+                .pipeline
+                .endpoints_at(generation, self.source.lease / 6)
+                .await;
+        }
         // a full batch means more rows may be waiting: claim again as soon as there is room
         *want = rows.len() == room;
         let claimed = rows.len();

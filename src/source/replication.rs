@@ -984,6 +984,9 @@ impl Session {
                 prefix,
                 content,
             } => {
+                if let Some(generation) = self.endpoints_changed(transactional, prefix, content) {
+                    return self.catch_up(generation).await;
+                }
                 if prefix != self.message_prefix {
                     // other applications' messages; one that looks like walhook's but lacks its key was not
                     // written by walhook.publish() (any role may emit messages), so it is no event
@@ -1025,6 +1028,26 @@ impl Session {
             }
             _ => {}
         }
+        Ok(())
+    }
+
+    /// The generation of `walhook.endpoints` a message of `walhook.endpoints_bump()` announces (its prefix is
+    /// publish()'s keyed one with `:endpoints`, so no other role can write it), or None for any other message.
+    fn endpoints_changed(&self, transactional: bool, prefix: &str, content: &[u8]) -> Option<i64> {
+        let rest = prefix.strip_prefix(self.message_prefix.as_str())?;
+        if rest != ":endpoints" || !transactional {
+            return None;
+        }
+        std::str::from_utf8(content).ok()?.parse().ok()
+    }
+
+    /// An endpoint change in commit order: the events read before it and still waiting for their duplicate
+    /// check go first, by the endpoints they were committed under; the ones after it wait for the reload.
+    async fn catch_up(&mut self, generation: i64) -> Result<(), SourceError> {
+        if !self.replay.is_empty() {
+            self.check_replay().await?;
+        }
+        self.pipeline.endpoints_at(generation, Duration::MAX).await;
         Ok(())
     }
 

@@ -1259,3 +1259,143 @@ async fn lowering_the_payload_limit_below_a_waiting_row_does_not_stop_the_notify
     assert_eq!(rx.distinct_ids("/big").len(), 1);
     daemon.stop().await;
 }
+
+both_sources!(an_endpoint_changed_while_the_daemon_runs_applies_to_every_event_committed_after_it);
+/// The daemon fans events out by its copy of the endpoints, reloaded when they change. With changes only
+/// polled, an event committed in the moment after an endpoint was added (or enabled) went by the copy from
+/// before, and never reached it: nothing recorded, nothing said. Here the poll is an hour, so only the
+/// change in commit order (a message in the slot, the generation read with a claim) can bring the new
+/// endpoint in: added, it gets the event committed right after it, as does the existing one; disabled, it
+/// gets none of those committed after that.
+async fn an_endpoint_changed_while_the_daemon_runs_applies_to_every_event_committed_after_it(
+    source: Source,
+) {
+    let pg = Pg::start_for(source).await;
+    let client = pg.client().await;
+    let rx = Receiver::start().await.unwrap();
+    add_endpoint(&client, &rx.url("/first"), &["*"]).await;
+    let daemon = Daemon::start(
+        pg.config_for_with(source, |f| f.merge(("endpoints.refresh_interval", "1h"))),
+    );
+    wait_ready(source, &client).await;
+    for i in 0..3 {
+        let path = format!("/added-{i}");
+        let (id, _) = add_endpoint(&client, &rx.url(&path), &["*"]).await;
+        let event = publish(&client, "order.created", &format!("{{\"i\": {i}}}")).await;
+        eventually("both endpoints get the event", || async {
+            count(
+                &client,
+                &format!("select count(*) from walhook.deliveries where event_id = {event} and status = 'succeeded'"),
+            )
+            .await
+                == 2
+        })
+        .await;
+        assert_eq!(rx.distinct_ids(&path).len(), 1);
+        client
+            .execute(
+                "update walhook.endpoints set enabled = false where id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap();
+    }
+    let after = publish(&client, "order.created", "{\"after\": true}").await;
+    eventually("the last event is delivered", || async {
+        count(
+            &client,
+            &format!("select count(*) from walhook.deliveries where event_id = {after}"),
+        )
+        .await
+            == 1
+    })
+    .await;
+    assert_eq!(rx.distinct_ids("/first").len(), 4);
+    for i in 0..3 {
+        assert_eq!(
+            rx.distinct_ids(&format!("/added-{i}")).len(),
+            1,
+            "disabled after one event"
+        );
+    }
+    daemon.stop().await;
+}
+
+both_sources!(
+    a_reload_that_fails_after_an_endpoint_change_delays_events_once_and_a_crash_then_loses_none
+);
+/// Must not stop: after an endpoint change a source waits for the endpoint cache to reload before the events
+/// committed after it. When the reload fails (here the daemon's role, holding only `walhook_daemon`, loses
+/// its right to read the catalog the cache loads with the endpoints), the events go on by the endpoints
+/// loaded after one bounded wait, not a wait per event or claim. `kill -9` during that wait loses nothing:
+/// once the reload works again, the next daemon delivers every event to the existing endpoint and to the one
+/// added before them.
+async fn a_reload_that_fails_after_an_endpoint_change_delays_events_once_and_a_crash_then_loses_none(
+    source: Source,
+) {
+    let pg = Pg::start_for(source).await;
+    let client = pg.client().await;
+    client
+        .batch_execute("create role relay login replication in role walhook_daemon")
+        .await
+        .unwrap();
+    let rx = Receiver::start().await.unwrap();
+    let (first, _) = add_endpoint(&client, &rx.url("/first"), &["*"]).await;
+    let mut env = pg.env_for(source);
+    env.retain(|(k, _)| k != "WALHOOK_DATABASE_URL");
+    for (k, v) in [
+        ("WALHOOK_DATABASE_URL", pg.url_as("relay")),
+        ("WALHOOK_ENDPOINTS__REFRESH_INTERVAL", "1h".into()),
+        ("WALHOOK_NOTIFY__LEASE", "2s".into()),
+    ] {
+        env.push((k.into(), v));
+    }
+    if source == Source::Notify {
+        // the notify source's index and trigger, which only the outbox's owner may create
+        walhook::store::install_notify(&pg.config().database_url().unwrap(), true)
+            .await
+            .unwrap();
+    }
+    let revoke = "revoke select on walhook.event_type_versions from walhook_daemon";
+    let grant = "grant select on walhook.event_type_versions to walhook_daemon";
+
+    // must not stop: the reload fails, the events still reach the endpoint already loaded
+    let child = KillOnDrop(spawn_binary(&["run"], &env));
+    wait_ready(source, &client).await;
+    client.batch_execute(revoke).await.unwrap();
+    add_endpoint(&client, &rx.url("/late"), &["*"]).await;
+    for i in 0..5 {
+        publish(&client, "order.created", &format!("{{\"i\": {i}}}")).await;
+    }
+    eventually("the loaded endpoint gets every event", || async {
+        rx.distinct_ids("/first").len() == 5
+    })
+    .await;
+
+    // kill -9 while a source waits for the reload; with the right back, nothing is lost
+    let (added, _) = add_endpoint(&client, &rx.url("/added"), &["*"]).await;
+    let mut events = Vec::new();
+    for i in 0..5 {
+        events.push(publish(&client, "order.created", &format!("{{\"j\": {i}}}")).await);
+    }
+    drop(child);
+    client.batch_execute(grant).await.unwrap();
+    let _child = KillOnDrop(spawn_binary(&["run"], &env));
+    let ids = events
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    eventually("both endpoints get every event published after the crash's change", || async {
+        count(
+            &client,
+            &format!(
+                "select count(distinct (event_id, endpoint_id)) from walhook.deliveries
+                  where event_id in ({ids}) and endpoint_id in ({first}, {added}) and status = 'succeeded'"
+            ),
+        )
+        .await
+            == 10
+    })
+    .await;
+}

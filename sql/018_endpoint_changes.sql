@@ -1,0 +1,29 @@
+-- Endpoint changes in commit order. The daemon fans events out by an in-memory copy of walhook.endpoints (and
+-- of the tenants and the catalog), reloaded when walhook.endpoints_generation changes: polled every
+-- endpoints.refresh_interval. Polling alone let an event committed just after an endpoint was added (or
+-- enabled, or verified) be fanned out by the copy from before, and so never be delivered to it. Now the
+-- statement trigger that bumps the generation also writes it as a transactional logical decoding message
+-- under walhook.publish()'s keyed prefix with ':endpoints' after it. The replication source decodes the message
+-- at the changing transaction's place in commit order and reloads, before any event committed after it, until
+-- its copy holds that generation; the notify source reads the generation with each claim and does the same.
+-- A message costs one small WAL record per statement that changes those tables (rare), and none where the
+-- server could not decode it (wal_level below logical).
+
+-- walhook:step functions: endpoints_bump() writes the new generation as a message too
+create or replace function walhook.endpoints_bump() returns trigger
+language plpgsql security definer
+set search_path = pg_catalog, walhook, pg_temp
+as $$
+declare
+  g bigint;
+  prefix text;
+begin
+  update walhook.endpoints_generation set generation = generation + 1 returning generation into g;
+  if current_setting('wal_level') = 'logical' then
+    select s.prefix into prefix from walhook.publish_settings s;
+    if prefix is not null then
+      perform pg_logical_emit_message(true, prefix || ':endpoints', g::text);
+    end if;
+  end if;
+  return null;
+end $$;
