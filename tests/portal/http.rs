@@ -1,8 +1,9 @@
 //! The portal's web server over raw HTTP: every route refuses without a session and every change without its
 //! CSRF token; links open one session once; one tenant's session finds none of another's rows by id; a
 //! customer adds an endpoint, receives a test event from the daemon on a loopback receiver, sees the delivery
-//! and its attempts and resends a failed one; the operator's overview; the limits and headers; and the
-//! portal's refusal to start as a role that would step over row-level security.
+//! and its attempts and resends a failed one; a customer pins an event version and verifies an endpoint; the
+//! operator's overview; the limits and headers; and the portal's refusal to start as a role that would step
+//! over row-level security.
 
 use std::net::SocketAddr;
 
