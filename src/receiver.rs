@@ -27,6 +27,8 @@ use tokio::sync::Notify;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
 use crate::sign::Signer;
 
 /// Signed timestamps further than this from the receiver's clock fail verification (Standard Webhooks).
@@ -439,6 +441,54 @@ fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A certificate authority made for one run and a server certificate it signed for `localhost` and
+/// 127.0.0.1: what a loopback HTTPS receiver serves (`walhook bench --tls`, the tests), and the CA a relay
+/// trusts through `delivery.ca_file`.
+pub struct LoopbackTls {
+    /// The CA's certificate, PEM.
+    pub ca_pem: String,
+    certificate: CertificateDer<'static>,
+    key: PrivatePkcs8KeyDer<'static>,
+}
+
+impl LoopbackTls {
+    /// A new CA (named `ca_name`) and certificate.
+    pub fn new(ca_name: &str) -> Result<LoopbackTls, rcgen::Error> {
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, ca_name);
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate()?)?;
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()])?;
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.signed_by(&key, &ca)?;
+        Ok(LoopbackTls {
+            ca_pem: ca.pem(),
+            certificate: CertificateDer::from(cert.der().to_vec()),
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+        })
+    }
+
+    /// A server configuration presenting the certificate and offering `alpn` (e.g. `h2`, `http/1.1`; none:
+    /// HTTP/1.1 without negotiation).
+    pub fn server(&self, alpn: &[&[u8]]) -> Result<rustls::ServerConfig, rustls::Error> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![self.certificate.clone()],
+                PrivateKeyDer::Pkcs8(self.key.clone_key()),
+            )?;
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(config)
+    }
 }
 
 #[cfg(test)]

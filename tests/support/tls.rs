@@ -1,4 +1,5 @@
-//! A loopback HTTPS receiver with a certificate authority generated at test time.
+//! A loopback HTTPS receiver with a certificate authority generated at test time
+//! ([`walhook::receiver::LoopbackTls`], which `walhook bench --tls` uses too).
 
 use std::convert::Infallible;
 use std::path::PathBuf;
@@ -11,10 +12,8 @@ use http_body_util::Full;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use tokio::net::TcpListener;
-use tokio_rustls::rustls;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio_rustls::TlsAcceptor;
 
 pub struct TlsReceiver {
@@ -68,18 +67,7 @@ impl TlsReceiver {
 
     /// [`TlsReceiver::start`], offering and answering as `options` say.
     pub async fn start_with(options: TlsOptions) -> TlsReceiver {
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "walhook test CA");
-        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &ca).unwrap();
+        let tls = walhook::receiver::LoopbackTls::new("walhook test CA").unwrap();
 
         let dir = std::env::temp_dir().join(format!(
             "walhook-tls-{}-{}",
@@ -88,21 +76,13 @@ impl TlsReceiver {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         let ca_file = dir.join("ca.pem");
-        std::fs::write(&ca_file, ca.pem()).unwrap();
+        std::fs::write(&ca_file, &tls.ca_pem).unwrap();
 
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![CertificateDer::from(cert.der().to_vec())],
-                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            )
-            .unwrap();
-        if options.http2 {
-            config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        }
+        let alpn: &[&[u8]] = match options.http2 {
+            true => &[b"h2", b"http/1.1"],
+            false => &[],
+        };
+        let config = tls.server(alpn).unwrap();
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
