@@ -114,6 +114,10 @@ async fn a_customer_manages_webhooks_in_a_browser() {
     dead_delivery(&superuser, "acme", old).await;
     let globex = tenant_endpoint(&superuser, "globex", "https://hooks.globex.example/g").await;
     let globex_delivery = dead_delivery(&superuser, "globex", globex).await;
+    // docs/catalog.md's catalog: order.created in two versions, which the form offers to pin
+    let blocks = crate::catalog::doc_blocks();
+    superuser.batch_execute(&blocks[0]).await.unwrap();
+    superuser.batch_execute(&blocks[1]).await.unwrap();
     // loopback receivers pass the portal's network guard in this test only
     let web = Web::start(&portal_config(&pg, true)).await;
     let daemon = Daemon::start(pg.config());
@@ -146,6 +150,12 @@ async fn a_customer_manages_webhooks_in_a_browser() {
             .exists("input[name=event_types][value='order.created']")
             .await
     );
+    assert!(
+        browser
+            .exists("select[name=pin] option[value='order.created=1']")
+            .await
+    );
+    assert!(browser.exists("input[name=verify]").await);
     let url = rx.url("/acme");
     browser.type_into("input[name=url]", &url).await;
     browser
