@@ -1425,10 +1425,10 @@ impl OutboxQueue {
         self.store.client()
     }
 
-    /// Claims up to `limit` rows for `lease`, in id order.
-    /// Claims up to `limit` rows, with the `walhook.endpoints_generation` the claim saw: every endpoint change
-    /// committed before the rows is in it, so rows fanned out by a cache that has caught up with it go to
-    /// the endpoints as they were when the rows committed, or newer (None when no row was claimed).
+    /// Claims up to `limit` rows for `lease`, in id order, with the `walhook.endpoints_generation` the claim
+    /// saw (None when it claimed no row): every endpoint change committed before the rows is in it, so rows
+    /// fanned out by a cache that has caught up with it go to the endpoints as they were when the rows
+    /// committed, or newer.
     pub async fn claim(
         &self,
         limit: i64,
