@@ -493,8 +493,8 @@ pub struct EndpointCache {
     tenant_flights: Mutex<std::collections::HashMap<String, Arc<AtomicUsize>>>,
     /// The `walhook.endpoints_generation` the snapshot was loaded at (-1 before the first load).
     generation: AtomicI64,
-    /// The newest generation a source waited for in vain ([`crate::source::Pipeline::endpoints_at`]): it
-    /// does not wait for it again, so a reload that keeps failing delays events once, not every claim.
+    /// The newest generation a source waited for in vain ([`crate::source::Pipeline::endpoints_at`]): until a
+    /// load reaches it, sources do not wait again, so a reload that keeps failing delays events once.
     given_up: AtomicI64,
     /// Asks the refresher to reload now, rather than at its next tick.
     pub wanted: Notify,
@@ -522,9 +522,10 @@ impl EndpointCache {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// Whether a source already waited in vain for `generation` (or a newer one).
-    pub fn given_up_on(&self, generation: i64) -> bool {
-        self.given_up.load(Ordering::Acquire) >= generation
+    /// Whether a source already waited in vain for a generation not loaded since: the reload is failing,
+    /// and waiting again would only delay events once more.
+    pub fn reload_failing(&self) -> bool {
+        self.given_up.load(Ordering::Acquire) > self.generation()
     }
 
     /// Records that a source waited in vain for `generation`.
@@ -585,11 +586,21 @@ impl EndpointCache {
     /// the old one. False if it did not catch up in time.
     pub async fn catch_up(&self, generation: i64, within: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + within;
+        // a load can read an older generation than asked for (a change decoded before it is visible, as
+        // while its commit waits for a synchronous standby): ask again after a pause, not at once
+        let mut pause = Duration::ZERO;
         loop {
             let loaded = self.loaded.notified();
             if self.generation() >= generation {
                 return true;
             }
+            if tokio::time::timeout_at(deadline, tokio::time::sleep(pause))
+                .await
+                .is_err()
+            {
+                return false;
+            }
+            pause = (pause * 2).clamp(Duration::from_millis(5), Duration::from_millis(200));
             self.wanted.notify_one();
             if tokio::time::timeout_at(deadline, loaded).await.is_err() {
                 return self.generation() >= generation;

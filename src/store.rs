@@ -1019,11 +1019,33 @@ impl Store {
 
     /// Disables the endpoints that have been failing, by every instance's account, for longer than
     /// `after` since the later of their first failure and their last resumption; returns (id, reason).
+    /// It runs every few seconds and finds none almost always, so it looks first and updates only what it
+    /// found: an UPDATE of `walhook.endpoints` fires the generation trigger even when it changes no row, and
+    /// every bump makes each daemon reload its endpoints before the events committed after it.
     pub async fn disable_failing(&self, after: Duration) -> Result<Vec<(i64, String)>, StoreError> {
+        const FAILING: &str = "e.enabled and not e.paused
+                    and greatest(s.failing_since, e.resumed_at) <= now() - make_interval(secs => $1)";
+        let found: Vec<i64> = self
+            .client
+            .query(
+                &format!(
+                    "select e.id from walhook.endpoints e join walhook.endpoint_state s on s.endpoint_id = e.id
+                      where {FAILING}"
+                ),
+                &[&after.as_secs_f64()],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if found.is_empty() {
+            return Ok(Vec::new());
+        }
         let rows = self
             .client
             .query(
-                "update walhook.endpoints e
+                &format!(
+                    "update walhook.endpoints e
                     set enabled = false,
                         disabled_reason = format(
                           'failing continuously since %s (longer than delivery.disable_after); last error: %s; '
@@ -1032,10 +1054,10 @@ impl Store {
                           to_char(s.failing_since, 'YYYY-MM-DD HH24:MI:SSOF'), coalesce(s.last_error, 'unknown'),
                           e.id, to_char(s.failing_since, 'YYYY-MM-DD HH24:MI:SSOF'))
                    from walhook.endpoint_state s
-                  where s.endpoint_id = e.id and e.enabled and not e.paused
-                    and greatest(s.failing_since, e.resumed_at) <= now() - make_interval(secs => $1)
-                 returning e.id, e.disabled_reason",
-                &[&after.as_secs_f64()],
+                  where s.endpoint_id = e.id and e.id = any($2) and {FAILING}
+                 returning e.id, e.disabled_reason"
+                ),
+                &[&after.as_secs_f64(), &found],
             )
             .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())

@@ -69,10 +69,10 @@ impl Pipeline {
     /// after an endpoint change (an endpoint added, enabled, verified, edited) is fanned out by the endpoints
     /// as changed. Should the reload not come (the daemon's role may not read a table it loads, the database
     /// unreachable), the source goes on with what is loaded after `within` (at most `ENDPOINTS_CATCH_UP`), as
-    /// when changes were only polled, says so, and does not wait for that generation again.
+    /// when changes were only polled, says so, and waits for no change again until a reload succeeds.
     pub async fn endpoints_at(&self, generation: i64, within: Duration) {
         let within = within.min(ENDPOINTS_CATCH_UP);
-        if self.endpoints.given_up_on(generation) {
+        if self.endpoints.reload_failing() {
             return;
         }
         if !self.endpoints.catch_up(generation, within).await {

@@ -1043,12 +1043,29 @@ impl Session {
 
     /// An endpoint change in commit order: the events read before it and still waiting for their duplicate
     /// check go first, by the endpoints they were committed under; the ones after it wait for the reload.
+    /// Meanwhile the server hears from us as usual (the confirmed position, answers to its keepalives), so
+    /// a slow reload never looks like a dead client.
     async fn catch_up(&mut self, generation: i64) -> Result<(), SourceError> {
         if !self.replay.is_empty() {
             self.check_replay().await?;
         }
-        self.pipeline.endpoints_at(generation, Duration::MAX).await;
-        Ok(())
+        let pipeline = self.pipeline.clone();
+        let reloaded = pipeline.endpoints_at(generation, Duration::MAX);
+        tokio::pin!(reloaded);
+        let mut tick = tokio::time::interval(CONFIRM_EVERY);
+        loop {
+            tokio::select! {
+                () = &mut reloaded => return Ok(()),
+                _ = tick.tick() => {
+                    if self.lost_connection() {
+                        return Err(SourceError::Transient(
+                            "lost the database connection (is the server shutting down?)".into(),
+                        ));
+                    }
+                    self.report(false).await?
+                }
+            }
+        }
     }
 
     /// Hands a committed event (an outbox row's insert, or a `walhook.publish()` message) to fan-out within

@@ -993,7 +993,15 @@ async fn a_customer_pins_a_version_and_verifies_an_endpoint_in_the_portal() {
         .await
         .expect("the catalog");
     let rx = Receiver::start().await.unwrap();
-    let daemon = Daemon::start(pg.config());
+    // a receiver answers only what it can verify: the verification may arrive before the test has read
+    // the new endpoint's secret, and is then refused and retried
+    rx.set_responder(|r, _| match r.verified {
+        Some(true) => Reply::Status(204),
+        _ => Reply::Status(401),
+    });
+    // ten retries a second apart: the refusals below are retried well within the test's deadlines
+    let daemon =
+        Daemon::start(pg.config_with(|f| f.merge(("delivery.retry_schedule", vec!["1s"; 10]))));
     let web = Web::start(&portal_config(&pg, true)).await;
     let browser = Browser::open(web.addr, &link(&superuser, Some("acme")).await).await;
 
@@ -1062,10 +1070,17 @@ async fn a_customer_pins_a_version_and_verifies_an_endpoint_in_the_portal() {
             == 1
     })
     .await;
-    let verification = rx.received();
-    assert_eq!(verification.len(), 1);
-    assert_eq!(verification[0].verified, Some(true));
-    let body: serde_json::Value = serde_json::from_slice(&verification[0].body).unwrap();
+    let answered: Vec<_> = rx
+        .received()
+        .into_iter()
+        .filter(|r| r.status_sent == 204)
+        .collect();
+    assert_eq!(
+        answered.len(),
+        1,
+        "one verification answered, nothing else sent"
+    );
+    let body: serde_json::Value = serde_json::from_slice(&answered[0].body).unwrap();
     assert_eq!(body["type"], "walhook.endpoint.verification");
     let page = browser.get(&format!("/endpoints/{id}")).await;
     assert!(page.body.contains("order.created v1"), "{}", page.body);
@@ -1135,8 +1150,16 @@ async fn a_customer_pins_a_version_and_verifies_an_endpoint_in_the_portal() {
         1
     );
 
-    // Verify: no events until the endpoint answers again; a receiver that refuses keeps it disabled, with why
-    rx.set_responder(|_, _| Reply::Status(503));
+    // Verify: no events until the endpoint answers again; while it answers 503 it stays disabled, and
+    // once it answers 204 it is enabled
+    let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = up.clone();
+    rx.set_responder(
+        move |_, _| match flag.load(std::sync::atomic::Ordering::SeqCst) {
+            true => Reply::Status(204),
+            false => Reply::Status(503),
+        },
+    );
     let verify = browser.post(&format!("/endpoints/{id}/verify"), &[]).await;
     assert_eq!(verify.status, 303, "{verify:?}");
     assert_eq!(verify.location(), format!("/endpoints/{id}"));
@@ -1158,7 +1181,15 @@ async fn a_customer_pins_a_version_and_verifies_an_endpoint_in_the_portal() {
         rx.received().iter().any(|r| r.status_sent == 503)
     })
     .await;
-    rx.set_responder(|_, _| Reply::Status(204));
+    assert_eq!(
+        count(
+            &superuser,
+            &format!("select count(*) from walhook.endpoints where id = {id} and not enabled")
+        )
+        .await,
+        1
+    );
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
     eventually("verified again", || async {
         count(
             &superuser,
