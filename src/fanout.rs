@@ -594,9 +594,10 @@ impl EndpointCache {
             if self.generation() >= generation {
                 return true;
             }
-            if tokio::time::timeout_at(deadline, tokio::time::sleep(pause))
-                .await
-                .is_err()
+            if !pause.is_zero()
+                && tokio::time::timeout_at(deadline, tokio::time::sleep(pause))
+                    .await
+                    .is_err()
             {
                 return false;
             }

@@ -71,8 +71,7 @@ pub(super) async fn page(c: &Call<'_>, post: bool, path: &[&str]) -> Result<Page
     match (post, path) {
         (false, []) => endpoint_list(c).await,
         (false, ["endpoints", "new"]) => {
-            let known = queries::recent_event_types(c.tx).await?;
-            let catalog = queries::catalog(c.tx).await?;
+            let (known, catalog) = form_choices(c).await?;
             let values = EndpointValues {
                 event_types: vec!["*".into()],
                 ..Default::default()
@@ -94,8 +93,7 @@ pub(super) async fn page(c: &Call<'_>, post: bool, path: &[&str]) -> Result<Page
             let e = queries::endpoint(c.tx, id)
                 .await?
                 .ok_or(Failure::NotFound)?;
-            let known = queries::recent_event_types(c.tx).await?;
-            let catalog = queries::catalog(c.tx).await?;
+            let (known, catalog) = form_choices(c).await?;
             let values = EndpointValues {
                 url: e.url,
                 event_types: e.event_types,
@@ -172,6 +170,16 @@ async fn endpoint_page(c: &Call<'_>, id: i64, notice: Notice) -> Result<Page, Fa
     };
     let (recent, _) = queries::deliveries(c.tx, &filter, 10).await?;
     Ok(c.ok(pages::endpoint(c.theme(), c.session, &e, &recent, notice)))
+}
+
+/// What the endpoint form offers: event types to tick, and the catalog's types whose versions may be pinned.
+async fn form_choices(
+    c: &Call<'_>,
+) -> Result<(Vec<String>, Vec<queries::CatalogType>), tokio_postgres::Error> {
+    Ok((
+        queries::recent_event_types(c.tx).await?,
+        queries::catalog(c.tx).await?,
+    ))
 }
 
 /// The endpoint form's values, and what to save; or what to say.
@@ -311,8 +319,7 @@ async fn save_endpoint(c: &Call<'_>, id: Option<i64>) -> Result<Page, Failure> {
             }
         }
     };
-    let known = queries::recent_event_types(c.tx).await?;
-    let catalog = queries::catalog(c.tx).await?;
+    let (known, catalog) = form_choices(c).await?;
     Ok(html(
         StatusCode::UNPROCESSABLE_ENTITY,
         pages::endpoint_form(
